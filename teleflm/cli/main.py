@@ -1,0 +1,34 @@
+"""The `teleflm` command. Each subcommand lives in its own module with `add_parser(subparsers)`,
+which registers the parser and sets `func` to the function that runs it."""
+
+import argparse
+import importlib
+import sys
+
+# Subcommand modules, in the order `teleflm --help` lists them.
+SUBCOMMANDS = [
+    "teleflm.cli.export",
+    "teleflm.cli.generate",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="teleflm", description=__import__("teleflm").__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as e:
+        # User errors: a clear one-line message, no traceback.
+        print(f"teleflm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""muP as Tele-FLM uses it: parameter classes, initialisation and AdamW groups (SPEC section 2).
+
+The width multiplier is the config's own `mup_scale_factor` (hidden_size / proxy width), the same
+number the forward pass divides the logits by, so model, init and optimizer can never disagree.
+Without `use_mup` the same functions give standard parametrization: no width scaling anywhere.
+"""
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+MATRIX = "matrix"  # hidden-to-hidden weights: q, k, v, o, gate, up, down
+EMBEDDING = "embedding"
+READOUT = "readout"  # lm_head
+VECTOR = "vector"  # norm weights (and biases, if any)
+
+# Residual output projections: their init is further divided by sqrt(2 * num_layers).
+RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
+
+
+@dataclass
+class MupHyperParams:
+    """The card's searched hyper-parameters (defaults are the card's values)."""
+
+    lr: float = 1.5e-4
+    matrix_lr: float = 1.5e-4
+    std: float = 4e-3
+    matrix_std: float = 4.242e-3
+    weight_decay: float = 0.0
+    scale_residual_init: bool = True
+
+
+def width_mult(config) -> float:
+    return float(config.mup_scale_factor) if config.use_mup else 1.0
+
+
+def param_class(name: str) -> str:
+    """The muP class of a parameter, from its state-dict name (FQN; wrappers' prefixes are ignored)."""
+    if name.endswith("embed_tokens.weight"):
+        return EMBEDDING
+    if name.endswith("lm_head.weight"):
+        return READOUT
+    if name.endswith(".weight") and "_proj." in name:
+        return MATRIX
+    return VECTOR
+
+
+def init_std(name: str, config, hp: MupHyperParams) -> float | None:
+    """The init std of a parameter (None for norm weights, which start at 1)."""
+    kind = param_class(name)
+    if kind == VECTOR:
+        return None
+    if kind != MATRIX:
+        return hp.std
+    std = hp.matrix_std / math.sqrt(width_mult(config))
+    if hp.scale_residual_init and name.rsplit(".", 2)[-2] in RESIDUAL_OUTPUTS:
+        std /= math.sqrt(2 * config.num_hidden_layers)
+    return std
+
+
+def init_weights(model: nn.Module, config, hp: MupHyperParams) -> None:
+    """Initialise every parameter of `model` in place by the muP (or SP) rule."""
+    for name, p in model.named_parameters():
+        std = init_std(name, config, hp)
+        if std is None:
+            nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
+        else:
+            nn.init.normal_(p, mean=0.0, std=std)
+
+
+def param_groups(model: nn.Module, config, hp: MupHyperParams) -> list[dict]:
+    """AdamW parameter groups: matrices at `matrix_lr / width_mult` with weight decay scaled by
+    `width_mult` (so decoupled decay lr * wd stays width-independent); embedding and readout at `lr`
+    with `weight_decay`; vectors at `lr` without decay. Each group carries `base_lr` for schedulers
+    and `mup_class` for logs."""
+    m = width_mult(config)
+    spec = {
+        MATRIX: (hp.matrix_lr / m, hp.weight_decay * m),
+        EMBEDDING: (hp.lr, hp.weight_decay),
+        READOUT: (hp.lr, hp.weight_decay),
+        VECTOR: (hp.lr, 0.0),
+    }
+    params: dict[str, list] = {k: [] for k in spec}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            params[param_class(name)].append(p)
+    return [
+        {"params": params[k], "lr": lr, "base_lr": lr, "weight_decay": wd, "mup_class": k}
+        for k, (lr, wd) in spec.items()
+        if params[k]
+    ]
