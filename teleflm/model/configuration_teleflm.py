@@ -86,7 +86,8 @@ class TeleFLMConfig(PretrainedConfig):
         self.use_cache = use_cache
         self.pretraining_tp = pretraining_tp
         self.rope_theta = rope_theta
-        self.rope_scaling = rope_scaling
+        if rope_scaling is not None:  # transformers warns about the field when it is merely present
+            self.rope_scaling = rope_scaling
         self.attention_bias = attention_bias
         self.attention_dropout = attention_dropout
         self.use_mup = use_mup

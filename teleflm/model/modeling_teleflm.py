@@ -42,7 +42,7 @@ class TeleFLMRotaryEmbedding(nn.Module):
 
     def __init__(self, config: TeleFLMConfig):
         super().__init__()
-        scaling = config.rope_scaling or {}
+        scaling = getattr(config, "rope_scaling", None) or {}
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type == "default":
             dim = config.head_dim

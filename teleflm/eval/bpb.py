@@ -1,0 +1,83 @@
+"""Bits per byte on held-out documents: `sum NLL (nats) / (ln 2 * UTF-8 bytes)` (SPEC section 5).
+
+Documents are laid end to end, each preceded by `</s>`, and cut into windows of `context_length`
+predictions; every document token is predicted (the `</s>` separators are inputs, never targets), and
+padded vocabulary ids get no probability mass. Work is split over data-parallel ranks and summed.
+"""
+
+import math
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+EOS = 2
+
+
+def eval_windows(documents: Iterable[tuple[np.ndarray, int]], context_length: int, max_windows: int):
+    """(inputs+targets windows [n, T+1], target mask [n, T], utf-8 bytes of the documents covered).
+
+    Documents are taken whole until `max_windows` windows are full; the last partial window is kept."""
+    tokens, mask, n_bytes = [], [], 0
+    budget = max_windows * context_length + 1
+    for doc, doc_bytes in documents:
+        if len(tokens) + len(doc) + 1 > budget and tokens:
+            break
+        tokens.append(EOS)
+        mask.append(False)
+        tokens.extend(int(t) for t in doc)
+        mask.extend([True] * len(doc))
+        n_bytes += int(doc_bytes)
+    stream = np.asarray(tokens, dtype=np.int64)
+    targets = np.asarray(mask[1:], dtype=bool)
+    n = max(1, math.ceil((len(stream) - 1) / context_length))
+    windows = np.full((n, context_length + 1), EOS, dtype=np.int64)
+    window_mask = np.zeros((n, context_length), dtype=bool)
+    for i in range(n):
+        piece = stream[i * context_length : (i + 1) * context_length + 1]
+        windows[i, : len(piece)] = piece
+        window_mask[i, : len(piece) - 1] = targets[i * context_length : i * context_length + len(piece) - 1]
+    return windows, window_mask, n_bytes
+
+
+@torch.no_grad()
+def bits_per_byte(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    documents: Iterable[tuple[np.ndarray, int]],
+    context_length: int,
+    real_vocab_size: int,
+    max_windows: int = 64,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    dp_group=None,
+) -> dict:
+    """Held-out bits per byte of one domain. With dp_size > 1 every rank of the group must call this
+    with the same documents; each evaluates its share and the sums are all-reduced."""
+    windows, mask, n_bytes = eval_windows(documents, context_length, max_windows)
+    mine = np.arange(dp_rank, len(windows), dp_size)
+    # Same number of forward passes on every rank (FSDP gathers in lockstep): pad with empty batches.
+    n_batches = math.ceil(math.ceil(len(windows) / dp_size) / batch_size)
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for b in range(n_batches):
+        idx = mine[b * batch_size : (b + 1) * batch_size]
+        batch = torch.from_numpy(windows[idx] if len(idx) else windows[:1]).to(device)
+        weight = torch.from_numpy(mask[idx] if len(idx) else np.zeros_like(mask[:1])).to(device)
+        logits = logits_fn(batch[:, :-1])[..., :real_vocab_size].float()
+        losses = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+        nll += (losses * weight.flatten()).sum().double()
+        count += weight.sum().double()
+    if dp_size > 1:
+        dist.all_reduce(nll, group=dp_group)
+        dist.all_reduce(count, group=dp_group)
+    nll_nats, tokens = nll.item(), int(count.item())
+    return {
+        "bpb": nll_nats / (math.log(2) * max(n_bytes, 1)),
+        "nll_per_token": nll_nats / max(tokens, 1),
+        "tokens": tokens,
+        "bytes": n_bytes,
+    }

@@ -1,0 +1,276 @@
+"""Typed configuration of a pre-training run, loaded from TOML and validated in full before any work.
+
+One dataclass per TOML table. `[model]` holds the official `config.json` fields of Tele-FLM, so a
+model table reads exactly like a released config.
+"""
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from teleflm.mup import MupHyperParams
+
+
+@dataclass
+class MupSection(MupHyperParams):
+    """The card's searched hyper-parameters; `min_lr` is the cosine floor of the base `lr` (all groups
+    decay by the same ratio `min_lr / lr`)."""
+
+    min_lr: float = 1.5e-5
+
+
+@dataclass
+class DomainWeightConfig:
+    name: str
+    proportion: float
+    epochs: float = 1.0
+
+
+@dataclass
+class DataSection:
+    shards: str = ""  # directory written by `teleflm data prepare`
+    tokenizer: str = ""  # tokenizer directory the shards must have been made with
+    context_length: int = 256
+    document_mask: bool = False  # block attention across packed documents
+    seed: int = 1234
+    mixture: list[DomainWeightConfig] = field(default_factory=list)  # empty: the shards' own table
+
+
+@dataclass
+class OptimSection:
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleSection:
+    total_tokens: int = 0  # the run's length; the cosine ends here
+    warmup_steps: int = 2000
+
+
+@dataclass
+class BatchSection:
+    global_batch_tokens: int = 5_505_024  # the card: 1,344 x 4,096
+    micro_batch_size: int = 1  # sequences per device per forward
+
+
+@dataclass
+class ParallelSection:
+    dp_replicate: int = 1  # HSDP replicas (>1 with dp_shard>1 gives hybrid sharding)
+    dp_shard: int = -1  # FSDP degree; -1: whatever the world size leaves
+    tp: int = 1
+    pp: int = 1
+    pp_schedule: str = "1F1B"  # or "GPipe"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    mixed_precision: str = "bf16"  # or "fp32"
+
+
+@dataclass
+class CheckpointSection:
+    interval_steps: int = 500
+    keep_last: int = 3
+    export_at_end: bool = True
+
+
+@dataclass
+class LoggingSection:
+    log_interval: int = 1
+    eval_interval: int = 0  # steps between held-out BPB evaluations; 0: only at the end
+    eval_sequences: int = 64  # held-out sequences per domain per evaluation
+    peak_flops_per_device: float = 0.0  # for MFU; 0: not reported
+    progress_bar: bool = True
+
+
+@dataclass
+class StabilitySection:
+    spike_factor: float = 3.0  # a loss above this times its running average is a spike
+    ema_beta: float = 0.98
+    warmup_steps: int = 20  # no spike verdicts before the running average settles
+    action: str = "skip"  # skip | rollback | stop
+    max_events: int = 10  # stop after this many events: the run is not recovering
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/default"  # checkpoints, logs, plots and the export go here
+    seed: int = 0
+    model: dict[str, Any] = field(default_factory=dict)
+    mup: MupSection = field(default_factory=MupSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    batch: BatchSection = field(default_factory=BatchSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    stability: StabilitySection = field(default_factory=StabilitySection)
+
+    def model_config(self):
+        from teleflm.model import TeleFLMConfig
+
+        return TeleFLMConfig(**self.model)
+
+    def sequences_per_step(self) -> int:
+        return self.batch.global_batch_tokens // self.data.context_length
+
+    def total_steps(self) -> int:
+        return math.ceil(self.schedule.total_tokens / self.batch.global_batch_tokens)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _build(cls, raw: dict, where: str):
+    """Build dataclass `cls` from a TOML table, refusing unknown keys and wrong types by name."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(raw).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in raw.items():
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _coerce(hint, value, where: str):
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is list:
+        (item,) = get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (
+        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Read a TOML config, apply `section.key=value` overrides (values in TOML syntax), and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for text in overrides:
+        keys, value = _parse_override(text)
+        table = raw
+        for k in keys[:-1]:
+            table = table.setdefault(k, {})
+        table[keys[-1]] = value
+    cfg = _build(TrainConfig, raw, str(path))
+    validate(cfg, str(path))
+    return cfg
+
+
+def validate(cfg: TrainConfig, where: str = "config", world_size: int | None = None) -> None:
+    """Every check that can fail before work starts; raises ConfigError naming the field."""
+    try:
+        mc = cfg.model_config()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: [model]: {e}") from None
+    p, b, d = cfg.parallel, cfg.batch, cfg.data
+    for name in ("dp_replicate", "tp", "pp"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"{where}: parallel.{name} must be >= 1")
+    if p.pp_schedule not in ("1F1B", "GPipe"):
+        raise ConfigError(f"{where}: parallel.pp_schedule must be '1F1B' or 'GPipe', got {p.pp_schedule!r}")
+    if p.mixed_precision not in ("bf16", "fp32"):
+        raise ConfigError(f"{where}: parallel.mixed_precision must be 'bf16' or 'fp32'")
+    if cfg.stability.action not in ("skip", "rollback", "stop"):
+        raise ConfigError(f"{where}: stability.action must be skip, rollback or stop")
+    if mc.num_attention_heads % p.tp or mc.num_key_value_heads % p.tp:
+        raise ConfigError(
+            f"{where}: parallel.tp={p.tp} must divide num_attention_heads ({mc.num_attention_heads}) "
+            f"and num_key_value_heads ({mc.num_key_value_heads})"
+        )
+    if mc.intermediate_size % p.tp:
+        raise ConfigError(
+            f"{where}: parallel.tp={p.tp} must divide intermediate_size ({mc.intermediate_size})"
+        )
+    if mc.num_hidden_layers % p.pp:
+        raise ConfigError(
+            f"{where}: parallel.pp={p.pp} must divide num_hidden_layers ({mc.num_hidden_layers})"
+        )
+    if d.context_length < 1 or d.context_length > mc.max_position_embeddings:
+        raise ConfigError(
+            f"{where}: data.context_length ({d.context_length}) must be in 1..max_position_embeddings "
+            f"({mc.max_position_embeddings})"
+        )
+    if cfg.schedule.total_tokens <= 0:
+        raise ConfigError(f"{where}: schedule.total_tokens must be positive")
+    if cfg.mup.min_lr > cfg.mup.lr:
+        raise ConfigError(f"{where}: mup.min_lr ({cfg.mup.min_lr}) exceeds mup.lr ({cfg.mup.lr})")
+    if b.global_batch_tokens % d.context_length:
+        raise ConfigError(
+            f"{where}: batch.global_batch_tokens ({b.global_batch_tokens}) is not a multiple of "
+            f"data.context_length ({d.context_length})"
+        )
+    if world_size is not None:
+        dp_shard = dp_shard_degree(cfg, world_size)
+        dp = p.dp_replicate * dp_shard
+        if p.dp_replicate * dp_shard * p.tp * p.pp != world_size:
+            raise ConfigError(
+                f"{where}: dp_replicate x dp_shard x tp x pp = {p.dp_replicate} x {dp_shard} x {p.tp} x "
+                f"{p.pp} does not equal the world size {world_size}"
+            )
+        per_dp = b.micro_batch_size * d.context_length * dp
+        if b.global_batch_tokens % per_dp:
+            raise ConfigError(
+                f"{where}: batch.global_batch_tokens ({b.global_batch_tokens}) is not divisible by "
+                f"micro_batch_size x context_length x dp = {b.micro_batch_size} x {d.context_length} x {dp}"
+            )
+        if p.pp > 1 and b.global_batch_tokens // per_dp < p.pp:
+            raise ConfigError(
+                f"{where}: pipeline parallel needs at least pp={p.pp} micro-batches per step, "
+                f"the batch gives {b.global_batch_tokens // per_dp}"
+            )
+    for section in ("shards", "tokenizer"):
+        value = getattr(d, section)
+        if value and not Path(value).exists():
+            raise ConfigError(f"{where}: data.{section} {value} does not exist")
+
+
+def dp_shard_degree(cfg: TrainConfig, world_size: int) -> int:
+    p = cfg.parallel
+    if p.dp_shard != -1:
+        return p.dp_shard
+    rest = p.dp_replicate * p.tp * p.pp
+    if world_size % rest:
+        raise ConfigError(f"world size {world_size} is not divisible by dp_replicate x tp x pp = {rest}")
+    return world_size // rest

@@ -1,0 +1,55 @@
+"""Every parallel layout trains exactly like one process: the first 5 losses agree (rel. 1e-4)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from distributed import run_ranks  # noqa: E402
+from train.common import logged_losses, pattern_sequences, tiny_train_config  # noqa: E402
+from train.streams import ArrayStream  # noqa: E402
+
+STEPS = 5
+
+
+def train_losses(out: str, parallel: dict) -> dict[int, float]:
+    from teleflm.train.trainer import Trainer
+
+    cfg = tiny_train_config(
+        Path(out),
+        parallel=parallel,
+        schedule={"total_tokens": 8 * 32 * STEPS},
+        checkpoint={"interval_steps": 100},
+    )
+    sequences = pattern_sequences()
+    Trainer(cfg, stream_factory=lambda rank, size: ArrayStream(sequences, rank, size)).run()
+    return logged_losses(out) if (Path(out) / "metrics.jsonl").exists() else None
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[int, float]:
+    return train_losses(str(tmp_path_factory.mktemp("single")), {})
+
+
+LAYOUTS = {
+    "dp2": (2, {"dp_shard": 2}),
+    "tp2": (2, {"tp": 2, "dp_shard": 1}),
+    "pp2-1F1B": (2, {"pp": 2, "dp_shard": 1}),
+    "pp2-GPipe": (2, {"pp": 2, "dp_shard": 1, "pp_schedule": "GPipe"}),
+    "hsdp2x2": (4, {"dp_replicate": 2, "dp_shard": 2}),
+    "dp2-pp2-tp2": (8, {"dp_shard": 2, "pp": 2, "tp": 2}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_process(layout, reference, tmp_path):
+    world, parallel = LAYOUTS[layout]
+    results = run_ranks(world, train_losses, str(tmp_path), parallel)
+    losses = results[0]
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert losses[step] == pytest.approx(reference[step], rel=1e-4), (layout, step, losses, reference)
+    # The loss must actually move, or agreement would prove little.
+    assert reference[STEPS] < reference[1] - 0.1
