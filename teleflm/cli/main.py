@@ -9,6 +9,7 @@ import sys
 SUBCOMMANDS = [
     "teleflm.cli.export",
     "teleflm.cli.generate",
+    "teleflm.cli.pretrain",
 ]
 
 

@@ -219,6 +219,10 @@ def validate(cfg: TrainConfig, where: str = "config", world_size: int | None = N
             f"{where}: parallel.tp={p.tp} must divide num_attention_heads ({mc.num_attention_heads}) "
             f"and num_key_value_heads ({mc.num_key_value_heads})"
         )
+    if mc.vocab_size % p.tp:
+        raise ConfigError(
+            f"{where}: parallel.tp={p.tp} must divide vocab_size ({mc.vocab_size}); pad the vocabulary"
+        )
     if mc.intermediate_size % p.tp:
         raise ConfigError(
             f"{where}: parallel.tp={p.tp} must divide intermediate_size ({mc.intermediate_size})"
@@ -232,6 +236,8 @@ def validate(cfg: TrainConfig, where: str = "config", world_size: int | None = N
             f"{where}: data.context_length ({d.context_length}) must be in 1..max_position_embeddings "
             f"({mc.max_position_embeddings})"
         )
+    if d.document_mask and p.pp > 1:
+        raise ConfigError(f"{where}: data.document_mask is not supported with pipeline parallel (pp > 1)")
     if cfg.schedule.total_tokens <= 0:
         raise ConfigError(f"{where}: schedule.total_tokens must be positive")
     if cfg.mup.min_lr > cfg.mup.lr:

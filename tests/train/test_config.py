@@ -1,0 +1,110 @@
+"""Configs are refused before any work when wrong, and the shipped ones describe the real models."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from teleflm.model import TeleFLMForCausalLM
+from teleflm.train.config import ConfigError, load_config, validate
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+NO_DATA = ["data.shards=''", "data.tokenizer=''"]  # shipped configs point at data made later
+
+
+def parameter_count(cfg) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in TeleFLMForCausalLM(cfg.model_config()).parameters())
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_validate(path):
+    cfg = load_config(path, NO_DATA)
+    p = cfg.parallel
+    world = p.dp_replicate * max(p.dp_shard, 1) * p.tp * p.pp
+    validate(cfg, path.name, world_size=world)
+
+
+def test_52b_matches_the_card():
+    cfg = load_config(CONFIGS / "teleflm-52b.toml", NO_DATA)
+    assert parameter_count(cfg) == pytest.approx(52.85e9, rel=0.005)
+    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp_shard) == (4, 2, 112)
+    assert cfg.batch.global_batch_tokens == 1344 * 4096
+    mc = cfg.model_config()
+    assert mc.output_mult / mc.mup_scale_factor == pytest.approx(1 / 32)  # the card's logit scale
+    assert mc.hidden_size // mc.num_attention_heads == 128
+
+
+def test_proxy_differs_from_52b_only_in_width():
+    proxy = load_config(CONFIGS / "teleflm-mup-proxy.toml", NO_DATA).model
+    big = load_config(CONFIGS / "teleflm-52b.toml", NO_DATA).model
+    width_fields = {
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "mup_scale_factor",
+    }
+    assert {k for k in big if big[k] != proxy.get(k)} == width_fields
+    assert big["hidden_size"] / proxy["hidden_size"] == big["mup_scale_factor"]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+BASE = """
+[model]
+vocab_size = 128
+hidden_size = 64
+intermediate_size = 128
+num_hidden_layers = 2
+num_attention_heads = 4
+max_position_embeddings = 64
+[data]
+context_length = 32
+[batch]
+global_batch_tokens = 256
+micro_batch_size = 2
+[schedule]
+total_tokens = 2560
+"""
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"c\.toml\.optim: unknown key\(s\) \['gradclip'\]"):
+        load_config(write(tmp_path, BASE + "[optim]\ngradclip = 1.0\n"))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['optimizer'\]"):
+        load_config(write(tmp_path, BASE + "[optimizer]\nx = 1\n"))
+
+
+def test_wrong_type_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"batch\.micro_batch_size: expected int"):
+        load_config(write(tmp_path, BASE), ["batch.micro_batch_size='two'"])
+
+
+def test_overrides_apply(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["parallel.tp=2", "optim.grad_clip=0.5", "out=runs/x"])
+    assert (cfg.parallel.tp, cfg.optim.grad_clip, cfg.out) == (2, 0.5, "runs/x")
+
+
+@pytest.mark.parametrize(
+    "overrides, world, message",
+    [
+        (["parallel.tp=3"], None, r"parallel\.tp=3 must divide num_attention_heads"),
+        (["parallel.pp=3"], None, r"parallel\.pp=3 must divide num_hidden_layers"),
+        (["model.num_key_value_heads=3"], None, r"num_key_value_heads \(3\) does not divide"),
+        (["model.hidden_size=66"], None, r"hidden_size \(66\) is not divisible"),
+        (["batch.global_batch_tokens=100"], None, r"not a multiple of data\.context_length"),
+        (["batch.micro_batch_size=3"], 1, r"not divisible by micro_batch_size x context_length x dp"),
+        (["parallel.dp_shard=2", "parallel.tp=2"], 2, r"does not equal the world size 2"),
+        (["data.shards='nowhere/shards'"], None, r"data\.shards nowhere/shards does not exist"),
+        (["data.context_length=128"], None, r"must be in 1\.\.max_position_embeddings"),
+    ],
+)
+def test_bad_configs_are_refused(tmp_path, overrides, world, message):
+    with pytest.raises(ConfigError, match=message):
+        cfg = load_config(write(tmp_path, BASE), overrides)
+        validate(cfg, "c.toml", world_size=world)
