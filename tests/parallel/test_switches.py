@@ -1,0 +1,37 @@
+"""Activation checkpointing, torch.compile and bf16 change how a step runs, not what it learns."""
+
+import pytest
+
+from tests.train.common import logged_losses, pattern_sequences, tiny_train_config
+from tests.train.streams import ArrayStream
+from teleflm.train.trainer import Trainer
+
+STEPS = 4
+
+
+def losses(out, **parallel) -> list[float]:
+    cfg = tiny_train_config(out, parallel=parallel, schedule={"total_tokens": 8 * 32 * STEPS})
+    sequences = pattern_sequences()
+    Trainer(cfg, stream_factory=lambda r, n: ArrayStream(sequences, r, n)).run()
+    found = logged_losses(out)
+    return [found[s] for s in range(1, STEPS + 1)]
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory):
+    return losses(tmp_path_factory.mktemp("fp32"))
+
+
+def test_activation_checkpointing_is_exact(fp32, tmp_path):
+    assert losses(tmp_path, activation_checkpointing=True) == fp32
+
+
+def test_bf16_tracks_fp32(fp32, tmp_path):
+    bf16 = losses(tmp_path, mixed_precision="bf16")
+    assert bf16 == pytest.approx(fp32, rel=2e-2)
+    assert bf16 != fp32  # autocast really ran in bf16
+
+
+@pytest.mark.slow
+def test_compile_matches_eager(fp32, tmp_path):
+    assert losses(tmp_path, compile=True, activation_checkpointing=True) == pytest.approx(fp32, rel=1e-4)
