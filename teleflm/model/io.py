@@ -1,0 +1,438 @@
+"""Checkpoint I/O: export a model as a Hugging Face folder; load our exports and the official layout.
+
+An export is what plain `transformers` loads with `trust_remote_code=True` (the card's quick start):
+config.json with `auto_map`, the two self-contained model files, safetensors weights (sharded past
+`max_shard_size`, with an index), tokenizer files and generation_config.json.
+
+Loading never runs code found in the folder: config.json is read as JSON into our own TeleFLMConfig,
+weights come from safetensors or from pickles opened with `weights_only=True`, and the tokenizer class
+is picked here from the files present, never from the folder's `auto_map`.
+"""
+
+import copy
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from teleflm.model.configuration_teleflm import TeleFLMConfig
+from teleflm.model.modeling_teleflm import TeleFLMForCausalLM
+
+CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+PICKLE_WEIGHTS, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+MODEL_SOURCES = ("configuration_teleflm.py", "modeling_teleflm.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_teleflm.TeleFLMConfig",
+    "AutoModel": "modeling_teleflm.TeleFLMModel",
+    "AutoModelForCausalLM": "modeling_teleflm.TeleFLMForCausalLM",
+}
+# The config fields of the released checkpoints (SPEC section 1), for write_official_layout.
+OFFICIAL_CONFIG_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "pretraining_tp",
+    "tie_word_embeddings",
+    "rope_theta",
+    "rope_scaling",
+    "attention_bias",
+    "attention_dropout",
+    "use_mup",
+    "mup_scale_factor",
+    "output_mult",
+    "input_mult",
+    "use_cache",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
+# Buffers that older Llama code saved along with the weights; we recompute them from the config.
+IGNORED_TENSORS = re.compile(r"rotary_emb\.inv_freq$")
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+
+
+class CheckpointError(ValueError):
+    """A model folder that cannot be loaded or written as asked; the message names the culprit."""
+
+
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ----- tokenizer -----
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
+
+
+def load_tokenizer(folder: str | Path):
+    """The tokenizer of a folder: fast `tokenizer.json` if present, else the SentencePiece
+    `tokenizer.model` (converted by transformers' LlamaTokenizer: byte fallback, no BOS unless
+    tokenizer_config.json says so). The class named by tokenizer_config.json is used when it is one
+    of transformers' own; a custom class (which would need remote code) is never imported."""
+    import transformers
+    from transformers import LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        fallback = PreTrainedTokenizerFast
+    elif (folder / "tokenizer.model").is_file():
+        fallback = LlamaTokenizer
+    else:
+        raise FileNotFoundError(f"{folder}: no tokenizer (expected tokenizer.json or tokenizer.model)")
+    config_path = folder / "tokenizer_config.json"
+    named = json.loads(config_path.read_text()).get("tokenizer_class") if config_path.is_file() else None
+    cls = getattr(transformers, named, None) if named else None
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedTokenizerBase)):
+        cls = fallback
+    return cls.from_pretrained(str(folder), local_files_only=True)
+
+
+def real_vocab_size(source) -> int:
+    """How many ids the tokenizer can produce, from a tokenizer or a folder holding one. The
+    embedding may be padded past it (80,000 entries, 80,384 rows in Tele-FLM 52B): ids from here to
+    `config.vocab_size` are padding and must be masked out of any softmax (loss, BPB, sampling)."""
+    tokenizer = load_tokenizer(source) if isinstance(source, (str, Path)) else source
+    return len(tokenizer)
+
+
+def check_tokenizer_fits(tokenizer, config: TeleFLMConfig, where: str | Path) -> None:
+    if len(tokenizer) > config.vocab_size:
+        raise CheckpointError(
+            f"{where}: the tokenizer has {len(tokenizer)} entries, more than the model's vocab_size "
+            f"({config.vocab_size})"
+        )
+
+
+# ----- loading -----
+
+
+def load_config(model_dir: str | Path) -> TeleFLMConfig:
+    """config.json of a Tele-FLM folder, read as data into our TeleFLMConfig (which validates it)."""
+    path = Path(model_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (is {model_dir} a model folder?)")
+    try:
+        fields = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if str(fields.get("model_type", "")).lower() != "teleflm":
+        raise CheckpointError(f"{path}: model_type is {fields.get('model_type')!r}, expected 'TeleFLM'")
+    try:
+        return TeleFLMConfig.from_dict(fields)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def weight_files(model_dir: str | Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The weight files of a folder and, when sharded, the index's map from tensor name to file."""
+    model_dir = Path(model_dir)
+    for index_name, single_name in ((SAFE_INDEX, SAFE_WEIGHTS), (PICKLE_INDEX, PICKLE_WEIGHTS)):
+        index = model_dir / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a weight index (no 'weight_map')") from e
+            shards = sorted(set(weight_map.values()))
+            for shard in shards:
+                if Path(shard).name != shard:  # an index must not reach outside its folder
+                    raise CheckpointError(f"{index}: shard name {shard!r} is not a plain file name")
+                if not (model_dir / shard).is_file():
+                    raise CheckpointError(f"{index}: names shard {shard}, which is missing from {model_dir}")
+            return [model_dir / shard for shard in shards], weight_map
+        if (model_dir / single_name).is_file():
+            return [model_dir / single_name], None
+    raise FileNotFoundError(
+        f"{model_dir}: no weights ({SAFE_WEIGHTS}, {SAFE_INDEX}, {PICKLE_WEIGHTS} or {PICKLE_INDEX})"
+    )
+
+
+def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one weight file, on the CPU. Pickles are opened with `weights_only=True`, which
+    refuses anything but tensors and plain containers; containers are refused here."""
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from e
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = re.search(r"GLOBAL \S+ was not an allowed global|Unsupported[^\n]*", str(e))
+        raise CheckpointError(
+            f"{path}: refused to unpickle, it holds objects other than tensors"
+            + (f" ({reason.group(0)})" if reason else "")
+        ) from e
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch weight file ({e})") from e
+    if not isinstance(tensors, dict):
+        raise CheckpointError(f"{path}: holds a {type(tensors).__name__}, not a dict of tensors")
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
+    return tensors
+
+
+def load_weights(model: torch.nn.Module, model_dir: str | Path) -> None:
+    """Copy a folder's weights into `model` (casting to its dtype), file by file, after checking
+    every tensor's name and shape against the model. Nothing is left half-checked: a missing
+    tensor is reported after all files are read."""
+    files, weight_map = weight_files(model_dir)
+    expected = model.state_dict()
+    loaded = set()
+    for path in files:
+        for name, tensor in read_weight_file(path).items():
+            if IGNORED_TENSORS.search(name):
+                continue
+            if name not in expected:
+                raise CheckpointError(
+                    f"{path}: unexpected tensor {name!r} {tuple(tensor.shape)} (not a parameter of "
+                    f"{type(model).__name__})"
+                )
+            if tensor.shape != expected[name].shape:
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, the config needs "
+                    f"{tuple(expected[name].shape)}"
+                )
+            with torch.no_grad():
+                expected[name].copy_(tensor)
+            loaded.add(name)
+    missing = [name for name in expected if name not in loaded]
+    if missing:
+        name = missing[0]
+        where = (
+            f"{Path(model_dir) / weight_map[name]} (the index lists it there)"
+            if weight_map and name in weight_map
+            else ", ".join(str(p) for p in files)
+        )
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(f"missing tensor {name!r}{more}: not in {where}")
+
+
+def load_pretrained(
+    path: str | Path,
+    dtype: torch.dtype | str | None = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[TeleFLMForCausalLM, object | None]:
+    """Load a Tele-FLM folder (our export or the official layout) as (model in eval mode, tokenizer
+    or None when the folder has none). `dtype=None` keeps the dtype config.json records (float32 when
+    it records none); `device` defaults to cuda when available, else cpu."""
+    from transformers import GenerationConfig
+    from transformers.initialization import no_init_weights
+
+    model_dir = Path(path)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: no such model folder")
+    config = load_config(model_dir)
+    tokenizer = load_tokenizer(model_dir) if has_tokenizer(model_dir) else None
+    if tokenizer is not None:
+        check_tokenizer_fits(tokenizer, config, model_dir)
+    dtype = as_dtype(dtype) or as_dtype(config.dtype) or torch.float32
+    device = torch.device(device) if device is not None else default_device()
+
+    # Allocate directly in the target dtype and device, skipping the random init the weights replace.
+    previous_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device), no_init_weights():
+            model = TeleFLMForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous_dtype)
+    load_weights(model, model_dir)
+    if (model_dir / GENERATION_CONFIG_NAME).is_file():
+        model.generation_config = GenerationConfig.from_pretrained(model_dir, local_files_only=True)
+    return model.eval(), tokenizer
+
+
+# ----- export -----
+
+
+def check_export_target(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"export target {out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"export target {out_dir} exists and is not empty (use --overwrite to replace it)"
+        )
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put folder `new` at `target`, replacing whatever is there, by renames only."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    # Move the old folder aside first: a rename cannot replace a non-empty folder.
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old)
+
+
+def write_config(config: TeleFLMConfig, path: Path) -> None:
+    """config.json with every Tele-FLM field, leaving out generic transformers fields at their defaults."""
+    from transformers import PretrainedConfig
+
+    generic = PretrainedConfig().to_dict()
+    fields = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k in OFFICIAL_CONFIG_FIELDS or k not in generic or v != generic[k]
+    }
+    path.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+
+
+def write_safetensors(state: dict[str, torch.Tensor], out_dir: Path, max_shard_size: int | str) -> None:
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(
+        state, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    for filename, names in split.filename_to_tensors.items():
+        # metadata format=pt: transformers checks it to know the file came from PyTorch.
+        save_file({name: state[name] for name in names}, out_dir / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename}
+        (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def export_hf(
+    model: TeleFLMForCausalLM,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = "2GB",
+    dtype: torch.dtype | str | None = None,
+) -> Path:
+    """Write `model` (in memory, unsharded) as a Hugging Face folder that plain transformers loads
+    with `trust_remote_code=True`; `dtype` defaults to the model's own. The folder is assembled in a
+    temporary sibling and renamed into place at the end, so a failed export leaves nothing behind.
+    Returns the folder."""
+    from transformers import GenerationConfig
+
+    out_dir = Path(out_dir)
+    check_export_target(out_dir, overwrite)
+    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+    if tokenizer is not None:
+        check_tokenizer_fits(tokenizer, model.config, tokenizer_dir)
+    dtype = as_dtype(dtype) or next(model.parameters()).dtype
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        state = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
+        write_safetensors(state, staging, max_shard_size)
+        del state
+
+        config = copy.deepcopy(model.config)
+        config.architectures = ["TeleFLMForCausalLM"]
+        config.auto_map = dict(AUTO_MAP)
+        config.dtype = dtype
+        write_config(config, staging / CONFIG_NAME)
+        for source in MODEL_SOURCES:
+            shutil.copyfile(Path(__file__).with_name(source), staging / source)
+
+        pad_token_id = config.pad_token_id
+        if pad_token_id is None and tokenizer is not None:
+            pad_token_id = tokenizer.pad_token_id
+        generation = GenerationConfig(
+            bos_token_id=config.bos_token_id,
+            eos_token_id=config.eos_token_id,
+            pad_token_id=config.eos_token_id if pad_token_id is None else pad_token_id,
+        )
+        generation.save_pretrained(staging)
+
+        if tokenizer is not None:
+            # tokenizer.json + tokenizer_config.json are all AutoTokenizer needs; the SentencePiece
+            # model rides along for tools that read it directly.
+            tokenizer.save_pretrained(staging)
+            if (Path(tokenizer_dir) / "tokenizer.model").is_file():
+                shutil.copyfile(Path(tokenizer_dir) / "tokenizer.model", staging / "tokenizer.model")
+        check_export_target(out_dir, overwrite)  # it may have appeared meanwhile
+        replace_folder(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def write_official_layout(
+    model: TeleFLMForCausalLM, tokenizer_model_path: str | Path, out_dir: str | Path, n_shards: int = 2
+) -> Path:
+    """Write `model` the way the released checkpoints are laid out (for tests): pickled
+    `pytorch_model-0000N-of-0000M.bin` shards with `pytorch_model.bin.index.json`, a config.json with
+    the official field names only, the model sources, the SentencePiece `tokenizer.model` and a
+    tokenizer_config.json naming LlamaTokenizer without BOS."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
+    names = list(state)
+    per_shard = -(-len(names) // n_shards)
+    weight_map = {}
+    for i in range(n_shards):
+        shard = f"pytorch_model-{i + 1:05d}-of-{n_shards:05d}.bin"
+        chunk = names[i * per_shard : (i + 1) * per_shard]
+        torch.save({name: state[name] for name in chunk}, out_dir / shard)
+        weight_map.update(dict.fromkeys(chunk, shard))
+    total_size = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (out_dir / PICKLE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    config = {field: getattr(model.config, field, None) for field in OFFICIAL_CONFIG_FIELDS}
+    config |= {
+        "architectures": ["TeleFLMForCausalLM"],
+        "auto_map": {k: v for k, v in AUTO_MAP.items() if k != "AutoModel"},
+        "model_type": "TeleFLM",
+        "torch_dtype": str(next(iter(state.values())).dtype).removeprefix("torch."),
+    }
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for source in MODEL_SOURCES:
+        shutil.copyfile(Path(__file__).with_name(source), out_dir / source)
+
+    shutil.copyfile(tokenizer_model_path, out_dir / "tokenizer.model")
+    tokenizer_config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "unk_token": "<unk>",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "model_max_length": model.config.max_position_embeddings,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    return out_dir
