@@ -303,6 +303,15 @@ def replace_folder(new: Path, target: Path) -> None:
     shutil.rmtree(old)
 
 
+def name_portable_tokenizer_class(tokenizer_config: Path) -> None:
+    """transformers 5 names a plain fast tokenizer `TokenizersBackend`, unknown to transformers 4;
+    `PreTrainedTokenizerFast` is the same class in 5 and loads in both."""
+    fields = json.loads(tokenizer_config.read_text())
+    if fields.get("tokenizer_class") == "TokenizersBackend":
+        fields["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tokenizer_config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+
+
 def write_config(config: TeleFLMConfig, path: Path) -> None:
     """config.json with every Tele-FLM field, leaving out generic transformers fields at their defaults."""
     from transformers import PretrainedConfig
@@ -380,6 +389,7 @@ def export_hf(
             # tokenizer.json + tokenizer_config.json are all AutoTokenizer needs; the SentencePiece
             # model rides along for tools that read it directly.
             tokenizer.save_pretrained(staging)
+            name_portable_tokenizer_class(staging / "tokenizer_config.json")
             if (Path(tokenizer_dir) / "tokenizer.model").is_file():
                 shutil.copyfile(Path(tokenizer_dir) / "tokenizer.model", staging / "tokenizer.model")
         check_export_target(out_dir, overwrite)  # it may have appeared meanwhile
