@@ -10,6 +10,7 @@ SUBCOMMANDS = [
     "teleflm.cli.export",
     "teleflm.cli.generate",
     "teleflm.cli.pretrain",
+    "teleflm.cli.eval",
 ]
 
 

@@ -1,4 +1,5 @@
-"""A deterministic token stream with MixtureStream's interface, over a fixed array of sequences."""
+"""A deterministic stream with MixtureStream's interface over a fixed array of sequences, for tests and
+benchmarks that must not depend on prepared data."""
 
 import numpy as np
 

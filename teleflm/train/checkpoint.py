@@ -84,12 +84,22 @@ def load(path: Path, model, optimizer) -> dict:
     return json.loads((path / TRAINER_STATE).read_text())
 
 
-def load_model_only(path: Path, model) -> dict:
-    """Load just the weights into an unsharded model (for export and evaluation), in one process."""
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
-    model.load_state_dict(state["model"])
-    return json.loads((path / TRAINER_STATE).read_text())
+def load_model(path: Path):
+    """An unsharded model with a checkpoint's weights, in one process (for export and evaluation);
+    returns (model, trainer state)."""
+    from teleflm.model import TeleFLMConfig, TeleFLMForCausalLM
+
+    path = Path(path)
+    if not is_complete(path):
+        raise FileNotFoundError(
+            f"{path} is not a complete teleflm checkpoint (.metadata and {TRAINER_STATE})"
+        )
+    state = json.loads((path / TRAINER_STATE).read_text())
+    model = TeleFLMForCausalLM(TeleFLMConfig.from_dict(state["model_config"]))
+    weights = {"model": model.state_dict()}
+    dcp.load(weights, checkpoint_id=str(path), no_dist=True)
+    model.load_state_dict(weights["model"])
+    return model, state
 
 
 def rng_state() -> list[int]:

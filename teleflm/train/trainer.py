@@ -266,6 +266,8 @@ class Trainer:
             "events": self.events,
             "stream": self.stream.state_dict(),
             "rng": checkpoint.rng_state(),
+            "model_config": self.model_config.to_diff_dict(),
+            "tokenizer": self.cfg.data.tokenizer,
         }
 
     def save_checkpoint(self) -> Path:
@@ -414,8 +416,7 @@ class Trainer:
         if self.rank == 0:
             from teleflm.model.io import export_hf
 
-            model = TeleFLMForCausalLM(self.model_config)
-            checkpoint.load_model_only(checkpoint.step_dir(self.checkpoint_root, self.step), model)
+            model, _ = checkpoint.load_model(checkpoint.step_dir(self.checkpoint_root, self.step))
             export_hf(model, target, tokenizer_dir=self.cfg.data.tokenizer or None, overwrite=True)
         if dist.is_initialized():
             dist.barrier()

@@ -8,7 +8,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from distributed import run_ranks  # noqa: E402
 from train.common import logged_losses, pattern_sequences, tiny_train_config  # noqa: E402
-from train.streams import ArrayStream  # noqa: E402
+
+from teleflm.data.synthetic import ArrayStream  # noqa: E402
 
 STEPS = 5
 

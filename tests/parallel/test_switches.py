@@ -2,9 +2,9 @@
 
 import pytest
 
-from tests.train.common import logged_losses, pattern_sequences, tiny_train_config
-from tests.train.streams import ArrayStream
+from teleflm.data.synthetic import ArrayStream
 from teleflm.train.trainer import Trainer
+from tests.train.common import logged_losses, pattern_sequences, tiny_train_config
 
 STEPS = 4
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from train.common import pattern_sequences, tiny_train_config  # noqa: E402
-from train.streams import ArrayStream  # noqa: E402
 
+from teleflm.data.synthetic import ArrayStream  # noqa: E402
 from teleflm.train.trainer import Trainer, close  # noqa: E402
 
 if __name__ == "__main__":

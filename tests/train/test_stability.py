@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from teleflm.data.synthetic import ArrayStream
 from teleflm.train.trainer import SpikeStop, Trainer
 from tests.train.common import (
     CONTEXT,
@@ -13,7 +14,6 @@ from tests.train.common import (
     pattern_sequences,
     tiny_train_config,
 )
-from tests.train.streams import ArrayStream
 
 BAD_STEP = 25  # 0-based index of the step whose batch is poisoned
 

@@ -1,0 +1,131 @@
+"""Training throughput and MFU: teleflm's trainer vs transformers' LlamaForCausalLM with a plain AdamW
+loop, on the same shapes and batches, eager and compiled, fp32 and bf16, in one run.
+
+    .venv/bin/python -m bench.bench_train [--steps 12] [--json out.json]
+
+MFU is measured against the bf16 (and fp32) matmul peak measured at the start of the same run.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from teleflm.data.synthetic import ArrayStream
+from teleflm.train.config import TrainConfig, _build
+from teleflm.train.trainer import Trainer, flops_per_token
+
+SHAPE = dict(
+    hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=2, vocab_size=8192
+)
+CONTEXT, BATCH = 256, 8
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t0)
+
+
+def batches(steps: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(4, SHAPE["vocab_size"], size=(steps * BATCH, CONTEXT + 1))
+
+
+def ours(steps: int, dtype: str, compile: bool) -> float:
+    """Median tokens/s of teleflm's Trainer (its whole step: data, forward/backward, clip, AdamW, logs)."""
+    with tempfile.TemporaryDirectory() as out:
+        raw = {
+            "out": out,
+            "model": {**SHAPE, "max_position_embeddings": CONTEXT, "use_mup": True, "mup_scale_factor": 0.5},
+            "data": {"context_length": CONTEXT},
+            "batch": {"global_batch_tokens": CONTEXT * BATCH, "micro_batch_size": BATCH},
+            "schedule": {"total_tokens": CONTEXT * BATCH * steps, "warmup_steps": 2},
+            "parallel": {"mixed_precision": dtype, "compile": compile},
+            "checkpoint": {"interval_steps": 10**9, "export_at_end": False},
+            "logging": {"progress_bar": False},
+            "stability": {"warmup_steps": 10**9},
+        }
+        cfg = _build(TrainConfig, raw, "bench")
+        data = batches(steps)
+        trainer = Trainer(cfg, stream_factory=lambda r, n: ArrayStream(data, r, n))
+        trainer.checkpoint_root.mkdir(parents=True)
+        trainer.save_checkpoint = lambda: trainer.checkpoint_root  # time training, not disk writes
+        trainer.run()
+        rates = [
+            json.loads(line)["tokens_per_s"]
+            for line in (Path(out) / "metrics.jsonl").read_text().splitlines()
+        ]
+    return statistics.median(rates[len(rates) // 2 :])
+
+
+def reference(steps: int, dtype: str, compile: bool) -> float:
+    """Median tokens/s of LlamaForCausalLM + torch.optim.AdamW + clip, the loop a user would write."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(**SHAPE, max_position_embeddings=CONTEXT, rms_norm_eps=1e-5, attn_implementation="sdpa")
+    )
+    if compile:
+        for layer in model.model.layers:
+            layer.compile()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+    data = torch.from_numpy(batches(steps))
+    rates = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        tokens = data[step * BATCH : (step + 1) * BATCH]
+        with autocast:
+            logits = model(input_ids=tokens[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        rates.append(CONTEXT * BATCH / (time.perf_counter() - t0))
+    return statistics.median(rates[len(rates) // 2 :])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    peak = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    from teleflm.model import TeleFLMConfig
+
+    fpt = flops_per_token(TeleFLMConfig(**SHAPE), CONTEXT)
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    print(f"matmul peak: bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s")
+    print(f"model: {SHAPE}, seq {CONTEXT}, batch {BATCH}, {fpt / 1e6:.1f} MFLOP/token")
+    rows = []
+    print(f"{'dtype':5} {'mode':8} {'teleflm tok/s':>14} {'llama tok/s':>12} {'ratio':>6} {'MFU':>6}")
+    for dtype in ("fp32", "bf16"):
+        for compile in (False, True):
+            a, b = ours(args.steps, dtype, compile), reference(args.steps, dtype, compile)
+            mfu = fpt * a / peak[dtype]
+            mode = "compiled" if compile else "eager"
+            rows.append(dict(dtype=dtype, mode=mode, teleflm=a, llama=b, ratio=a / b, mfu=mfu))
+            print(f"{dtype:5} {mode:8} {a:14.0f} {b:12.0f} {a / b:6.2f} {mfu:6.1%}")
+    if args.json:
+        args.json.write_text(json.dumps({"peak_flops": peak, "flops_per_token": fpt, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Bits per byte: every document token predicted once, separators never, padded ids get no mass."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from teleflm.eval.bpb import EOS, bits_per_byte, eval_windows
+from tests.distributed import run_ranks
+
+
+def documents(n: int = 7, seed: int = 0) -> list[tuple[np.ndarray, int]]:
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(4, 50, size=rng.integers(1, 40)), int(rng.integers(10, 200))) for _ in range(n)]
+
+
+def test_windows_predict_each_document_token_once():
+    docs = documents()
+    windows, mask, n_bytes = eval_windows(docs, context_length=16, max_windows=100)
+    targets = windows[:, 1:][mask]
+    assert targets.tolist() == [int(t) for doc, _ in docs for t in doc]
+    assert EOS not in targets
+    assert n_bytes == sum(b for _, b in docs)
+
+
+def test_window_budget_takes_whole_documents():
+    docs = documents(50)
+    windows, mask, n_bytes = eval_windows(docs, context_length=16, max_windows=3)
+    taken = mask.sum()
+    assert len(windows) <= 3 and 0 < taken <= 3 * 16
+    # The bytes counted are those of exactly the documents whose tokens are targets.
+    k = next(i for i in range(len(docs) + 1) if sum(len(d) for d, _ in docs[:i]) == taken)
+    assert n_bytes == sum(b for _, b in docs[:k])
+
+
+def uniform_logits(padded_vocab: int):
+    return lambda x: torch.zeros(*x.shape, padded_vocab)
+
+
+def test_uniform_model_gives_log_vocab_and_masks_padding():
+    docs = documents()
+    real, padded = 50, 64
+    r = bits_per_byte(uniform_logits(padded), docs, context_length=16, real_vocab_size=real)
+    tokens = sum(len(d) for d, _ in docs)
+    assert r["tokens"] == tokens
+    assert r["nll_per_token"] == pytest.approx(math.log(real))  # not log(64): padded ids excluded
+    assert r["bpb"] == pytest.approx(tokens * math.log(real) / (math.log(2) * r["bytes"]))
+
+
+def _bpb_on_rank():
+    import torch.distributed as dist
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    table = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    return bits_per_byte(lambda x: table[x], documents(), 8, 60, batch_size=2, dp_rank=rank, dp_size=size)
+
+
+def test_data_parallel_split_sums_to_single_process():
+    table = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    single = bits_per_byte(lambda x: table[x], documents(), 8, 60, batch_size=2)
+    ranks = run_ranks(2, _bpb_on_rank)
+    for r in ranks:
+        assert r["tokens"] == single["tokens"]
+        assert r["bpb"] == pytest.approx(single["bpb"], rel=1e-6)  # fp32 sums in another order
