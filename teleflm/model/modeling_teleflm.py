@@ -42,17 +42,20 @@ class TeleFLMRotaryEmbedding(nn.Module):
 
     def __init__(self, config: TeleFLMConfig):
         super().__init__()
+        inv_freq, self.attention_scaling = self.compute_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(config: TeleFLMConfig) -> tuple[torch.Tensor, float]:
+        """RoPE inverse frequencies (fp32) and the cos/sin scaling of the configured rope type."""
         scaling = getattr(config, "rope_scaling", None) or {}
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type == "default":
             dim = config.head_dim
-            inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-            self.attention_scaling = 1.0
-        else:
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+            return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        return ROPE_INIT_FUNCTIONS[rope_type](config, None)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,6 +191,11 @@ class TeleFLMPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, TeleFLMRMSNorm):
             nn.init.ones_(module.weight)
+        elif isinstance(module, TeleFLMRotaryEmbedding):
+            # from_pretrained builds the model on the meta device and leaves non-persistent buffers
+            # uninitialised: without this, RoPE would run on garbage frequencies.
+            with torch.no_grad():
+                module.inv_freq.copy_(module.compute_inv_freq(self.config)[0])
 
 
 class TeleFLMModel(TeleFLMPreTrainedModel):
