@@ -1,0 +1,140 @@
+"""muP rules (SPEC section 2): init per parameter class and AdamW learning rates, at two widths."""
+
+import math
+
+import pytest
+import torch
+
+from teleflm.model import TeleFLMForCausalLM
+from teleflm.mup import (
+    EMBEDDING,
+    MATRIX,
+    READOUT,
+    VECTOR,
+    MupHyperParams,
+    init_weights,
+    param_class,
+    param_groups,
+)
+from tests.conftest import tiny_config
+
+BASE_WIDTH = 64  # the proxy's width; mup_scale_factor = hidden_size / BASE_WIDTH
+LAYERS = 2
+HP = MupHyperParams(lr=1e-3, matrix_lr=4e-3, std=0.02, matrix_std=0.05, weight_decay=0.1)
+
+
+def model_of_width(width: int, use_mup: bool = True) -> TeleFLMForCausalLM:
+    config = tiny_config(
+        vocab_size=512,
+        hidden_size=width,
+        intermediate_size=width * 5 // 2,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=width // 32,  # head_dim fixed at 32 while heads grow with width
+        num_key_value_heads=width // 32,
+        use_mup=use_mup,
+        mup_scale_factor=width / BASE_WIDTH,
+    )
+    torch.manual_seed(0)
+    model = TeleFLMForCausalLM(config)
+    init_weights(model, config, HP)
+    return model
+
+
+def expected_std(name: str, width_mult: float) -> float | None:
+    """The rule written out by hand, independently of teleflm.mup.init_std."""
+    if name.endswith("norm.weight"):
+        return None
+    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+        return HP.std
+    std = HP.matrix_std / math.sqrt(width_mult)
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        std /= math.sqrt(2 * LAYERS)
+    return std
+
+
+def test_parameter_classes():
+    model = model_of_width(128)
+    classes = {name: param_class(name) for name, _ in model.named_parameters()}
+    assert classes["model.embed_tokens.weight"] == EMBEDDING
+    assert classes["lm_head.weight"] == READOUT
+    assert classes["model.norm.weight"] == VECTOR
+    assert classes["model.layers.1.input_layernorm.weight"] == VECTOR
+    matrices = sorted(n for n, c in classes.items() if c == MATRIX)
+    assert len(matrices) == 7 * LAYERS
+    assert all(
+        n.split(".")[-2] in {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        for n in matrices
+    )
+    # Wrappers' prefixes (FSDP, compile) do not change the class.
+    assert param_class("_orig_mod.model.layers.0.mlp.up_proj.weight") == MATRIX
+
+
+@pytest.mark.parametrize("width", [128, 256])
+def test_init_statistics_per_class(width):
+    model = model_of_width(width)
+    width_mult = width / BASE_WIDTH
+    for name, p in model.named_parameters():
+        std = expected_std(name, width_mult)
+        if std is None:
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:
+            assert abs(p.mean().item()) < 4 * std / math.sqrt(p.numel()), name
+            assert p.std().item() == pytest.approx(std, rel=0.05), name
+
+
+def test_matrix_init_shrinks_with_width_and_the_rest_does_not():
+    narrow, wide = model_of_width(128), model_of_width(256)
+
+    def std(model, name):
+        return dict(model.named_parameters())[name].std().item()
+
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        assert std(narrow, name) / std(wide, name) == pytest.approx(math.sqrt(2), rel=0.05)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert std(narrow, name) == pytest.approx(std(wide, name), rel=0.05)
+
+
+def test_standard_parametrization_ignores_width():
+    model = model_of_width(256, use_mup=False)
+    q = dict(model.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+    assert q.std().item() == pytest.approx(HP.matrix_std, rel=0.05)
+    assert {g["mup_class"]: g["lr"] for g in param_groups(model, model.config, HP)}[MATRIX] == HP.matrix_lr
+
+
+@pytest.mark.parametrize("width", [128, 256])
+def test_optimizer_groups(width):
+    model = model_of_width(width)
+    width_mult = width / BASE_WIDTH
+    groups = {g["mup_class"]: g for g in param_groups(model, model.config, HP)}
+    expected = {
+        MATRIX: (HP.matrix_lr / width_mult, HP.weight_decay * width_mult),
+        EMBEDDING: (HP.lr, HP.weight_decay),
+        READOUT: (HP.lr, HP.weight_decay),
+        VECTOR: (HP.lr, 0.0),
+    }
+    assert set(groups) == set(expected)
+    for kind, (lr, weight_decay) in expected.items():
+        assert groups[kind]["lr"] == pytest.approx(lr), kind
+        assert groups[kind]["weight_decay"] == pytest.approx(weight_decay), kind
+    assert all(g["base_lr"] == g["lr"] for g in groups.values())
+    # Every trainable parameter in exactly one group, the group of its class.
+    grouped = {id(p): k for k, g in groups.items() for p in g["params"]}
+    assert len(grouped) == sum(len(g["params"]) for g in groups.values())
+    assert grouped == {id(p): param_class(n) for n, p in model.named_parameters()}
+
+
+def test_adamw_moves_each_class_by_its_learning_rate():
+    """Adam's first step moves every weight by about lr (|m / sqrt(v)| = 1): the groups' rates are
+    the rates the optimizer really applies."""
+    model = model_of_width(256)
+    groups = param_groups(model, model.config, MupHyperParams(lr=1e-3, matrix_lr=4e-3, weight_decay=0.0))
+    before = {id(p): p.detach().clone() for g in groups for p in g["params"]}
+    optimizer = torch.optim.AdamW(groups, eps=1e-12)
+    ids = torch.randint(0, 512, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    for group in optimizer.param_groups:
+        moved = torch.cat([(p.detach() - before[id(p)]).abs().flatten() for p in group["params"]])
+        moved = moved[moved > 0]  # embedding rows of absent tokens get no gradient
+        assert moved.median().item() == pytest.approx(group["lr"], rel=0.02), group["mup_class"]
+    assert {g["mup_class"]: g["lr"] for g in optimizer.param_groups}[MATRIX] == pytest.approx(4e-3 / 4)
