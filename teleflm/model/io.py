@@ -219,6 +219,8 @@ def load_weights(model: torch.nn.Module, model_dir: str | Path) -> None:
         for name, tensor in read_weight_file(path).items():
             if IGNORED_TENSORS.search(name):
                 continue
+            if name in loaded:
+                raise CheckpointError(f"{path}: tensor {name!r} was already read from another file")
             if name not in expected:
                 raise CheckpointError(
                     f"{path}: unexpected tensor {name!r} {tuple(tensor.shape)} (not a parameter of "

@@ -211,6 +211,24 @@ def test_unexpected_tensor(official):
         load_pretrained(folder, device="cpu")
 
 
+def test_tensor_in_two_shards(official):
+    _, folder = official
+    first = torch.load(folder / "pytorch_model-00001-of-00002.bin", weights_only=True)
+    name = next(iter(first))
+    rewrite_shard(folder, "pytorch_model-00002-of-00002.bin", lambda t: t.update({name: first[name]}))
+    with pytest.raises(CheckpointError, match=rf"00002-of-00002\.bin: tensor '{name}' was already read"):
+        load_pretrained(folder, device="cpu")
+
+
+def test_saved_rope_buffers_of_older_checkpoints_are_skipped(official):
+    """Older Llama code saved each layer's rotary inv_freq with the weights; they are recomputed."""
+    model, folder = official
+    name = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    rewrite_shard(folder, "pytorch_model-00001-of-00002.bin", lambda t: t.update({name: torch.zeros(8)}))
+    loaded, _ = load_pretrained(folder, device="cpu")
+    assert torch.equal(logits(loaded), logits(model))
+
+
 def test_index_names_a_missing_shard(official):
     _, folder = official
     (folder / "pytorch_model-00002-of-00002.bin").unlink()
