@@ -1,6 +1,8 @@
 """Export size and load time of a ~100M-parameter Tele-FLM (the muP proxy's shape, 8 layers, the 52B
 checkpoint's padded vocabulary), for each format: our safetensors export (fp32, bf16), the official
-pickled-shard layout, and transformers' own `from_pretrained(..., trust_remote_code=True)`.
+pickled-shard layout, and transformers' own `from_pretrained(..., trust_remote_code=True)`. The
+"load+fwd" column adds one forward pass of 64 tokens: transformers 5 leaves safetensors memory-mapped
+and reads pages on first use, so its bare load time alone flatters it.
 
     .venv/bin/python -m bench.bench_export [--repeats 3] [--json out.json]
 """
@@ -36,6 +38,18 @@ def folder_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.iterdir()) / 1e6
 
 
+PROBE = torch.arange(4, 68)[None]
+
+
+def load_and_run(load):
+    def run():
+        model = load()
+        with torch.no_grad():
+            model(PROBE)
+
+    return run
+
+
 def timed(fn, repeats: int) -> tuple[float, object]:
     times, result = [], None
     for _ in range(repeats):
@@ -55,54 +69,56 @@ def main() -> None:
     model = TeleFLMForCausalLM(TeleFLMConfig(**CONFIG)).eval()
     n_params = sum(p.numel() for p in model.parameters())
     rows = []
+
+    def measure(name: str, folder: Path, write_s: float | None, load) -> None:
+        load_s, _ = timed(load, args.repeats)
+        run_s, _ = timed(load_and_run(load), args.repeats)
+        rows.append(dict(format=name, mb=folder_mb(folder), write_s=write_s, load_s=load_s, run_s=run_s))
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ["HF_HOME"] = str(tmp / "hf")  # transformers' module cache for remote code
         tokenizer_model = write_sentencepiece(tmp / "sp")
         for dtype in ("fp32", "bf16"):
             out = tmp / f"export-{dtype}"
-            export_s, _ = timed(
+            write_s, _ = timed(
                 lambda out=out, dtype=dtype: export_hf(model, out, overwrite=True, dtype=dtype), 1
             )
-            load_s, _ = timed(
-                lambda out=out, dtype=dtype: load_pretrained(out, dtype=dtype, device="cpu"), args.repeats
-            )
-            rows.append(
-                dict(format=f"safetensors export {dtype}", mb=folder_mb(out), write_s=export_s, load_s=load_s)
+            measure(
+                f"safetensors export {dtype}",
+                out,
+                write_s,
+                lambda out=out, dtype=dtype: load_pretrained(out, dtype=dtype, device="cpu")[0],
             )
 
         official = tmp / "official"
         write_s, _ = timed(lambda: write_official_layout(model.bfloat16(), tokenizer_model, official), 1)
         model.float()
-        load_s, _ = timed(lambda: load_pretrained(official, dtype="bf16", device="cpu"), args.repeats)
-        rows.append(
-            dict(format="official .bin shards bf16", mb=folder_mb(official), write_s=write_s, load_s=load_s)
+        measure(
+            "official .bin shards bf16",
+            official,
+            write_s,
+            lambda: load_pretrained(official, dtype="bf16", device="cpu")[0],
         )
 
         from transformers import AutoModelForCausalLM
 
-        hf_s, _ = timed(
+        measure(
+            "transformers from_pretrained bf16",
+            tmp / "export-bf16",
+            None,
             lambda: AutoModelForCausalLM.from_pretrained(
                 tmp / "export-bf16", dtype=torch.bfloat16, low_cpu_mem_usage=True, trust_remote_code=True
             ),
-            args.repeats,
-        )
-        rows.append(
-            dict(
-                format="transformers from_pretrained bf16",
-                mb=folder_mb(tmp / "export-bf16"),
-                write_s=None,
-                load_s=hf_s,
-            )
         )
 
     print(
         f"{n_params / 1e6:.1f}M parameters; {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}"
     )
-    print(f"{'format':36} {'size MB':>8} {'write s':>8} {'load s':>7}")
+    print(f"{'format':36} {'size MB':>8} {'write s':>8} {'load s':>7} {'load+fwd s':>10}")
     for r in rows:
         write = f"{r['write_s']:.2f}" if r["write_s"] is not None else "-"
-        print(f"{r['format']:36} {r['mb']:8.1f} {write:>8} {r['load_s']:7.2f}")
+        print(f"{r['format']:36} {r['mb']:8.1f} {write:>8} {r['load_s']:7.2f} {r['run_s']:10.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"params": n_params, "config": CONFIG, "rows": rows}, indent=2))
 
