@@ -144,7 +144,7 @@ def test_byte_level_bpe_tokenizer_exports_for_auto_tokenizer(tmp_path):
         json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"]
         == "PreTrainedTokenizerFast"
     )
-    auto = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    auto = AutoTokenizer.from_pretrained(out, config=io.load_config(out))  # config given: no remote code
     raw = Tokenizer.from_file(str(source / "tokenizer.json"))
     text = "And God said, Let there be light: 北京"
     assert auto(text)["input_ids"] == raw.encode(text).ids
