@@ -25,32 +25,18 @@ def add_parser(sub) -> None:
     bpb.set_defaults(func=run_bpb)
 
 
-def load_any(path: Path):
-    """(model, tokenizer folder or None) from a DCP checkpoint or an export folder."""
-    from teleflm.train.checkpoint import TRAINER_STATE, load_model
-
-    if (path / TRAINER_STATE).exists():
-        model, state = load_model(path)
-        return model, state.get("tokenizer") or None
-    from teleflm.model.io import load_pretrained
-
-    model, tokenizer = load_pretrained(path)
-    return model, (str(path) if tokenizer is not None else None)
-
-
 def run_bpb(args) -> int:
-    import torch
 
+    from teleflm.cli.common import load_model_any
     from teleflm.data.shards import open_shards
     from teleflm.data.tokenizer import load_tokenizer, tokenizer_hash
     from teleflm.eval.bpb import bits_per_byte
 
-    model, tokenizer_dir = load_any(Path(args.model))
+    model, _, tokenizer_dir = load_model_any(args.model)
     if tokenizer_dir is None:
         raise ValueError(f"{args.model} names no tokenizer: BPB needs the one the shards were made with")
     shards = open_shards(args.data, expected_tokenizer_hash=tokenizer_hash(tokenizer_dir))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
+    device = model.device
     context = args.context_length or min(model.config.max_position_embeddings, 1024)
     real_vocab = len(load_tokenizer(tokenizer_dir))
     results, bits, n_bytes = {}, 0.0, 0

@@ -9,7 +9,7 @@ def add_parser(sub) -> None:
         dest="model",
         required=True,
         metavar="PATH",
-        help="a model folder: one of our exports or the official layout (pytorch_model-*.bin shards)",
+        help="a training checkpoint (step-N folder), one of our exports, or the official layout",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write (must not exist or be empty)")
     p.add_argument(
@@ -28,12 +28,13 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from teleflm.model.io import check_export_target, export_hf, has_tokenizer, load_pretrained
+    from teleflm.cli.common import load_model_any
+    from teleflm.model.io import check_export_target, export_hf
 
     # Refuse a bad target before spending time on loading.
     check_export_target(Path(args.out), args.overwrite)
-    tokenizer_dir = args.tokenizer or (args.model if has_tokenizer(args.model) else None)
-    model, _ = load_pretrained(args.model, dtype=args.dtype, device="cpu")
+    model, _, model_tokenizer_dir = load_model_any(args.model, dtype=args.dtype or "fp32", device="cpu")
+    tokenizer_dir = args.tokenizer or model_tokenizer_dir
     out = export_hf(
         model,
         args.out,
