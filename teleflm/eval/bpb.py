@@ -17,10 +17,11 @@ EOS = 2
 
 
 def eval_windows(documents: Iterable[tuple[np.ndarray, int]], context_length: int, max_windows: int):
-    """(inputs+targets windows [n, T+1], target mask [n, T], utf-8 bytes of the documents covered).
+    """(inputs+targets windows [n, T+1], target mask [n, T], utf-8 bytes of the documents covered,
+    number of documents covered).
 
     Documents are taken whole until `max_windows` windows are full; the last partial window is kept."""
-    tokens, mask, n_bytes = [], [], 0
+    tokens, mask, n_bytes, n_docs = [], [], 0, 0
     budget = max_windows * context_length + 1
     for doc, doc_bytes in documents:
         if len(tokens) + len(doc) + 1 > budget and tokens:
@@ -30,6 +31,7 @@ def eval_windows(documents: Iterable[tuple[np.ndarray, int]], context_length: in
         tokens.extend(int(t) for t in doc)
         mask.extend([True] * len(doc))
         n_bytes += int(doc_bytes)
+        n_docs += 1
     stream = np.asarray(tokens, dtype=np.int64)
     targets = np.asarray(mask[1:], dtype=bool)
     n = max(1, math.ceil((len(stream) - 1) / context_length))
@@ -39,7 +41,7 @@ def eval_windows(documents: Iterable[tuple[np.ndarray, int]], context_length: in
         piece = stream[i * context_length : (i + 1) * context_length + 1]
         windows[i, : len(piece)] = piece
         window_mask[i, : len(piece) - 1] = targets[i * context_length : i * context_length + len(piece) - 1]
-    return windows, window_mask, n_bytes
+    return windows, window_mask, n_bytes, n_docs
 
 
 @torch.no_grad()
@@ -57,7 +59,7 @@ def bits_per_byte(
 ) -> dict:
     """Held-out bits per byte of one domain. With dp_size > 1 every rank of the group must call this
     with the same documents; each evaluates its share and the sums are all-reduced."""
-    windows, mask, n_bytes = eval_windows(documents, context_length, max_windows)
+    windows, mask, n_bytes, n_docs = eval_windows(documents, context_length, max_windows)
     mine = np.arange(dp_rank, len(windows), dp_size)
     # Same number of forward passes on every rank (FSDP gathers in lockstep): pad with empty batches.
     n_batches = math.ceil(math.ceil(len(windows) / dp_size) / batch_size)
@@ -80,4 +82,5 @@ def bits_per_byte(
         "nll_per_token": nll_nats / max(tokens, 1),
         "tokens": tokens,
         "bytes": n_bytes,
+        "documents": n_docs,
     }

@@ -17,21 +17,21 @@ def documents(n: int = 7, seed: int = 0) -> list[tuple[np.ndarray, int]]:
 
 def test_windows_predict_each_document_token_once():
     docs = documents()
-    windows, mask, n_bytes = eval_windows(docs, context_length=16, max_windows=100)
+    windows, mask, n_bytes, n_docs = eval_windows(docs, context_length=16, max_windows=100)
     targets = windows[:, 1:][mask]
     assert targets.tolist() == [int(t) for doc, _ in docs for t in doc]
     assert EOS not in targets
-    assert n_bytes == sum(b for _, b in docs)
+    assert n_bytes == sum(b for _, b in docs) and n_docs == len(docs)
 
 
 def test_window_budget_takes_whole_documents():
     docs = documents(50)
-    windows, mask, n_bytes = eval_windows(docs, context_length=16, max_windows=3)
+    windows, mask, n_bytes, n_docs = eval_windows(docs, context_length=16, max_windows=3)
     taken = mask.sum()
     assert len(windows) <= 3 and 0 < taken <= 3 * 16
     # The bytes counted are those of exactly the documents whose tokens are targets.
     k = next(i for i in range(len(docs) + 1) if sum(len(d) for d, _ in docs[:i]) == taken)
-    assert n_bytes == sum(b for _, b in docs[:k])
+    assert n_bytes == sum(b for _, b in docs[:k]) and n_docs == k
 
 
 def uniform_logits(padded_vocab: int):
