@@ -7,6 +7,8 @@ import sys
 
 # Subcommand modules, in the order `teleflm --help` lists them.
 SUBCOMMANDS = [
+    "teleflm.cli.demo",
+    "teleflm.cli.data",
     "teleflm.cli.export",
     "teleflm.cli.generate",
     "teleflm.cli.pretrain",

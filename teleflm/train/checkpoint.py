@@ -21,6 +21,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 TRAINER_STATE = "trainer.json"
+# DCP warns that it runs in one process whenever torch.distributed is not initialised: that is intended.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 

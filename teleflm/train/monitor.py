@@ -40,7 +40,8 @@ class Monitor:
         for key, value in record.items():
             if key not in ("step", "time") and isinstance(value, int | float):
                 self.tb.add_scalar(key.replace(".", "/"), value, step)
-        self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", refresh=False)
+        if "loss" in record:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
 
     def advance(self, n: int = 1) -> None:
         if self.enabled:

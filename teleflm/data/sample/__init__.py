@@ -1,0 +1,67 @@
+"""The embedded sample: public-domain English (the King James Bible) and classical Chinese (Tang and
+Song poems) shipped compressed in this folder, and Python code collected at run time from the
+standard library's own sources. Three domains with a mixture table, for the demo and tests."""
+
+import json
+import sysconfig
+from importlib.resources import files
+from pathlib import Path
+
+import zstandard
+
+MAX_CODE_FILES = 400
+MAX_CODE_FILE_BYTES = 48_000
+
+
+def _shipped(name: str) -> str:
+    return zstandard.ZstdDecompressor().decompress((files(__package__) / name).read_bytes()).decode()
+
+
+def kjv_chapters() -> list[str]:
+    """One document per chapter: its heading ("Genesis 1") and verses."""
+    blocks = [b.strip("\n") for b in _shipped("kjv.txt.zst").split("\n\n")]
+    return [f"{head}\n\n{body}" for head, body in zip(blocks[::2], blocks[1::2], strict=False) if body.strip()]
+
+
+def poems() -> list[str]:
+    """One document per poem (title, author line, verses); the source separates them with '%'."""
+    return [p.strip("\n") for p in _shipped("poems.txt.zst").split("\n%\n") if p.strip()]
+
+
+def stdlib_sources() -> list[str]:
+    """Python standard library modules, in a fixed order, bounded in number and size."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    paths = sorted(p for p in root.rglob("*.py") if "test" not in p.parts and "site-packages" not in p.parts)
+    texts = []
+    for path in paths:
+        data = path.read_bytes()
+        if len(data) <= MAX_CODE_FILE_BYTES:
+            try:
+                texts.append(data.decode())
+            except UnicodeDecodeError:
+                continue
+        if len(texts) == MAX_CODE_FILES:
+            break
+    return texts
+
+
+DOMAINS = {  # name: (documents, proportion, epochs)
+    "book_en": (kjv_chapters, 0.5, 2.0),
+    "poetry_zh": (poems, 0.2, 8.0),
+    "code": (stdlib_sources, 0.3, 2.0),
+}
+
+
+def write_sample_corpus(out_dir: str | Path) -> Path:
+    """Write the three domains as JSONL and a `data.toml` for `teleflm data prepare`; returns it."""
+    out_dir = Path(out_dir)
+    lines = ['tokenizer = "../tokenizer"', 'out = "../shards"', "heldout_fraction = 0.05", "seed = 1234", ""]
+    for name, (documents, proportion, epochs) in DOMAINS.items():
+        (out_dir / name).mkdir(parents=True, exist_ok=True)
+        with (out_dir / name / f"{name}.jsonl").open("w") as f:
+            for text in documents():
+                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        lines += ["[[domains]]", f'name = "{name}"', f'inputs = ["{name}/*.jsonl"]', f"proportion = {proportion}", f"epochs = {epochs}", ""]
+    path = out_dir / "data.toml"
+    path.write_text("\n".join(lines))
+    return path
