@@ -16,7 +16,9 @@ def add_parser(sub) -> None:
     data = sub.add_parser("data", help="prepare token shards").add_subparsers(
         dest="data_command", required=True, metavar="ACTION"
     )
-    prep = data.add_parser("prepare", help="raw text per domain -> token shards + manifest (see docs/data.md)")
+    prep = data.add_parser(
+        "prepare", help="raw text per domain -> token shards + manifest (see docs/data.md)"
+    )
     prep.add_argument("--config", type=Path, required=True, help="data TOML: tokenizer, out, [[domains]]")
     prep.add_argument("--decontaminate", nargs="+", default=[], metavar="TESTSET", help="test files or globs")
     prep.add_argument("--ngram", type=int, default=13, help="n-gram length (tokens) for decontamination")
@@ -29,7 +31,9 @@ def run_tokenizer_train(args) -> int:
 
     from teleflm.data.tokenizer import train_tokenizer
 
-    files = sorted({p for pattern in args.input for p in glob.glob(pattern, recursive=True) if Path(p).is_file()})
+    files = sorted(
+        {p for pattern in args.input for p in glob.glob(pattern, recursive=True) if Path(p).is_file()}
+    )
     if not files:
         raise FileNotFoundError(f"--input {args.input}: no files")
     out = train_tokenizer(files, args.vocab_size, args.out)
@@ -40,5 +44,10 @@ def run_tokenizer_train(args) -> int:
 def run_prepare(args) -> int:
     from teleflm.data.prepare import prepare
 
-    prepare(args.config, decontaminate=args.decontaminate, ngram=args.ngram, decontaminate_action=args.decontaminate_action)
+    prepare(
+        args.config,
+        decontaminate=args.decontaminate,
+        ngram=args.ngram,
+        decontaminate_action=args.decontaminate_action,
+    )
     return 0

@@ -42,7 +42,9 @@ def check_out_dir(out: Path) -> None:
         raise PermissionError(f"--out {out}: cannot write in {parent} ({e.strerror})") from None
     free = shutil.disk_usage(parent).free
     if free < DISK_NEEDED:
-        raise OSError(f"--out {out}: {free / 2**20:.0f} MiB free on its disk, the demo needs about {DISK_NEEDED / 2**20:.0f} MiB")
+        raise OSError(
+            f"--out {out}: {free / 2**20:.0f} MiB free on its disk, the demo needs about {DISK_NEEDED / 2**20:.0f} MiB"
+        )
 
 
 def stage(name: str) -> None:
@@ -99,7 +101,9 @@ def run(args) -> int:
     stage(f"2/6 byte-level BPE tokenizer ({VOCAB_SIZE} entries)")
     tokenizer = out / "tokenizer"
     if not (tokenizer / "tokenizer.json").exists():
-        train_tokenizer(sorted(str(p) for p in (out / "corpus").glob("*/*") if p.is_file()), VOCAB_SIZE, tokenizer)
+        train_tokenizer(
+            sorted(str(p) for p in (out / "corpus").glob("*/*") if p.is_file()), VOCAB_SIZE, tokenizer
+        )
     print(f"tokenizer: {tokenizer}")
 
     stage("3/6 token shards with a held-out split")
@@ -119,7 +123,9 @@ def run(args) -> int:
     cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, cfg.total_steps() // 5)
     cfg.checkpoint.interval_steps = max(cfg.total_steps() // 3, 1)
     cfg.logging.eval_interval = cfg.checkpoint.interval_steps
-    print(f"{cfg.total_steps()} steps of {cfg.batch.global_batch_tokens} tokens, {cfg.model_config().num_hidden_layers} layers")
+    print(
+        f"{cfg.total_steps()} steps of {cfg.batch.global_batch_tokens} tokens, {cfg.model_config().num_hidden_layers} layers"
+    )
     trainer = Trainer(cfg)
     result = trainer.run()
     model_bpb = {k.split(".")[1]: v for k, v in result.items() if k.startswith("val.") and k.count(".") == 2}
@@ -127,7 +133,9 @@ def run(args) -> int:
     stage("5/6 bits per byte on held-out text, beside xz -9 and gzip -9")
     figures = held_out_figures(trainer, model_bpb)
     for domain, row in figures.items():
-        print(f"{domain:10s} model {row['model']:.3f}  xz -9 {row['xz -9']:.3f}  gzip -9 {row['gzip -9']:.3f}  bits/byte")
+        print(
+            f"{domain:10s} model {row['model']:.3f}  xz -9 {row['xz -9']:.3f}  gzip -9 {row['gzip -9']:.3f}  bits/byte"
+        )
 
     stage("6/6 generations from the export, and the report")
     samples = generate_samples(out / "run" / "export")
@@ -135,7 +143,9 @@ def run(args) -> int:
         print(f"[{name}] {text!r}")
     n_params = sum(p.numel() for p in trainer.module.parameters())
     report = write_report(out, cfg, n_params, result, figures, samples, time.time() - started)
-    print(f"\nreport: {report}\nexport: {out / 'run' / 'export'} (loads with transformers, trust_remote_code=True)")
+    print(
+        f"\nreport: {report}\nexport: {out / 'run' / 'export'} (loads with transformers, trust_remote_code=True)"
+    )
     return 0
 
 
@@ -148,10 +158,14 @@ def held_out_figures(trainer, model_bpb: dict[str, float]) -> dict[str, dict]:
     figures = {}
     for domain, bpb in model_bpb.items():
         docs = list(trainer.shards.documents(domain, "val"))
-        *_, n_bytes, n_docs = eval_windows(docs, trainer.cfg.data.context_length, trainer.cfg.logging.eval_sequences)
+        *_, n_bytes, n_docs = eval_windows(
+            docs, trainer.cfg.data.context_length, trainer.cfg.logging.eval_sequences
+        )
         text = "".join(tokenizer.decode(doc.tolist()) for doc, _ in docs[:n_docs]).encode()
         if len(text) != n_bytes:
-            raise RuntimeError(f"{domain}: held-out text decodes to {len(text)} bytes, the shards record {n_bytes}")
+            raise RuntimeError(
+                f"{domain}: held-out text decodes to {len(text)} bytes, the shards record {n_bytes}"
+            )
         figures[domain] = {"model": bpb, **compressed_bpb(text), "bytes": n_bytes}
     return figures
 
@@ -168,13 +182,21 @@ def generate_samples(export: Path) -> dict[str, str]:
         inputs = tokenizer(prompt, return_tensors="pt")
         with torch.no_grad():
             ids = model.generate(
-                **inputs, max_new_tokens=40, do_sample=False, repetition_penalty=1.03, suppress_tokens=padded or None
+                **inputs,
+                max_new_tokens=40,
+                do_sample=False,
+                repetition_penalty=1.03,
+                suppress_tokens=padded or None,
             )
-        samples[name] = prompt + tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        samples[name] = prompt + tokenizer.decode(
+            ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        )
     return samples
 
 
-def write_report(out: Path, cfg, n_params: int, result: dict, figures: dict, samples: dict, seconds: float) -> Path:
+def write_report(
+    out: Path, cfg, n_params: int, result: dict, figures: dict, samples: dict, seconds: float
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,7 +206,9 @@ def write_report(out: Path, cfg, n_params: int, result: dict, figures: dict, sam
     fig, ax = plt.subplots(figsize=(6, 3.5))
     width = 0.27
     for i, key in enumerate(["model", "xz -9", "gzip -9"]):
-        ax.bar([d + i * width for d in range(len(domains))], [figures[d][key] for d in domains], width, label=key)
+        ax.bar(
+            [d + i * width for d in range(len(domains))], [figures[d][key] for d in domains], width, label=key
+        )
     ax.set_xticks([d + width for d in range(len(domains))], domains)
     ax.set_ylabel("bits per byte (held-out)")
     ax.legend()
@@ -195,7 +219,8 @@ def write_report(out: Path, cfg, n_params: int, result: dict, figures: dict, sam
 
     mc = cfg.model_config()
     rows = "\n".join(
-        f"| {d} | {f['model']:.3f} | {f['xz -9']:.3f} | {f['gzip -9']:.3f} | {f['bytes']:,} |" for d, f in figures.items()
+        f"| {d} | {f['model']:.3f} | {f['xz -9']:.3f} | {f['gzip -9']:.3f} | {f['bytes']:,} |"
+        for d, f in figures.items()
     )
     gens = "\n".join(f"- **{name}**: `{text!r}`" for name, text in samples.items())
     text = f"""# teleflm demo report
@@ -237,5 +262,7 @@ model = AutoModelForCausalLM.from_pretrained("{out / "run" / "export"}", trust_r
 ```
 """
     (out / "report.md").write_text(text)
-    (out / "report.json").write_text(json.dumps({"result": result, "bpb": figures, "samples": samples}, indent=1))
+    (out / "report.json").write_text(
+        json.dumps({"result": result, "bpb": figures, "samples": samples}, indent=1)
+    )
     return out / "report.md"

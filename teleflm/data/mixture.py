@@ -54,7 +54,11 @@ class DomainStream:
             doc_start = int(self._ends[i] - self.lengths[doc])
             within = pos - doc_start
             body = self.tokens[self.offsets[doc] : self.offsets[doc + 1]]
-            piece = np.append(np.asarray(body[within:], dtype=np.int64), EOS_ID) if within < len(body) else np.array([EOS_ID])
+            piece = (
+                np.append(np.asarray(body[within:], dtype=np.int64), EOS_ID)
+                if within < len(body)
+                else np.array([EOS_ID])
+            )
             take = min(len(piece), length - filled)
             out[filled : filled + take] = piece[:take]
             filled += take
@@ -76,7 +80,9 @@ class MixtureStream:
         known = set(shards.domains)
         for m in mixture:
             if m.name not in known:
-                raise ValueError(f"mixture domain {m.name!r} is not in the shards {shards.root} (domains: {sorted(known)})")
+                raise ValueError(
+                    f"mixture domain {m.name!r} is not in the shards {shards.root} (domains: {sorted(known)})"
+                )
             if shards.n_tokens(m.name, split) == 0:
                 raise ValueError(f"mixture domain {m.name!r} has no {split} data in {shards.root}")
             if m.proportion <= 0 or m.epochs <= 0:
@@ -118,7 +124,9 @@ class MixtureStream:
         if self.document_mask:
             # A token's document is the number of </s> before it in the window (</s> ends its own).
             ends = np.cumsum(tokens == EOS_ID, axis=1)
-            batch["doc_ids"] = np.concatenate([np.zeros((n, 1), np.int64), ends[:, :-1]], axis=1).astype(np.int32)
+            batch["doc_ids"] = np.concatenate([np.zeros((n, 1), np.int64), ends[:, :-1]], axis=1).astype(
+                np.int32
+            )
         return batch
 
     def _check_epochs(self, d: int) -> None:
@@ -148,8 +156,12 @@ class MixtureStream:
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["per_domain"]) != len(self.mixture):
-            raise ValueError(f"stream state has {len(state['per_domain'])} domains, the mixture {len(self.mixture)}")
+            raise ValueError(
+                f"stream state has {len(state['per_domain'])} domains, the mixture {len(self.mixture)}"
+            )
         if state["drawn"] % self.dp_size:
-            raise ValueError(f"stream state at {state['drawn']} sequences does not divide over {self.dp_size} ranks")
+            raise ValueError(
+                f"stream state at {state['drawn']} sequences does not divide over {self.dp_size} ranks"
+            )
         self.drawn = int(state["drawn"])
         self.per_domain = np.array(state["per_domain"], dtype=np.int64)

@@ -127,7 +127,9 @@ class SplitWriter:
         }
 
 
-def fingerprint(source: DomainSource, files: list[Path], cfg: DataConfig, tok_hash: str, decontam: dict) -> str:
+def fingerprint(
+    source: DomainSource, files: list[Path], cfg: DataConfig, tok_hash: str, decontam: dict
+) -> str:
     stat = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     settings = [asdict(source), stat, cfg.heldout_fraction, cfg.seed, tok_hash, decontam]
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
@@ -165,7 +167,12 @@ def prepare(
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     if manifest.get("tokenizer_hash") not in (None, tok_hash):
         manifest = {}  # another tokenizer: every domain is redone
-    manifest.update(tokenizer=str(tokenizer), tokenizer_hash=tok_hash, dtype=np.dtype(dtype).name, decontamination=decontam)
+    manifest.update(
+        tokenizer=str(tokenizer),
+        tokenizer_hash=tok_hash,
+        dtype=np.dtype(dtype).name,
+        decontamination=decontam,
+    )
     manifest.setdefault("domains", {})
     for source in cfg.domains:
         files = inputs[source.name]
@@ -182,7 +189,13 @@ def prepare(
         stats = ReadStats()
         contaminated = 0
         rng = np.random.default_rng([cfg.seed, int(hashlib.sha256(source.name.encode()).hexdigest()[:8], 16)])
-        bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc=source.name, disable=not progress)
+        bar = tqdm(
+            total=sum(f.stat().st_size for f in files),
+            unit="B",
+            unit_scale=True,
+            desc=source.name,
+            disable=not progress,
+        )
         for chunk in _chunks(files, source, stats, bar):
             encoded = encoder.encode_batch(chunk, add_special_tokens=False)
             rows = {split: ([], []) for split in SPLITS}
@@ -220,7 +233,9 @@ def prepare(
         manifest["domains"][source.name] = entry
         _write_json_atomic(manifest_path, manifest)
         train = entry["splits"]["train"]
-        print(f"{source.name}: {train['documents']:,} documents, {train['tokens']:,} tokens (+ held-out {entry['splits']['val']['documents']:,} documents)")
+        print(
+            f"{source.name}: {train['documents']:,} documents, {train['tokens']:,} tokens (+ held-out {entry['splits']['val']['documents']:,} documents)"
+        )
     # Domains no longer in the config leave the manifest (their folders stay until overwritten).
     manifest["domains"] = {d.name: manifest["domains"][d.name] for d in cfg.domains}
     _write_json_atomic(manifest_path, manifest)

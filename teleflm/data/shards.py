@@ -47,7 +47,11 @@ class Shards:
 
     def documents(self, domain: str, split: str = "train") -> Iterator[tuple[np.ndarray, int]]:
         """(token ids, UTF-8 bytes of the text) of each document, in order."""
-        tokens, offsets, sizes = self.tokens(domain, split), self.doc_offsets(domain, split), self.doc_bytes(domain, split)
+        tokens, offsets, sizes = (
+            self.tokens(domain, split),
+            self.doc_offsets(domain, split),
+            self.doc_bytes(domain, split),
+        )
         for i in range(len(sizes)):
             yield np.asarray(tokens[offsets[i] : offsets[i + 1]]), int(sizes[i])
 
@@ -55,7 +59,9 @@ class Shards:
         """The mixture table the data config gave (domain, proportion, epochs)."""
         from teleflm.data.mixture import DomainWeight
 
-        return [DomainWeight(name, d["proportion"], d["epochs"]) for name, d in self.manifest["domains"].items()]
+        return [
+            DomainWeight(name, d["proportion"], d["epochs"]) for name, d in self.manifest["domains"].items()
+        ]
 
 
 def _sha256(path: Path) -> str:
@@ -87,7 +93,11 @@ def open_shards(root: str | Path, expected_tokenizer_hash: str | None = None, ve
                 if not path.is_file():
                     raise ShardError(f"shard {path} is missing")
                 if path.stat().st_size != size:
-                    raise ShardError(f"shard {path} has {path.stat().st_size} bytes, the manifest says {size}: truncated or altered")
+                    raise ShardError(
+                        f"shard {path} has {path.stat().st_size} bytes, the manifest says {size}: truncated or altered"
+                    )
                 if verify and _sha256(path) != info["sha256"][kind]:
-                    raise ShardError(f"shard {path}: checksum mismatch with {manifest_path}: the file was altered or damaged")
+                    raise ShardError(
+                        f"shard {path}: checksum mismatch with {manifest_path}: the file was altered or damaged"
+                    )
     return Shards(root, manifest)

@@ -73,7 +73,9 @@ def read_documents(
             try:
                 text = json.loads(line)[text_field]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{number}: not a JSON object with a {text_field!r} string ({e})") from None
+                raise ValueError(
+                    f"{path}:{number}: not a JSON object with a {text_field!r} string ({e})"
+                ) from None
             if text:
                 count += 1
                 yield text

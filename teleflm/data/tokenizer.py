@@ -21,7 +21,9 @@ def train_tokenizer(texts: Iterable[str] | list[str | Path], vocab_size: int, ou
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size {vocab_size} is below the 256 bytes + {len(SPECIAL_TOKENS)} special tokens")
+        raise ValueError(
+            f"vocab_size {vocab_size} is below the 256 bytes + {len(SPECIAL_TOKENS)} special tokens"
+        )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -51,8 +53,7 @@ def _texts(texts) -> Iterator[str]:
 
     for item in texts:
         if isinstance(item, Path) or (isinstance(item, str) and Path(item).is_file()):
-            for doc in read_documents(Path(item)):
-                yield doc
+            yield from read_documents(Path(item))
         else:
             yield item
 

@@ -20,7 +20,9 @@ def _shipped(name: str) -> str:
 def kjv_chapters() -> list[str]:
     """One document per chapter: its heading ("Genesis 1") and verses."""
     blocks = [b.strip("\n") for b in _shipped("kjv.txt.zst").split("\n\n")]
-    return [f"{head}\n\n{body}" for head, body in zip(blocks[::2], blocks[1::2], strict=False) if body.strip()]
+    return [
+        f"{head}\n\n{body}" for head, body in zip(blocks[::2], blocks[1::2], strict=False) if body.strip()
+    ]
 
 
 def poems() -> list[str]:
@@ -61,7 +63,14 @@ def write_sample_corpus(out_dir: str | Path) -> Path:
         with (out_dir / name / f"{name}.jsonl").open("w") as f:
             for text in documents():
                 f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-        lines += ["[[domains]]", f'name = "{name}"', f'inputs = ["{name}/*.jsonl"]', f"proportion = {proportion}", f"epochs = {epochs}", ""]
+        lines += [
+            "[[domains]]",
+            f'name = "{name}"',
+            f'inputs = ["{name}/*.jsonl"]',
+            f"proportion = {proportion}",
+            f"epochs = {epochs}",
+            "",
+        ]
     path = out_dir / "data.toml"
     path.write_text("\n".join(lines))
     return path
