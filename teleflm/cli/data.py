@@ -36,7 +36,7 @@ def run_tokenizer_train(args) -> int:
     )
     if not files:
         raise FileNotFoundError(f"--input {args.input}: no files")
-    out = train_tokenizer(files, args.vocab_size, args.out)
+    out = train_tokenizer([Path(f) for f in files], args.vocab_size, args.out)
     print(f"tokenizer with {args.vocab_size} entries written to {out}")
     return 0
 

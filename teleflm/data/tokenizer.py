@@ -14,9 +14,9 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<_system>", "<_user>", "<_bo
 EOS_ID = 2
 
 
-def train_tokenizer(texts: Iterable[str] | list[str | Path], vocab_size: int, out_dir: str | Path) -> Path:
-    """Train on `texts` (strings, or paths of files read as documents via teleflm.data.sources) and
-    save to `out_dir`."""
+def train_tokenizer(texts: Iterable[str | Path], vocab_size: int, out_dir: str | Path) -> Path:
+    """Train on `texts` (strings, and `Path`s of files whose documents teleflm.data.sources reads)
+    and save to `out_dir`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -52,7 +52,7 @@ def _texts(texts) -> Iterator[str]:
     from teleflm.data.sources import read_documents
 
     for item in texts:
-        if isinstance(item, Path) or (isinstance(item, str) and Path(item).is_file()):
+        if isinstance(item, Path):
             yield from read_documents(Path(item))
         else:
             yield item
