@@ -13,6 +13,8 @@ SUBCOMMANDS = [
     "teleflm.cli.generate",
     "teleflm.cli.pretrain",
     "teleflm.cli.eval",
+    "teleflm.cli.mup",
+    "teleflm.cli.predict",
 ]
 
 
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as e:
+    except (ValueError, OSError) as e:
         # User errors: a clear one-line message, no traceback.
         print(f"teleflm {args.command}: error: {e}", file=sys.stderr)
         return 2
