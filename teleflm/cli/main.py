@@ -14,6 +14,7 @@ SUBCOMMANDS = [
     "teleflm.cli.pretrain",
     "teleflm.cli.eval",
     "teleflm.cli.mup",
+    "teleflm.cli.mup",
     "teleflm.cli.predict",
 ]
 

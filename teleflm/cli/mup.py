@@ -1,0 +1,87 @@
+"""`teleflm mup coord-check | search | transfer`: prove muP is wired right, search hyper-parameters on a
+proxy, and carry the best set to a wider model."""
+
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("mup", help="muP: coordinate check, hyper-parameter search, transfer")
+    commands = p.add_subparsers(dest="mup_command", required=True, metavar="MUP_COMMAND")
+
+    c = commands.add_parser("coord-check", help="activation sizes vs width under muP and SP")
+    c.add_argument("--config", required=True, help="training TOML: model shape and [mup] values")
+    c.add_argument("--widths", default="64,128,256,512", help="comma-separated widths (default: %(default)s)")
+    c.add_argument("--steps", type=int, default=10, help="training steps per width (default: %(default)s)")
+    c.add_argument("--batch-size", type=int, default=4)
+    c.add_argument("--seq-len", type=int, default=32)
+    c.add_argument("--tolerance", type=float, default=0.25, help="|slope| under which a size is flat")
+    c.add_argument("--out", default="runs/mup/coord-check", help="report folder (default: %(default)s)")
+    c.set_defaults(func=run_coord_check)
+
+    s = commands.add_parser("search", help="grid / random / optuna search on a muP proxy (resumable)")
+    s.add_argument("--config", required=True, help="the proxy's training TOML")
+    s.add_argument("--space", required=True, help="search space TOML (see docs/mup.md)")
+    s.add_argument("--out", default="runs/mup/search", help="trials table, best set, report")
+    s.add_argument(
+        "--sequences", help="train on packed token sequences (.npy, n x (context+1)) instead of the shards"
+    )
+    s.add_argument("--parallel", type=int, help="trials at once (overrides the space's `parallel`)")
+    s.set_defaults(func=run_search)
+
+    t = commands.add_parser("transfer", help="write a wider config with the searched values")
+    t.add_argument("--best", required=True, help="best.toml written by `teleflm mup search`")
+    t.add_argument("--to", required=True, dest="target", help="the target model's training TOML")
+    t.add_argument("--out", help="where to write the new config (default: <target>-mup.toml)")
+    t.set_defaults(func=run_transfer)
+
+
+def run_coord_check(args) -> int:
+    import torch
+
+    from teleflm.mup.coord_check import coord_check, passes, slope_table, write_report
+    from teleflm.mup.runs import read_toml
+
+    try:
+        widths = [int(w) for w in args.widths.split(",")]
+    except ValueError:
+        raise ValueError(f"--widths: expected comma-separated integers, got {args.widths!r}") from None
+    torch.set_num_threads(1)  # tiny matmuls: one thread beats two contended ones
+    result = coord_check(read_toml(args.config), widths, args.steps, args.batch_size, args.seq_len)
+    report = write_report(result, Path(args.out), args.tolerance, args.config)
+    print(slope_table(result))
+    ok = passes(result, args.tolerance)
+    print(f"verdict: {'muP flat, SP logits growing' if ok else 'FAILED (see the report)'}; report: {report}")
+    return 0 if ok else 1
+
+
+def run_search(args) -> int:
+    from teleflm.mup.runs import read_toml
+    from teleflm.mup.search import load_space, search, write_results
+
+    raw = read_toml(args.config)
+    space = load_space(args.space)
+    if args.parallel:
+        space.parallel = args.parallel
+    records = search(raw, space, args.out, args.sequences)
+    best = write_results(raw, records, Path(args.out), args.config)
+    print(f"best: objective {best['objective']:.4f} {best['mup']} {best['model']}")
+    print(f"wrote {Path(args.out) / 'best.toml'} and {Path(args.out) / 'search.md'}")
+    return 0
+
+
+def run_transfer(args) -> int:
+    from teleflm.mup.runs import build_config, read_toml, to_toml
+    from teleflm.mup.search import transfer
+
+    best = read_toml(args.best)
+    target = read_toml(args.target)
+    out_raw = transfer(best, target)
+    build_config(out_raw, args.target)  # the written config must load
+    out = Path(args.out) if args.out else Path(args.target).with_name(Path(args.target).stem + "-mup.toml")
+    header = (
+        f"# {args.target} with the muP hyper-parameters of {args.best} (proxy width "
+        f"{best['proxy_width']:g}, mup_scale_factor {out_raw['model']['mup_scale_factor']:g})\n"
+    )
+    out.write_text(header + to_toml(out_raw))
+    print(f"wrote {out}: mup {out_raw['mup']}, mup_scale_factor {out_raw['model']['mup_scale_factor']:g}")
+    return 0
