@@ -23,12 +23,12 @@ RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
 class MupHyperParams:
     """The card's searched hyper-parameters (defaults are the card's values)."""
 
-    lr: float = 1.5e-4
-    matrix_lr: float = 1.5e-4
-    std: float = 4e-3
-    matrix_std: float = 4.242e-3
-    weight_decay: float = 0.0
-    scale_residual_init: bool = True
+    lr: float = 1.5e-4  # AdamW lr of embedding, norms and readout
+    matrix_lr: float = 1.5e-4  # AdamW lr of hidden matrices at the proxy width (divided by width_mult)
+    std: float = 4e-3  # init std of embedding and readout
+    matrix_std: float = 4.242e-3  # init std of hidden matrices at the proxy width (/ sqrt(width_mult))
+    weight_decay: float = 0.0  # decoupled; on matrices scaled by width_mult
+    scale_residual_init: bool = True  # o_proj and down_proj init further / sqrt(2 x layers)
 
 
 def width_mult(config) -> float:

@@ -19,38 +19,38 @@ class MupSection(MupHyperParams):
     """The card's searched hyper-parameters; `min_lr` is the cosine floor of the base `lr` (all groups
     decay by the same ratio `min_lr / lr`)."""
 
-    min_lr: float = 1.5e-5
+    min_lr: float = 1.5e-5  # floor of the cosine for lr (every group decays by min_lr / lr)
 
 
 @dataclass
 class DomainWeightConfig:
-    name: str
-    proportion: float
-    epochs: float = 1.0
+    name: str  # a domain of the shards
+    proportion: float  # share of training sequences
+    epochs: float = 1.0  # passes over the domain allowed before a warning
 
 
 @dataclass
 class DataSection:
     shards: str = ""  # directory written by `teleflm data prepare`
     tokenizer: str = ""  # tokenizer directory the shards must have been made with
-    context_length: int = 256
+    context_length: int = 256  # tokens per training sequence
     document_mask: bool = False  # block attention across packed documents
-    seed: int = 1234
+    seed: int = 1234  # order of documents in each epoch
     mixture: list[DomainWeightConfig] = field(default_factory=list)  # empty: the shards' own table
 
 
 @dataclass
 class OptimSection:
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.95  # AdamW
+    eps: float = 1e-8  # AdamW
+    grad_clip: float = 1.0  # global gradient-norm clip (0: none)
 
 
 @dataclass
 class ScheduleSection:
     total_tokens: int = 0  # the run's length; the cosine ends here
-    warmup_steps: int = 2000
+    warmup_steps: int = 2000  # linear warmup, in optimizer steps
 
 
 @dataclass
@@ -63,34 +63,34 @@ class BatchSection:
 class ParallelSection:
     dp_replicate: int = 1  # HSDP replicas (>1 with dp_shard>1 gives hybrid sharding)
     dp_shard: int = -1  # FSDP degree; -1: whatever the world size leaves
-    tp: int = 1
-    pp: int = 1
+    tp: int = 1  # tensor-parallel degree (divides heads, kv heads, FFN, vocabulary)
+    pp: int = 1  # pipeline stages (divides layers)
     pp_schedule: str = "1F1B"  # or "GPipe"
-    activation_checkpointing: bool = False
-    compile: bool = False
+    activation_checkpointing: bool = False  # recompute each layer in backward
+    compile: bool = False  # torch.compile each decoder layer
     mixed_precision: str = "bf16"  # or "fp32"
 
 
 @dataclass
 class CheckpointSection:
-    interval_steps: int = 500
-    keep_last: int = 3
-    export_at_end: bool = True
+    interval_steps: int = 500  # steps between checkpoints (and one at the end)
+    keep_last: int = 3  # checkpoints kept
+    export_at_end: bool = True  # write out/export, a Hugging Face folder
 
 
 @dataclass
 class LoggingSection:
-    log_interval: int = 1
+    log_interval: int = 1  # steps between metric records
     eval_interval: int = 0  # steps between held-out BPB evaluations; 0: only at the end
     eval_sequences: int = 64  # held-out sequences per domain per evaluation
     peak_flops_per_device: float = 0.0  # for MFU; 0: not reported
-    progress_bar: bool = True
+    progress_bar: bool = True  # tqdm bar with rate and ETA on rank 0
 
 
 @dataclass
 class StabilitySection:
     spike_factor: float = 3.0  # a loss above this times its running average is a spike
-    ema_beta: float = 0.98
+    ema_beta: float = 0.98  # decay of the running loss average
     warmup_steps: int = 20  # no spike verdicts before the running average settles
     action: str = "skip"  # skip | rollback | stop
     max_events: int = 10  # stop after this many events: the run is not recovering
@@ -99,7 +99,7 @@ class StabilitySection:
 @dataclass
 class TrainConfig:
     out: str = "runs/default"  # checkpoints, logs, plots and the export go here
-    seed: int = 0
+    seed: int = 0  # initialisation
     model: dict[str, Any] = field(default_factory=dict)
     mup: MupSection = field(default_factory=MupSection)
     data: DataSection = field(default_factory=DataSection)

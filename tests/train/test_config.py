@@ -108,3 +108,12 @@ def test_bad_configs_are_refused(tmp_path, overrides, world, message):
     with pytest.raises(ConfigError, match=message):
         cfg = load_config(write(tmp_path, BASE), overrides)
         validate(cfg, "c.toml", world_size=world)
+
+
+def test_config_reference_is_current():
+    from teleflm.train.config_reference import reference
+
+    path = Path(__file__).parents[2] / "docs" / "config.md"
+    assert path.read_text() == reference(), (
+        "docs/config.md is stale: python -m teleflm.train.config_reference > docs/config.md"
+    )
