@@ -14,7 +14,6 @@ SUBCOMMANDS = [
     "teleflm.cli.pretrain",
     "teleflm.cli.eval",
     "teleflm.cli.mup",
-    "teleflm.cli.mup",
     "teleflm.cli.predict",
 ]
 
