@@ -3,6 +3,7 @@ table; the machine's description comes first. Not part of the test suite."""
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import platform
