@@ -1,0 +1,84 @@
+"""At the moment of growth the grown model computes the old function: logits agree to 1e-5 (fp32)
+on real text (KJV, byte-level BPE), for each operator and for width + depth together; during the
+ramp the function moves; at its end the masks come off without a jump."""
+
+import pytest
+import torch
+
+from tests.grow.common import HP, grow_model, kjv_sequences, small_config, trained_like_model
+
+# Width grows with the heads (head_dim is fixed at hidden / heads, as in every released Tele-FLM).
+GROWTHS = {
+    "hidden+heads (kv heads kept: 2 -> 4 query heads per kv head)": (
+        dict(hidden_size=128, num_attention_heads=8),
+        {},
+    ),
+    "hidden+heads+kv heads": (dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=4), {}),
+    "ffn": (dict(intermediate_size=320), {}),
+    "layers copied, spread": (dict(num_hidden_layers=4), {}),
+    "layers copied at 0 and 3": (dict(num_hidden_layers=4), dict(layers_at=[0, 3])),
+    "layers interpolated": (dict(num_hidden_layers=5), dict(layers_at=[1, 2, 4], layer_init="interpolate")),
+    "width x2 + depth x2": (
+        dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            num_hidden_layers=4,
+        ),
+        {},
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def old_model():
+    return trained_like_model(small_config())
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.from_numpy(kjv_sequences(4))[:, :-1]
+
+
+@pytest.mark.parametrize("growth", list(GROWTHS))
+@torch.no_grad()
+def test_grown_model_computes_the_old_function(growth, old_model, ids):
+    target, options = GROWTHS[growth]
+    before = old_model(input_ids=ids).logits
+    grown, masks = grow_model(old_model, target, **options)
+    after = grown(input_ids=ids).logits
+    assert (after - before).abs().max().item() <= 1e-5
+    assert before.abs().max().item() > 0.1  # logits of real size, or agreement would prove little
+
+    # Halfway through the ramp the new capacity shows: the function has moved.
+    masks.set_step(5)
+    assert (grown(input_ids=ids).logits - before).abs().max().item() > 1e-3
+    # At the end of the ramp the masks are the identity: removing them changes nothing.
+    masks.set_step(10)
+    ramped = grown(input_ids=ids).logits
+    masks.remove()
+    assert torch.allclose(grown(input_ids=ids).logits, ramped, atol=1e-5)
+
+
+@torch.no_grad()
+def test_without_masks_the_function_changes(old_model, ids):
+    """The masks are what preserves the function (the test above could fail)."""
+    target, _ = GROWTHS["width x2 + depth x2"]
+    grown, masks = grow_model(old_model, target)
+    masks.remove()
+    assert (grown(input_ids=ids).logits - old_model(input_ids=ids).logits).abs().max().item() > 1e-2
+
+
+@torch.no_grad()
+def test_mup_bookkeeping_follows_the_width(old_model):
+    target, _ = GROWTHS["width x2 + depth x2"]
+    grown, _ = grow_model(old_model, target)
+    assert grown.config.mup_scale_factor == 4.0  # 2.0 x 128 / 64
+    assert grown.config.logit_scale == old_model.config.logit_scale / 2
+    # The old block sits top-left (same kv grouping here): q_proj of layer 0 (old layer 0).
+    old_q = old_model.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(grown.model.layers[0].self_attn.q_proj.weight[:64, :64], old_q)
+    # New entries follow the muP init of the new width: std matrix_std / sqrt(4).
+    fresh = grown.model.layers[0].mlp.up_proj.weight[128:, :]
+    assert fresh.std().item() == pytest.approx(HP.matrix_std / 2, rel=0.1)
