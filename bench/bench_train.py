@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from teleflm.data.synthetic import ArrayStream
+from teleflm.parallel.plan import flops_per_token
 from teleflm.train.config import TrainConfig, _build
-from teleflm.train.trainer import Trainer, flops_per_token
+from teleflm.train.trainer import Trainer
 
 SHAPE = dict(
     hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=2, vocab_size=8192

@@ -56,7 +56,7 @@ def token_budget(cfg, seconds: float) -> int:
     reaches on this model (conservative), rounded down to whole steps (at least 20 steps)."""
     import torch
 
-    from teleflm.train.trainer import flops_per_token
+    from teleflm.parallel.plan import flops_per_token
 
     n = 512
     a, b = torch.randn(n, n), torch.randn(n, n)

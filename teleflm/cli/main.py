@@ -13,6 +13,7 @@ SUBCOMMANDS = [
     "teleflm.cli.generate",
     "teleflm.cli.pretrain",
     "teleflm.cli.eval",
+    "teleflm.cli.plan",
     "teleflm.cli.mup",
     "teleflm.cli.predict",
 ]

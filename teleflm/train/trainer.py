@@ -31,6 +31,7 @@ from teleflm.parallel.parallelize import (
     parallelize,
     pipeline_split,
 )
+from teleflm.parallel.plan import flops_per_token
 from teleflm.train import checkpoint
 from teleflm.train.config import TrainConfig, dp_shard_degree, validate
 from teleflm.train.monitor import Monitor
@@ -39,18 +40,6 @@ from teleflm.train.schedule import lr_factor
 
 class SpikeStop(RuntimeError):
     """The stability guard stopped the run (action "stop", or too many events)."""
-
-
-def flops_per_token(config, context_length: int) -> float:
-    """Training FLOPs per token: 6 x non-embedding parameters + the attention term 12 x L x d x T."""
-    c = config
-    per_layer = (
-        c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-        + 3 * c.hidden_size * c.intermediate_size
-        + 2 * c.hidden_size
-    )
-    non_embedding = c.num_hidden_layers * per_layer + c.hidden_size + c.vocab_size * c.hidden_size
-    return 6 * non_embedding + 12 * c.num_hidden_layers * c.hidden_size * context_length
 
 
 def causal_document_mask(doc_ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,211 @@
+"""`teleflm plan`: parameters, FLOPs, memory per device, time and cost of a run before renting it.
+
+Memory follows how teleflm trains (SPEC section 6 stack): FSDP2 shards fp32 master weights, fp32
+gradients and AdamW's two fp32 moments over the `dp_shard` ranks of a stage (16 bytes per parameter),
+plus the gathered bf16 weights of the layers in flight; tensor parallel splits every matrix by `tp`;
+pipeline stage 0 holds `pp` micro-batches of activations under 1F1B (the worst stage). Activations per
+layer and micro-batch follow Korthikanti et al. (2022) with fused (flash) attention and no sequence
+parallel: `34 s b h / tp` bytes, or only the layer input `2 s b h` with full activation checkpointing.
+"""
+
+from dataclasses import dataclass
+
+GIB = 2**30
+
+# name: (memory in GiB, peak dense bf16 FLOP/s)
+DEVICES = {
+    "a800": (80, 312e12),
+    "a100": (80, 312e12),
+    "a100-40g": (40, 312e12),
+    "h800": (80, 989e12),
+    "h100": (80, 989e12),
+    "h200": (141, 989e12),
+    "b200": (180, 2250e12),
+    "l40s": (48, 362e12),
+    "v100": (32, 125e12),
+    "mi300x": (192, 1307e12),
+}
+
+
+def parameter_counts(c) -> dict[str, int]:
+    """Exact parameter counts of a TeleFLMConfig (no biases; untied embedding and readout)."""
+    d, hd = c.hidden_size, c.head_dim
+    attention = d * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    layer = attention + 3 * d * c.intermediate_size + 2 * d
+    counts = {
+        "embedding": c.vocab_size * d,
+        "layers": c.num_hidden_layers * layer,
+        "final_norm": d,
+        "readout": 0 if c.tie_word_embeddings else c.vocab_size * d,
+    }
+    counts["per_layer"] = layer
+    counts["total"] = counts["embedding"] + counts["layers"] + counts["final_norm"] + counts["readout"]
+    return counts
+
+
+def flops_per_token(c, context_length: int) -> float:
+    """Training FLOPs per token: 6 x non-embedding parameters + the attention term 12 x L x d x T."""
+    n = parameter_counts(c)
+    non_embedding = n["layers"] + n["final_norm"] + c.vocab_size * c.hidden_size
+    return 6 * non_embedding + 12 * c.num_hidden_layers * c.hidden_size * context_length
+
+
+@dataclass
+class Layout:
+    dp_shard: int
+    tp: int = 1
+    pp: int = 1
+    dp_replicate: int = 1
+
+    @property
+    def gpus(self) -> int:
+        return self.dp_shard * self.dp_replicate * self.tp * self.pp
+
+    def __str__(self) -> str:
+        rep = f" x HSDP {self.dp_replicate}" if self.dp_replicate > 1 else ""
+        return f"TP {self.tp} / PP {self.pp} / DP {self.dp_shard * self.dp_replicate}{rep}"
+
+
+def memory_per_device(
+    c,
+    layout: Layout,
+    context_length: int,
+    micro_batch_size: int,
+    activation_checkpointing: bool,
+    param_bytes: int = 2,
+) -> dict[str, float]:
+    """Bytes on the busiest device (pipeline stage 0, which also holds the embedding)."""
+    n = parameter_counts(c)
+    layers_per_stage = c.num_hidden_layers / layout.pp
+    stage_params = (
+        n["per_layer"] * layers_per_stage
+        + n["embedding"]
+        + (n["readout"] + n["final_norm"] if layout.pp == 1 else 0)
+    )
+    shard = layout.tp * layout.dp_shard
+    s, b, h = context_length, micro_batch_size, c.hidden_size
+    in_flight = layout.pp  # 1F1B: stage 0 keeps pp micro-batches' activations
+    per_layer_full = 34 * s * b * h / layout.tp
+    if activation_checkpointing:
+        activations = in_flight * layers_per_stage * 2 * s * b * h + per_layer_full
+    else:
+        activations = in_flight * layers_per_stage * per_layer_full
+    logits = (
+        4 * s * b * c.vocab_size / layout.tp * (2 if layout.pp == 1 else 0)
+    )  # fp32 logits + grad, last stage
+    memory = {
+        "weights": 4 * stage_params / shard,  # fp32 master shard
+        "gathered_weights": param_bytes * 2 * n["per_layer"] / layout.tp,  # current + prefetched layer
+        "gradients": 4 * stage_params / shard,
+        "optimizer": 8 * stage_params / shard,
+        "activations": activations + logits,
+    }
+    memory["total"] = sum(memory.values())
+    return memory
+
+
+def run_time(c, tokens: float, context_length: int, gpus: int, peak: float, mfu: float) -> dict[str, float]:
+    flops = flops_per_token(c, context_length) * tokens
+    seconds = flops / (gpus * peak * mfu)
+    return {"flops": flops, "seconds": seconds, "days": seconds / 86400, "tflops_per_gpu": peak * mfu / 1e12}
+
+
+def pipeline_bubble(layout: Layout, micro_batches: int) -> float:
+    """Idle share of a 1F1B / GPipe step: (pp - 1) / (micro_batches + pp - 1)."""
+    return (layout.pp - 1) / (micro_batches + layout.pp - 1)
+
+
+def candidate_layouts(c, gpus: int) -> list[Layout]:
+    """Every TP (within a node, dividing heads) x PP (dividing layers) whose DP fills the GPUs."""
+    layouts = []
+    for tp in (1, 2, 4, 8):
+        if c.num_attention_heads % tp or c.num_key_value_heads % tp or c.vocab_size % tp:
+            continue
+        for pp in range(1, c.num_hidden_layers + 1):
+            if c.num_hidden_layers % pp or gpus % (tp * pp) or pp > 32:
+                continue
+            layouts.append(Layout(dp_shard=gpus // (tp * pp), tp=tp, pp=pp))
+    return layouts
+
+
+def plan(
+    cfg,
+    gpus: int,
+    gpu_type: str,
+    tokens: float | None = None,
+    price_per_gpu_hour: float | None = None,
+    mfu: float = 0.5,
+) -> dict:
+    """Everything `teleflm plan` prints, for a TrainConfig on `gpus` devices of `gpu_type`."""
+    if gpu_type not in DEVICES:
+        raise ValueError(f"unknown --gpu-type {gpu_type!r}; known: {', '.join(DEVICES)}")
+    if not 0 < mfu <= 1:
+        raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
+    memory_gib, peak = DEVICES[gpu_type]
+    c = cfg.model_config()
+    p = cfg.parallel
+    T, mbs, ac = cfg.data.context_length, cfg.batch.micro_batch_size, p.activation_checkpointing
+    rest = p.dp_replicate * p.tp * p.pp
+    if gpus % rest:
+        raise ValueError(f"{gpus} GPUs do not divide into dp_replicate x tp x pp = {rest}")
+    layout = Layout(dp_shard=gpus // rest, tp=p.tp, pp=p.pp, dp_replicate=p.dp_replicate)
+    tokens = tokens or cfg.schedule.total_tokens
+    per_dp = mbs * T * layout.dp_shard * layout.dp_replicate
+    micro_batches = max(cfg.batch.global_batch_tokens // per_dp, 1)
+    memory = memory_per_device(c, layout, T, mbs, ac)
+    timing = run_time(c, tokens, T, gpus, peak, mfu)
+    result = {
+        "parameters": parameter_counts(c),
+        "flops_per_token": flops_per_token(c, T),
+        "layout": str(layout),
+        "memory_gib": {k: v / GIB for k, v in memory.items()},
+        "memory_without_checkpointing_gib": memory_per_device(c, layout, T, mbs, False)["total"] / GIB,
+        "memory_with_checkpointing_gib": memory_per_device(c, layout, T, mbs, True)["total"] / GIB,
+        "device_memory_gib": memory_gib,
+        "fits": memory["total"] / GIB <= 0.9 * memory_gib,  # 10% for the allocator and NCCL buffers
+        "pipeline_bubble": pipeline_bubble(layout, micro_batches),
+        "tokens": tokens,
+        "step_seconds": cfg.batch.global_batch_tokens * flops_per_token(c, T) / (gpus * peak * mfu),
+        **timing,
+        "cost": timing["seconds"] / 3600 * gpus * price_per_gpu_hour if price_per_gpu_hour else None,
+        "mfu": mfu,
+    }
+    fitting = []
+    for candidate in candidate_layouts(c, gpus):
+        for checkpointing in (False, True):
+            total = memory_per_device(c, candidate, T, mbs, checkpointing)["total"] / GIB
+            if total <= 0.9 * memory_gib:
+                fitting.append((candidate.tp * candidate.pp, checkpointing, str(candidate), total))
+                break
+    result["layouts_that_fit"] = [
+        {"layout": name, "activation_checkpointing": ckpt, "memory_gib": round(total, 1)}
+        for _, ckpt, name, total in sorted(fitting)[:6]
+    ]
+    return result
+
+
+def format_plan(r: dict, gpus: int, gpu_type: str) -> str:
+    n = r["parameters"]
+    m = r["memory_gib"]
+    lines = [
+        f"parameters      {n['total'] / 1e9:.3f}B ({n['total']:,}; embedding {n['embedding'] / 1e9:.2f}B, layers {n['layers'] / 1e9:.2f}B, readout {n['readout'] / 1e9:.2f}B)",
+        f"FLOPs per token {r['flops_per_token'] / 1e9:.1f} GFLOP (6N + attention)",
+        f"layout          {r['layout']} on {gpus} x {gpu_type}",
+        "memory / device "
+        + ", ".join(f"{k} {v:.1f}" for k, v in m.items() if k != "total")
+        + f" -> {m['total']:.1f} GiB of {r['device_memory_gib']} ({'fits' if r['fits'] else 'DOES NOT FIT'})",
+        f"                without activation checkpointing {r['memory_without_checkpointing_gib']:.1f} GiB, with {r['memory_with_checkpointing_gib']:.1f} GiB",
+        f"pipeline bubble {r['pipeline_bubble']:.1%}",
+        f"time            {r['tokens'] / 1e9:,.0f}B tokens at {r['mfu']:.0%} MFU ({r['tflops_per_gpu']:.0f} TFLOP/s per GPU): "
+        f"{r['step_seconds']:.1f} s per step, {r['days']:.1f} days",
+    ]
+    if r["cost"] is not None:
+        lines.append(f"cost            {r['cost']:,.0f} at the given price per GPU-hour")
+    lines.append("layouts that fit (fewest model-parallel GPUs first):")
+    lines += [
+        f"  {x['layout']}{' + activation checkpointing' if x['activation_checkpointing'] else ''}: {x['memory_gib']} GiB"
+        for x in r["layouts_that_fit"]
+    ]
+    if not r["layouts_that_fit"]:
+        lines.append("  none: more GPUs, a smaller micro-batch or a larger device")
+    return "\n".join(lines)
