@@ -68,17 +68,22 @@ class SearchSpace:
     threads_per_trial: int = 1
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _derived(name: str, expression: str, searched: set[str]) -> tuple[str, float]:
     factor, source = 1.0, expression.replace(" ", "")
     if "*" in source:
         left, right = source.split("*", 1)
-        number, source = (left, right) if right in searched else (right, left)
-        try:
-            factor = float(number)
-        except ValueError:
-            raise ValueError(
-                f"[derived] {name} = {expression!r}: expected 'NAME' or 'NUMBER * NAME'"
-            ) from None
+        number, source = (right, left) if _is_number(right) else (left, right)
+        if not _is_number(number):
+            raise ValueError(f"[derived] {name} = {expression!r}: expected 'NAME' or 'NUMBER * NAME'")
+        factor = float(number)
     if source not in searched:
         raise ValueError(f"[derived] {name} = {expression!r}: {source!r} is not a searched parameter")
     return source, factor
