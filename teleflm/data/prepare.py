@@ -1,31 +1,42 @@
 """`teleflm data prepare`: raw documents per domain -> token shards with a held-out split and a manifest.
 
-Per domain and split, three flat files: `tokens` (uint16 when the vocabulary fits, else uint32),
-`offsets` (int64, documents' start positions, n_docs + 1) and `bytes` (int64, each document's UTF-8
-size, for bits per byte). Input is streamed in chunks (memory stays bounded whatever the corpus size),
-encoded with the Rust tokenizer's multithreaded `encode_batch` (every core). A domain is written in a
-temporary folder, renamed when complete, and only then entered in `manifest.json` (itself replaced
-atomically), so an interrupted run leaves nothing that reads as complete; a re-run skips the domains
-whose inputs, settings and tokenizer are unchanged.
+Streaming: documents are read in chunks of CHUNK_CHARS characters and written as they are encoded,
+so memory stays bounded whatever the corpus size. Every core: the Rust tokenizer's `encode_batch_fast`
+is multithreaded and releases the GIL, so one chunk is encoded while the next is read and the last
+written. Atomic: a domain is written in a temporary folder and renamed when complete; the manifest
+says `complete` only after the last domain, so an interrupted run leaves nothing that reads as
+finished; a re-run skips the domains whose inputs, settings and tokenizer are unchanged.
 """
 
 import glob
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+import tomllib
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
-from teleflm.data.sources import ReadStats, read_documents
-from teleflm.data.tokenizer import raw_tokenizer, tokenizer_hash
+from teleflm.data.decontaminate import DEFAULT_NGRAM, NgramIndex, load_test_ngrams
+from teleflm.data.shards import (
+    FORMAT_VERSION,
+    KINDS,
+    MANIFEST,
+    SPLITS,
+    SplitWriter,
+    read_manifest,
+    token_dtype,
+)
+from teleflm.data.sources import COMPRESSED, DOC_SPLITS, ReadStats, read_documents
+from teleflm.data.tokenizer import EOS_ID, raw_tokenizer, tokenizer_hash
 
-MANIFEST = "manifest.json"
-SPLITS = ("train", "val")
-CHUNK_CHARS = 8 << 20  # characters encoded per batch
+CHUNK_CHARS = 4 << 20  # characters encoded per batch: large enough to keep every core busy
 
 
 @dataclass
@@ -34,104 +45,102 @@ class DomainSource:
     inputs: list[str]  # files or globs, relative to the data config's folder
     proportion: float = 1.0  # share of training sequences (the mixture table)
     epochs: float = 1.0  # passes over the domain the mixture may make
-    text_field: str = "text"  # JSONL / Parquet column
-    doc_split: str = "blank_line"  # plain text: "line", "blank_line" or "file"
-    max_doc_chars: int = 0  # cut longer plain documents into pieces (0: never)
+    text_field: str = "text"  # JSONL / Parquet field holding the text
+    doc_split: str = (
+        "blank_line"  # plain text: one document per "line", per "blank_line"-separated block, or per "file"
+    )
+    max_doc_chars: int = 0  # cut longer documents into pieces (0: never)
 
 
 @dataclass
 class DataConfig:
-    tokenizer: str = ""
-    out: str = ""
-    heldout_fraction: float = 0.02
-    seed: int = 1234
-    domains: list[DomainSource] = field(default_factory=list)
+    tokenizer: str  # folder with tokenizer.json, relative to the config's folder
+    out: str  # shards folder, relative to the config's folder
+    domains: list[DomainSource]
+    heldout_fraction: float = 0.02  # documents per domain held out for evaluation
+    seed: int = 1234  # of the held-out draw
+
+
+def _table(cls, raw, where: str) -> dict:
+    """The keys of a TOML table for dataclass `cls`: unknown or missing keys and wrong types are
+    refused, naming the file and the key; ints are accepted for floats."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a table")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    missing = [
+        n for n, f in known.items() if n not in raw and f.default is MISSING and f.default_factory is MISSING
+    ]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {missing}")
+    values = dict(raw)
+    for name, value in raw.items():
+        kind = known[name].type
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            values[name] = float(value)
+        elif kind in (int, float, str) and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise ValueError(f"{where}: {name} = {value!r} should be a {kind.__name__}")
+    return values
 
 
 def load_data_config(path: str | Path) -> DataConfig:
-    import tomllib
-
-    from teleflm.train.config import ConfigError, _build
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data config {path} does not exist")
-    cfg = _build(DataConfig, tomllib.loads(path.read_text()), str(path))
-    if not cfg.domains:
-        raise ConfigError(f"{path}: no [[domains]]")
-    names = [d.name for d in cfg.domains]
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: {e}") from None
+    top = _table(DataConfig, raw, str(path))
+    if not isinstance(top["domains"], list) or not top["domains"]:
+        raise ValueError(f"{path}: no [[domains]]")
+    domains = []
+    for i, entry in enumerate(top["domains"]):
+        where = f"{path}: domains[{i}]"
+        source = DomainSource(**_table(DomainSource, entry, where))
+        if (
+            isinstance(source.inputs, str)
+            or not all(isinstance(p, str) for p in source.inputs)
+            or not source.inputs
+        ):
+            raise ValueError(f"{where}: inputs must be a non-empty list of files or globs")
+        if not source.name or source.name.startswith(".") or "/" in source.name or "\\" in source.name:
+            raise ValueError(f"{where}: name {source.name!r} must be a plain folder name")
+        if source.doc_split not in DOC_SPLITS:
+            raise ValueError(f"{where}: doc_split must be one of {DOC_SPLITS}, got {source.doc_split!r}")
+        if source.proportion <= 0 or source.epochs <= 0 or source.max_doc_chars < 0:
+            raise ValueError(f"{where}: proportion and epochs must be positive, max_doc_chars >= 0")
+        domains.append(source)
+    names = [d.name for d in domains]
     if len(set(names)) != len(names):
-        raise ConfigError(f"{path}: domain names repeat: {names}")
+        raise ValueError(f"{path}: domain names repeat: {names}")
+    cfg = DataConfig(**{**top, "domains": domains})
     if not 0 <= cfg.heldout_fraction < 1:
-        raise ConfigError(f"{path}: heldout_fraction must be in [0, 1)")
+        raise ValueError(f"{path}: heldout_fraction must be in [0, 1), got {cfg.heldout_fraction}")
     return cfg
 
 
 def resolve_inputs(patterns: list[str], base: Path, domain: str) -> list[Path]:
-    files = []
+    """Files of a domain, in the order of its patterns, each pattern's matches sorted."""
+    files: list[Path] = []
     for pattern in patterns:
         full = pattern if os.path.isabs(pattern) else str(base / pattern)
         found = sorted(Path(p) for p in glob.glob(full, recursive=True) if Path(p).is_file())
         if not found:
             raise FileNotFoundError(f"domain {domain!r}: input {pattern!r} matches no file")
-        files.extend(found)
+        files += [f for f in found if f not in files]
     return files
 
 
-def ngram_hashes(tokens: np.ndarray, n: int) -> np.ndarray:
-    """A 64-bit hash of every n-token window (polynomial, wrapping): equal n-grams hash equal."""
-    if len(tokens) < n:
-        return np.empty(0, dtype=np.uint64)
-    windows = np.lib.stride_tricks.sliding_window_view(tokens.astype(np.uint64), n)
-    powers = np.uint64(1_000_003) ** np.arange(n, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        return (windows * powers).sum(axis=1, dtype=np.uint64)
-
-
-class SplitWriter:
-    """Appends documents to one split's three files, hashing them as they are written."""
-
-    def __init__(self, folder: Path, split: str, dtype):
-        self.paths = {kind: folder / f"{split}.{kind}" for kind in ("tokens", "offsets", "bytes")}
-        self.files = {kind: path.open("wb") for kind, path in self.paths.items()}
-        self.hashes = {kind: hashlib.sha256() for kind in self.paths}
-        self.dtype = dtype
-        self.n_tokens = self.n_docs = self.n_bytes = 0
-        self._write("offsets", np.zeros(1, dtype=np.int64))
-
-    def _write(self, kind: str, array: np.ndarray) -> None:
-        data = array.tobytes()
-        self.files[kind].write(data)
-        self.hashes[kind].update(data)
-
-    def add(self, ids: list[np.ndarray], sizes: list[int]) -> None:
-        if not ids:
-            return
-        lengths = np.array([len(x) for x in ids], dtype=np.int64)
-        self._write("tokens", np.concatenate(ids).astype(self.dtype))
-        self._write("offsets", self.n_tokens + np.cumsum(lengths))
-        self._write("bytes", np.asarray(sizes, dtype=np.int64))
-        self.n_tokens += int(lengths.sum())
-        self.n_docs += len(ids)
-        self.n_bytes += int(sum(sizes))
-
-    def close(self) -> dict:
-        for f in self.files.values():
-            f.close()
-        return {
-            "documents": self.n_docs,
-            "tokens": self.n_tokens,
-            "bytes": self.n_bytes,
-            "sha256": {kind: h.hexdigest() for kind, h in self.hashes.items()},
-            "sizes": {kind: path.stat().st_size for kind, path in self.paths.items()},
-        }
-
-
 def fingerprint(
-    source: DomainSource, files: list[Path], cfg: DataConfig, tok_hash: str, decontam: dict
+    source: DomainSource, files: list[Path], cfg: DataConfig, tok_hash: str, decontam: dict | None
 ) -> str:
-    stat = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    settings = [asdict(source), stat, cfg.heldout_fraction, cfg.seed, tok_hash, decontam]
+    """What a domain's shards depend on: its settings, its files (path, size, mtime), the held-out
+    draw, the tokenizer and the test set. Equal fingerprints: the shards are reused."""
+    stat = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    settings = [FORMAT_VERSION, asdict(source), stat, cfg.heldout_fraction, cfg.seed, tok_hash, decontam]
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -140,14 +149,13 @@ def prepare(
     tokenizer: str | Path | None = None,
     out: str | Path | None = None,
     decontaminate: list[str] = (),
-    ngram: int = 13,
+    ngram: int = DEFAULT_NGRAM,
     decontaminate_action: str = "remove",
     progress: bool = True,
 ) -> dict:
-    """Prepare every domain of a data config (tokenizer and out may override the config's); returns
-    the manifest."""
-    from tqdm import tqdm
-
+    """Prepare every domain of a data config (`tokenizer` and `out` override the config's); returns
+    the manifest. `decontaminate`: test-set files or globs whose n-grams (`ngram` tokens) mark
+    training documents to "remove" or "report" (`decontaminate_action`)."""
     config_path = Path(config_path)
     cfg = load_data_config(config_path)
     base = config_path.parent
@@ -155,133 +163,175 @@ def prepare(
     out = Path(out or base / cfg.out)
     if decontaminate_action not in ("remove", "report"):
         raise ValueError(f"decontaminate action must be remove or report, got {decontaminate_action!r}")
+    # Everything that can fail is checked before work starts.
     tok_hash = tokenizer_hash(tokenizer)
     encoder = raw_tokenizer(tokenizer)
-    dtype = np.uint16 if encoder.get_vocab_size() <= 2**16 else np.uint32
-    # Every input is resolved before any work, so a missing file stops the run at once.
     inputs = {d.name: resolve_inputs(d.inputs, base, d.name) for d in cfg.domains}
-    test_hashes, decontam = _test_ngrams(decontaminate, encoder, ngram)
+    test_set = load_test_ngrams(list(decontaminate), encoder, ngram) if decontaminate else None
+    decontam = {**test_set.info, "action": decontaminate_action} if test_set else None
 
     out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    if manifest.get("tokenizer_hash") not in (None, tok_hash):
-        manifest = {}  # another tokenizer: every domain is redone
+    try:
+        manifest = read_manifest(out)
+    except ValueError:
+        manifest = {}
+    if manifest.get("tokenizer_hash") != tok_hash:
+        manifest = {"domains": {}}  # another tokenizer (or none yet): every domain is redone
     manifest.update(
+        format=FORMAT_VERSION,
+        complete=False,
         tokenizer=str(tokenizer),
         tokenizer_hash=tok_hash,
-        dtype=np.dtype(dtype).name,
+        vocab_size=encoder.get_vocab_size(),
+        dtype=token_dtype(encoder.get_vocab_size()).name,
+        eos_id=EOS_ID,
+        heldout_fraction=cfg.heldout_fraction,
+        seed=cfg.seed,
         decontamination=decontam,
     )
-    manifest.setdefault("domains", {})
+    _write_json_atomic(out / MANIFEST, manifest)
     for source in cfg.domains:
-        files = inputs[source.name]
-        key = fingerprint(source, files, cfg, tok_hash, decontam)
+        key = fingerprint(source, inputs[source.name], cfg, tok_hash, decontam)
         done = manifest["domains"].get(source.name)
-        if done and done["fingerprint"] == key and (out / source.name).is_dir():
+        if done and done["fingerprint"] == key and _files_present(out / source.name, done):
             print(f"{source.name}: up to date, skipped")
             continue
-        started = time.time()
-        tmp = out / f".{source.name}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        writers = {split: SplitWriter(tmp, split, dtype) for split in SPLITS}
-        stats = ReadStats()
-        contaminated = 0
-        rng = np.random.default_rng([cfg.seed, int(hashlib.sha256(source.name.encode()).hexdigest()[:8], 16)])
-        bar = tqdm(
-            total=sum(f.stat().st_size for f in files),
-            unit="B",
-            unit_scale=True,
-            desc=source.name,
-            disable=not progress,
+        manifest["domains"].pop(source.name, None)
+        _write_json_atomic(out / MANIFEST, manifest)  # the old entry goes before its folder does
+        entry = prepare_domain(
+            source, inputs[source.name], cfg, encoder, out, test_set, decontaminate_action, progress
         )
-        for chunk in _chunks(files, source, stats, bar):
-            encoded = encoder.encode_batch(chunk, add_special_tokens=False)
-            rows = {split: ([], []) for split in SPLITS}
-            heldout = rng.random(len(chunk)) < cfg.heldout_fraction
-            for text, enc, is_val in zip(chunk, encoded, heldout, strict=True):
-                ids = np.asarray(enc.ids, dtype=np.int64)
-                if test_hashes is not None and np.isin(ngram_hashes(ids, ngram), test_hashes).any():
-                    contaminated += 1
-                    if decontaminate_action == "remove":
-                        continue
-                split = "val" if is_val else "train"
-                rows[split][0].append(ids)
-                rows[split][1].append(len(text.encode()))
-            for split, (ids, sizes) in rows.items():
-                writers[split].add(ids, sizes)
-        bar.close()
-        entry = {
-            "fingerprint": key,
-            "inputs": [str(f) for f in files],
-            "proportion": source.proportion,
-            "epochs": source.epochs,
-            "splits": {split: w.close() for split, w in writers.items()},
-            "invalid_utf8": stats.invalid_utf8,
-            "empty_files": stats.empty_files,
-            "contaminated_documents": contaminated,
-            "contamination_action": decontaminate_action if test_hashes is not None else None,
-            "seconds": round(time.time() - started, 2),
-        }
-        for path, count in stats.invalid_utf8.items():
-            print(f"warning: {path}: {count} invalid UTF-8 sequences replaced by U+FFFD")
-        for path in stats.empty_files:
-            print(f"warning: {path}: no documents")
-        shutil.rmtree(out / source.name, ignore_errors=True)
-        tmp.rename(out / source.name)
-        manifest["domains"][source.name] = entry
-        _write_json_atomic(manifest_path, manifest)
-        train = entry["splits"]["train"]
-        print(
-            f"{source.name}: {train['documents']:,} documents, {train['tokens']:,} tokens (+ held-out {entry['splits']['val']['documents']:,} documents)"
-        )
-    # Domains no longer in the config leave the manifest (their folders stay until overwritten).
+        manifest["domains"][source.name] = {"fingerprint": key, **entry}
+        _write_json_atomic(out / MANIFEST, manifest)
+    # Domains no longer in the config leave the manifest and the folder.
+    for name in set(manifest["domains"]) - {d.name for d in cfg.domains}:
+        del manifest["domains"][name]
+        shutil.rmtree(out / name, ignore_errors=True)
     manifest["domains"] = {d.name: manifest["domains"][d.name] for d in cfg.domains}
-    _write_json_atomic(manifest_path, manifest)
+    manifest["complete"] = True
+    _write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
 
-def _chunks(files: list[Path], source: DomainSource, stats: ReadStats, bar):
+def prepare_domain(
+    source: DomainSource,
+    files: list[Path],
+    cfg: DataConfig,
+    encoder,
+    out: Path,
+    test_set: NgramIndex | None,
+    action: str,
+    progress: bool,
+) -> dict:
+    """Encode one domain into `out/<name>` (built in a temporary folder, renamed when complete);
+    returns its manifest entry, less the fingerprint."""
+    from tqdm import tqdm
+
+    started = time.time()
+    dtype = token_dtype(encoder.get_vocab_size())
+    tmp = out / f".{source.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    writers = {split: SplitWriter(tmp, split, dtype) for split in SPLITS}
+    stats = ReadStats()
+    # One uniform draw per document, in reading order: the held-out split depends on the seed, the
+    # domain and the documents only, not on how they are chunked.
+    heldout_rng = np.random.default_rng(
+        [cfg.seed, int(hashlib.sha256(source.name.encode()).hexdigest()[:8], 16)]
+    )
+    contaminated = 0
+    sizes_known = not any(f.name.endswith(COMPRESSED) for f in files)
+    bar = tqdm(
+        total=sum(f.stat().st_size for f in files) if sizes_known else None,
+        unit="B",
+        unit_scale=True,
+        desc=source.name,
+        disable=not progress,
+    )
+
+    def write(chunk: list[str], encodings) -> None:
+        nonlocal contaminated
+        ids = [e.ids for e in encodings]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+        n_bytes = np.fromiter((len(text.encode()) for text in chunk), dtype=np.int64, count=len(chunk))
+        bar.update(int(n_bytes.sum()))
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        keep = np.ones(len(chunk), dtype=bool)
+        if test_set is not None:
+            dirty = test_set.contaminated(tokens, offsets)
+            contaminated += int(dirty.sum())
+            if action == "remove":
+                keep &= ~dirty
+        heldout = heldout_rng.random(len(chunk)) < cfg.heldout_fraction
+        for split, chosen in (("train", keep & ~heldout), ("val", keep & heldout)):
+            writers[split].add(tokens[np.repeat(chosen, lengths)], lengths[chosen], n_bytes[chosen])
+
+    # Read chunk i+1 and write chunk i-1 while chunk i is encoded on every core.
+    with ThreadPoolExecutor(max_workers=1) as encoding:
+        pending = None
+        for chunk in _chunks(files, source, stats):
+            future = encoding.submit(encoder.encode_batch_fast, chunk, add_special_tokens=False)
+            if pending:
+                write(pending[0], pending[1].result())
+            pending = (chunk, future)
+        if pending:
+            write(pending[0], pending[1].result())
+    bar.close()
+    splits = {split: w.close() for split, w in writers.items()}
+    shutil.rmtree(out / source.name, ignore_errors=True)
+    tmp.rename(out / source.name)
+
+    for path, count in stats.invalid_utf8.items():
+        print(f"warning: {path}: {count} invalid UTF-8 sequences replaced by U+FFFD")
+    for path in stats.empty_files:
+        print(f"warning: {path}: no documents")
+    if splits["train"]["documents"] == 0:
+        warnings.warn(f"domain {source.name!r} has no training documents", stacklevel=2)
+    seconds = time.time() - started
+    total_bytes = splits["train"]["bytes"] + splits["val"]["bytes"]
+    print(
+        f"{source.name}: {splits['train']['documents']:,} documents, {splits['train']['tokens']:,} tokens "
+        f"(held out: {splits['val']['documents']:,} documents); {total_bytes / max(seconds, 1e-9) / 1e6:.1f} MB/s"
+    )
+    return {
+        "inputs": [str(f) for f in files],
+        "proportion": source.proportion,
+        "epochs": source.epochs,
+        "splits": splits,
+        "invalid_utf8": stats.invalid_utf8,
+        "empty_files": stats.empty_files,
+        "contaminated_documents": contaminated,
+        "removed_documents": contaminated if action == "remove" and test_set is not None else 0,
+        "seconds": round(seconds, 2),
+    }
+
+
+def _chunks(files: list[Path], source: DomainSource, stats: ReadStats):
+    """Lists of documents of about CHUNK_CHARS characters, in file order."""
     chunk, chars = [], 0
     for path in files:
-        position = 0
-        for doc in read_documents(path, source.text_field, source.doc_split, stats):
-            pieces = (
-                [doc[i : i + source.max_doc_chars] for i in range(0, len(doc), source.max_doc_chars)]
-                if source.max_doc_chars
-                else [doc]
-            )
-            for piece in pieces:
-                chunk.append(piece)
-                chars += len(piece)
-                if chars >= CHUNK_CHARS:
-                    yield chunk
-                    chunk, chars = [], 0
-            size = len(doc.encode())
-            bar.update(min(size, max(path.stat().st_size - position, 0)))
-            position += size
+        for doc in read_documents(path, source.text_field, source.doc_split, source.max_doc_chars, stats):
+            chunk.append(doc)
+            chars += len(doc)
+            if chars >= CHUNK_CHARS:
+                yield chunk
+                chunk, chars = [], 0
     if chunk:
         yield chunk
 
 
-def _test_ngrams(paths: list[str], encoder, n: int):
-    if not paths:
-        return None, {}
-    hashes = []
-    files = [Path(p) for pattern in paths for p in sorted(glob.glob(pattern, recursive=True))]
-    if not files:
-        raise FileNotFoundError(f"--decontaminate {list(paths)}: no test files found")
-    n_docs = 0
-    for path in files:
-        for doc in read_documents(path):
-            hashes.append(ngram_hashes(np.asarray(encoder.encode(doc, add_special_tokens=False).ids), n))
-            n_docs += 1
-    info = {"test_files": [str(f) for f in files], "test_documents": n_docs, "ngram": n}
-    return np.unique(np.concatenate(hashes)) if hashes else np.empty(0, np.uint64), info
+def _files_present(folder: Path, entry: dict) -> bool:
+    """The domain's files exist with the sizes the manifest recorded (checksums are open_shards' job)."""
+    return all(
+        (folder / f"{split}.{kind}").is_file()
+        and (folder / f"{split}.{kind}").stat().st_size == entry["splits"][split]["sizes"][kind]
+        for split in SPLITS
+        for kind in KINDS
+    )
 
 
 def _write_json_atomic(path: Path, value: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    tmp.replace(path)
+    tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)

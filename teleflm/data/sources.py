@@ -1,100 +1,206 @@
 """Raw documents from the formats users have: plain text, JSONL, Parquet; gzip, zstd or xz compressed.
 
-Streams: nothing holds more than one file's current chunk. Invalid UTF-8 is replaced (U+FFFD) and
-counted per file, so the manifest can name the files that had it.
+Streams: a file is read in pieces of at most PIECE_BYTES, so memory holds one document at a time
+(one piece of it when `max_doc_chars` cuts long documents), whatever the file size. Invalid UTF-8 is
+replaced by U+FFFD, as Python's "replace" does, and counted per file, so the manifest can name the
+files that had it.
 """
 
+import codecs
+import contextlib
 import gzip
 import io
 import json
 import lzma
+import shutil
+import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+PIECE_BYTES = 1 << 20  # longest single read: a longer line arrives in several pieces
+COMPRESSED = (".gz", ".xz", ".zst")
+DOC_SPLITS = ("line", "blank_line", "file")
+
 
 @dataclass
 class ReadStats:
-    invalid_utf8: dict[str, int] = field(default_factory=dict)  # file -> replaced characters
-    empty_files: list[str] = field(default_factory=list)
+    invalid_utf8: dict[str, int] = field(default_factory=dict)  # file -> invalid sequences replaced
+    empty_files: list[str] = field(default_factory=list)  # files that gave no document
+
+
+# A codec error handler that does what errors="replace" does and counts each replacement.
+_replaced = threading.local()
+
+
+def _replace_and_count(error: UnicodeDecodeError) -> tuple[str, int]:
+    _replaced.count = getattr(_replaced, "count", 0) + 1
+    return "\ufffd", error.end
+
+
+codecs.register_error("teleflm-count-replace", _replace_and_count)
 
 
 def open_binary(path: Path):
-    name = path.name
-    if name.endswith(".gz"):
+    """The decompressed bytes of `path` (by suffix: .gz, .xz, .zst or none)."""
+    if path.name.endswith(".gz"):
         return gzip.open(path, "rb")
-    if name.endswith(".xz"):
+    if path.name.endswith(".xz"):
         return lzma.open(path, "rb")
-    if name.endswith(".zst"):
+    if path.name.endswith(".zst"):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(path.open("rb")))
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(path.open("rb")), PIECE_BYTES)
     return path.open("rb")
 
 
 def base_suffix(path: Path) -> str:
-    suffixes = [s for s in path.suffixes if s not in (".gz", ".xz", ".zst")]
-    return suffixes[-1] if suffixes else ""
+    """The format suffix under any compression suffix: data.jsonl.zst -> .jsonl."""
+    suffixes = [s for s in path.suffixes if s not in COMPRESSED]
+    return suffixes[-1].lower() if suffixes else ""
 
 
-def _text_lines(path: Path, stats: ReadStats) -> Iterator[str]:
-    with open_binary(path) as raw:
-        for line in raw:
-            text = line.decode("utf-8", errors="replace")
-            bad = text.count("\ufffd") - line.count("\ufffd".encode())  # minus U+FFFD already in the file
-            if bad > 0:
-                stats.invalid_utf8[str(path)] = stats.invalid_utf8.get(str(path), 0) + bad
+@contextlib.contextmanager
+def _read_errors(path: Path):
+    """Damaged compressed input: an error naming the file instead of a codec's bare message."""
+    import zstandard
+
+    try:
+        yield
+    except (EOFError, OSError, lzma.LZMAError, zstandard.ZstdError) as e:
+        raise ValueError(f"{path}: cannot read ({type(e).__name__}: {e}); is the file complete?") from None
+
+
+def _lines(path: Path, stats: ReadStats) -> Iterator[tuple[str, bool]]:
+    """(text, ends_line) pieces of the file's decoded text; a line longer than PIECE_BYTES comes in
+    several pieces, only the last with ends_line True."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="teleflm-count-replace")
+
+    def decode(data: bytes, final: bool = False) -> str:
+        before = getattr(_replaced, "count", 0)
+        text = decoder.decode(data, final)
+        if replaced := getattr(_replaced, "count", 0) - before:
+            stats.invalid_utf8[str(path)] = stats.invalid_utf8.get(str(path), 0) + replaced
+        return text
+
+    with _read_errors(path), open_binary(path) as raw:
+        while piece := raw.readline(PIECE_BYTES):
+            yield decode(piece), piece.endswith(b"\n")
+        if tail := decode(b"", final=True):  # a multi-byte sequence cut by the end of the file
+            yield tail, True
+
+
+def _plain_documents(path: Path, doc_split: str, max_doc_chars: int, stats: ReadStats) -> Iterator[str]:
+    """Documents of a plain-text file: one per line, per blank-line-separated block, or the whole
+    file; cut into pieces of `max_doc_chars` when set (so a huge document never sits in memory)."""
+    doc: list[str] = []  # pieces of the current document
+    doc_chars = 0
+    line_start = 0  # where the current line begins in `doc`
+    for piece, ends_line in _lines(path, stats):
+        doc.append(piece)
+        doc_chars += len(piece)
+        if ends_line and doc_split == "line":
+            yield from _finish(doc)
+            doc, doc_chars = [], 0
+        elif ends_line and doc_split == "blank_line" and not "".join(doc[line_start:]).strip():
+            yield from _finish(doc[:line_start])
+            doc, doc_chars = [], 0
+        while max_doc_chars and doc_chars >= max_doc_chars:
+            text = "".join(doc)
+            yield text[:max_doc_chars]
+            doc, doc_chars = [text[max_doc_chars:]], doc_chars - max_doc_chars
+            line_start = 0
+        if ends_line:
+            line_start = len(doc)
+    yield from _finish(doc, keep_newline=doc_split == "file")
+
+
+def _finish(pieces: list[str], keep_newline: bool = False) -> Iterator[str]:
+    text = "".join(pieces)
+    if text.strip():
+        yield text if keep_newline else text.rstrip("\r\n")
+
+
+def _cut(documents: Iterator[str], max_doc_chars: int) -> Iterator[str]:
+    for doc in documents:
+        if max_doc_chars:
+            yield from (doc[i : i + max_doc_chars] for i in range(0, len(doc), max_doc_chars))
+        else:
+            yield doc
+
+
+def _jsonl_documents(path: Path, text_field: str, stats: ReadStats) -> Iterator[str]:
+    record: list[str] = []
+    number = 0
+    for piece, ends_line in _lines(path, stats):
+        record.append(piece)
+        if not ends_line:
+            continue
+        line, record = "".join(record), []
+        number += 1
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)[text_field]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{path}:{number}: not a JSON object with a {text_field!r} field ({e})"
+            ) from None
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"{path}:{number}: {text_field!r} is a {type(text).__name__}, not a string")
+        if text:
             yield text
 
 
+def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with contextlib.ExitStack() as stack:
+        if path.name.endswith(COMPRESSED):  # Parquet needs random access: decompress to a temporary file
+            local = stack.enter_context(tempfile.NamedTemporaryFile(suffix=".parquet"))
+            with _read_errors(path), open_binary(path) as raw:
+                shutil.copyfileobj(raw, local, PIECE_BYTES)
+            local.flush()
+            path_to_read = local.name
+        else:
+            path_to_read = path
+        table = pq.ParquetFile(path_to_read)
+        schema = table.schema_arrow
+        if text_field not in schema.names:
+            raise ValueError(f"{path}: no column {text_field!r} (columns: {schema.names})")
+        if not pa.types.is_string(schema.field(text_field).type) and not pa.types.is_large_string(
+            schema.field(text_field).type
+        ):
+            raise ValueError(
+                f"{path}: column {text_field!r} is {schema.field(text_field).type}, not a string"
+            )
+        for batch in table.iter_batches(columns=[text_field], batch_size=1024):
+            yield from (text for text in batch.column(0).to_pylist() if text)
+
+
 def read_documents(
-    path: Path, text_field: str = "text", doc_split: str = "blank_line", stats: ReadStats | None = None
+    path: Path,
+    text_field: str = "text",
+    doc_split: str = "blank_line",
+    max_doc_chars: int = 0,
+    stats: ReadStats | None = None,
 ) -> Iterator[str]:
-    """The documents of one file. Plain text is split by `doc_split`: "line", "blank_line" or "file"."""
+    """The documents of one file. JSONL (.jsonl, .json) and Parquet give one per record's
+    `text_field`; plain text is split by `doc_split` ("line", "blank_line" or "file")."""
+    if doc_split not in DOC_SPLITS:
+        raise ValueError(f"doc_split must be one of {DOC_SPLITS}, got {doc_split!r}")
     stats = stats if stats is not None else ReadStats()
     kind = base_suffix(path)
-    count = 0
     if kind == ".parquet":
-        import pyarrow.parquet as pq
-
-        with open_binary(path) as f:
-            table = pq.ParquetFile(f)
-            if text_field not in table.schema_arrow.names:
-                raise ValueError(f"{path}: no column {text_field!r} (columns: {table.schema_arrow.names})")
-            for batch in table.iter_batches(columns=[text_field], batch_size=1024):
-                for text in batch.column(0).to_pylist():
-                    if text:
-                        count += 1
-                        yield text
+        documents = _cut(_parquet_documents(path, text_field), max_doc_chars)
     elif kind in (".jsonl", ".json"):
-        for number, line in enumerate(_text_lines(path, stats), 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)[text_field]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(
-                    f"{path}:{number}: not a JSON object with a {text_field!r} string ({e})"
-                ) from None
-            if text:
-                count += 1
-                yield text
+        documents = _cut(_jsonl_documents(path, text_field, stats), max_doc_chars)
     else:
-        if doc_split not in ("line", "blank_line", "file"):
-            raise ValueError(f"doc_split must be line, blank_line or file, got {doc_split!r}")
-        lines: list[str] = []
-        for line in _text_lines(path, stats):
-            if doc_split == "line" or (doc_split == "blank_line" and not line.strip()):
-                doc = "".join(lines) + (line if doc_split == "line" else "")
-                lines = []
-                if doc.strip():
-                    count += 1
-                    yield doc.rstrip("\n")
-            else:
-                lines.append(line)
-        doc = "".join(lines)
-        if doc.strip():
-            count += 1
-            yield doc.rstrip("\n") if doc_split != "file" else doc
+        documents = _plain_documents(path, doc_split, max_doc_chars, stats)
+    count = 0
+    for count, doc in enumerate(documents, 1):  # noqa: B007 (count is read after the loop)
+        yield doc
     if count == 0:
         stats.empty_files.append(str(path))

@@ -14,9 +14,14 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<_system>", "<_user>", "<_bo
 EOS_ID = 2
 
 
-def train_tokenizer(texts: Iterable[str | Path], vocab_size: int, out_dir: str | Path) -> Path:
-    """Train on `texts` (strings, and `Path`s of files whose documents teleflm.data.sources reads)
-    and save to `out_dir`."""
+def train_tokenizer(
+    files_or_texts: list[str | Path] | Iterable[str], vocab_size: int, out_dir: str | Path
+) -> Path:
+    """Train a byte-level BPE of `vocab_size` entries and save it to `out_dir` (returned).
+
+    `files_or_texts` is either a list (or tuple) of files or globs, read as documents by
+    teleflm.data.sources (any format `teleflm data prepare` reads), or any other iterable of texts
+    (a generator, `iter(list_of_texts)`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -24,6 +29,13 @@ def train_tokenizer(texts: Iterable[str | Path], vocab_size: int, out_dir: str |
         raise ValueError(
             f"vocab_size {vocab_size} is below the 256 bytes + {len(SPECIAL_TOKENS)} special tokens"
         )
+    if isinstance(files_or_texts, str | Path):
+        raise TypeError(
+            "train_tokenizer takes a list of files or globs, or an iterable of texts, not one string"
+        )
+    texts = _file_texts(files_or_texts) if isinstance(files_or_texts, list | tuple) else files_or_texts
+    # No normalizer: every byte of the text must survive. The pre-tokenizer maps bytes to printable
+    # characters, so the 256 of them are the base alphabet and any text encodes without <unk>.
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -33,7 +45,7 @@ def train_tokenizer(texts: Iterable[str | Path], vocab_size: int, out_dir: str |
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_texts(texts), trainer=trainer)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         unk_token="<unk>",
@@ -48,17 +60,29 @@ def train_tokenizer(texts: Iterable[str | Path], vocab_size: int, out_dir: str |
     return out_dir
 
 
-def _texts(texts) -> Iterator[str]:
+def expand_files(patterns: list[str | Path]) -> list[Path]:
+    """Files named by paths or globs, each pattern's matches sorted; a pattern matching nothing is an error."""
+    import glob
+
+    files: list[Path] = []
+    for pattern in patterns:
+        found = sorted(Path(p) for p in glob.glob(str(pattern), recursive=True) if Path(p).is_file())
+        if not found:
+            raise FileNotFoundError(f"{pattern}: matches no file")
+        files += [f for f in found if f not in files]
+    return files
+
+
+def _file_texts(patterns: list[str | Path]) -> Iterator[str]:
     from teleflm.data.sources import read_documents
 
-    for item in texts:
-        if isinstance(item, Path):
-            yield from read_documents(Path(item))
-        else:
-            yield item
+    for path in expand_files(patterns):  # expanded before training starts: a bad name fails at once
+        yield from read_documents(path)
 
 
 def load_tokenizer(folder: str | Path):
+    """The transformers tokenizer of a folder (what AutoTokenizer.from_pretrained gives, without
+    remote code)."""
     from teleflm.model.io import load_tokenizer as load
 
     return load(folder)
@@ -73,7 +97,14 @@ def tokenizer_hash(folder: str | Path) -> str:
 
 
 def raw_tokenizer(folder: str | Path):
-    """The Rust `tokenizers.Tokenizer` (multithreaded `encode_batch`, no per-call Python overhead)."""
+    """The Rust `tokenizers.Tokenizer` that encodes training data (multithreaded `encode_batch`, no
+    per-call Python overhead). Special tokens written in a document ("</s>" in a web page) are
+    encoded as the text they are, so the only </s> ids in shards are the separators the mixture adds."""
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no tokenizer.json (train one with `teleflm tokenizer train`)")
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.encode_special_tokens = True
+    return tokenizer

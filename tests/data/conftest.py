@@ -24,7 +24,7 @@ def texts() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory, texts):
     out = tmp_path_factory.mktemp("tok")
-    return train_tokenizer([texts["en"], texts["zh"], texts["poems"]], 1000, out)
+    return train_tokenizer(iter([texts["en"], texts["zh"], texts["poems"]]), 1000, out)
 
 
 def write_jsonl(path, docs):

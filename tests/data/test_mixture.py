@@ -1,6 +1,7 @@
 """The mixture stream: proportions as configured, epochs respected, exact resume on any rank count,
 ranks never sharing a sequence."""
 
+import json
 import warnings
 
 import numpy as np
@@ -104,15 +105,51 @@ def test_document_mask_ids(shards):
         np.testing.assert_array_equal(steps, np.flatnonzero(row[:-1] == EOS_ID) + 1)
 
 
-def test_bad_mixtures_are_refused(shards, tmp_path):
+def test_bad_mixtures_and_states_are_refused(shards):
     with pytest.raises(ValueError, match="mixture domain 'law' is not in the shards"):
         stream(shards, [DomainWeight("law", 1.0)])
     with pytest.raises(ValueError, match="proportion and epochs must be positive"):
         stream(shards, [DomainWeight("en", 0.0)])
-    s = stream(shards)
+    with pytest.raises(ValueError, match="names a domain twice"):
+        stream(shards, [DomainWeight("en", 1.0), DomainWeight("en", 1.0)])
+    with pytest.raises(ValueError, match="dp_rank < dp_size"):
+        stream(shards, rank=2, size=2)
     with pytest.raises(ValueError, match="does not divide over 4 ranks"):
         stream(shards, rank=0, size=4).load_state_dict({"drawn": 6, "per_domain": [3, 2, 1]})
-    assert s.state_dict() == {"drawn": 0, "per_domain": [0, 0, 0]}
+    with pytest.raises(ValueError, match="inconsistent"):
+        stream(shards).load_state_dict({"drawn": 7, "per_domain": [3, 2, 1]})
+    s = stream(shards)
+    s.next_sequences(3)
+    assert json.loads(json.dumps(s.state_dict())) == s.state_dict()  # JSON as it is
+
+
+def test_each_epoch_visits_every_document_once(shards):
+    """Within a domain, a whole epoch of windows is every document once, in a seeded order."""
+    s = stream(shards, [DomainWeight("poems", 1.0, 1.0)])
+    epoch_tokens = shards.n_tokens("poems") + shards.split_info("poems")["documents"]
+    rows = s.next_sequences(epoch_tokens // T)["tokens"]
+    flat = np.concatenate([rows[0], *[r[1:] for r in rows[1:]]])
+    pieces = np.split(flat, np.flatnonzero(flat == EOS_ID) + 1)[:-1]  # whole documents before the tail
+    docs = [tuple(d) for d, _ in shards.documents("poems")]
+    got = [tuple(p[:-1]) for p in pieces]
+    assert len(got) == len(set(got)) and set(got) <= set(docs) and len(got) >= len(docs) - 1
+    assert got != docs[: len(got)]  # shuffled, not file order
+    other_seed = MixtureStream(shards, [DomainWeight("poems", 1.0, 1.0)], T, seed=8).next_sequences(5)
+    assert not np.array_equal(other_seed["tokens"], rows[:5])
+
+
+def test_budget_within_epochs_is_never_exceeded(shards):
+    """A budget the epochs allow: no warning, no domain past its epochs, as epochs_needed predicted."""
+    s = stream(shards, [DomainWeight("en", 0.5, 1.0), DomainWeight("zh", 0.5, 3.0)])
+    budget = int(s.domains[0].epoch_tokens * 0.9 / (0.5 * T))  # 90% of en's single epoch
+    needed = s.epochs_needed(budget)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s.next_sequences(budget)
+    used = s.epochs_used()
+    for m in s.mixture:
+        assert used[m.name] <= m.epochs
+        assert used[m.name] == pytest.approx(needed[m.name], rel=0.01)
 
 
 def test_domain_without_data_is_refused(tmp_path, tokenizer_dir):
@@ -126,7 +163,8 @@ def test_domain_without_data_is_refused(tmp_path, tokenizer_dir):
         heldout=0.0,
     )
     (tmp_path / "none.jsonl").write_text("")
-    prepare(toml, progress=False)
+    with pytest.warns(UserWarning, match="domain 'none' has no training documents"):
+        prepare(toml, progress=False)
     shards = open_shards(tmp_path / "shards")
     with pytest.raises(ValueError, match="mixture domain 'none' has no train data"):
         stream(shards)

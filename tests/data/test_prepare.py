@@ -1,5 +1,5 @@
-"""Preparing shards: every input format, a manifest that checks what is read, decontamination, and
-clear refusals of bad input."""
+"""`teleflm data prepare`: every input format to the same shards, a fixed held-out split, re-runs that
+skip finished work, interruptions that never read as complete, bounded chunks, clear refusals."""
 
 import gzip
 import json
@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from teleflm.data.prepare import ngram_hashes, prepare
+import teleflm.data.prepare as prepare_module
+from teleflm.data.prepare import load_data_config, prepare
 from teleflm.data.shards import ShardError, open_shards
-from teleflm.data.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
+from teleflm.data.tokenizer import load_tokenizer, tokenizer_hash
 from tests.data.conftest import data_toml
 
 DOCS = [f"Document number {i}: " + "and the word was with God. " * (i % 5 + 1) for i in range(40)]
@@ -26,33 +27,86 @@ def test_every_format_gives_the_same_documents(tmp_path, tokenizer_dir):
     (tmp_path / "c.jsonl.xz").write_bytes(lzma.compress(jsonl))
     pq.write_table(pa.table({"text": DOCS}), tmp_path / "d.parquet")
     (tmp_path / "e.txt").write_text("\n\n".join(DOCS))
+    (tmp_path / "f.txt.zst").write_bytes(zstandard.ZstdCompressor().compress("\n".join(DOCS).encode()))
+    pq.write_table(pa.table({"body": DOCS}), tmp_path / "g.parquet")
+    (tmp_path / "g.parquet.xz").write_bytes(lzma.compress((tmp_path / "g.parquet").read_bytes()))
+    domains = {
+        "gz": 'inputs = ["a.jsonl.gz"]',
+        "zst": 'inputs = ["b.jsonl.zst"]',
+        "xz": 'inputs = ["c.jsonl.xz"]',
+        "pq": 'inputs = ["d.parquet"]',
+        "txt": 'inputs = ["e.txt"]',
+        "lines": 'inputs = ["f.txt.zst"]\ndoc_split = "line"',
+        "pqxz": 'inputs = ["*.parquet.xz"]\ntext_field = "body"',
+    }
     lines = [f'tokenizer = "{tokenizer_dir}"', 'out = "shards"', "heldout_fraction = 0.0"]
-    for name, pattern in [
-        ("gz", "a.jsonl.gz"),
-        ("zst", "b.jsonl.zst"),
-        ("xz", "c.jsonl.xz"),
-        ("pq", "*.parquet"),
-        ("txt", "e.txt"),
-    ]:
-        lines += ["[[domains]]", f'name = "{name}"', f'inputs = ["{pattern}"]']
+    for name, settings in domains.items():
+        lines += ["[[domains]]", f'name = "{name}"', settings]
     (tmp_path / "data.toml").write_text("\n".join(lines))
     prepare(tmp_path / "data.toml", progress=False)
     shards = open_shards(tmp_path / "shards", expected_tokenizer_hash=tokenizer_hash(tokenizer_dir))
     tok = load_tokenizer(tokenizer_dir)
-    for domain in ["gz", "zst", "xz", "pq", "txt"]:
+    for domain in domains:
         docs = list(shards.documents(domain))
         assert [tok.decode(ids.tolist()) for ids, _ in docs] == DOCS, domain
         assert [n for _, n in docs] == [len(d.encode()) for d in DOCS]
     assert shards.tokens("gz").dtype == np.uint16  # a 1000-entry vocabulary fits
+    info = shards.split_info("gz")
+    assert info["tokens"] == len(shards.tokens("gz")) and info["documents"] == len(DOCS)
 
 
-def test_heldout_split_is_by_document_and_fixed(tmp_path, tokenizer_dir):
-    toml = data_toml(tmp_path, tokenizer_dir, {"d": (DOCS * 5, 1.0, 1.0)}, heldout=0.2)
+def test_literal_special_tokens_in_text_stay_text(tmp_path, tokenizer_dir):
+    docs = ["html </s> and <s> and <_user> written in a page", "plain"]
+    prepare(data_toml(tmp_path, tokenizer_dir, {"d": (docs, 1.0, 1.0)}, heldout=0.0), progress=False)
+    shards = open_shards(tmp_path / "shards")
+    tokens = np.asarray(shards.tokens("d"))
+    assert not np.isin(tokens, range(7)).any()  # only the mixture's separators may be </s>
+    tok = load_tokenizer(tokenizer_dir)
+    assert [tok.decode(ids.tolist()) for ids, _ in shards.documents("d")] == docs
+
+
+def test_heldout_split_is_by_document_and_fixed(tmp_path, tokenizer_dir, monkeypatch):
+    docs = [f"{d} (copy {k})" for k in range(5) for d in DOCS]
+    toml = data_toml(tmp_path, tokenizer_dir, {"d": (docs, 1.0, 1.0)}, heldout=0.2)
     first = prepare(toml, progress=False)["domains"]["d"]["splits"]
+    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 500)  # other chunking, same split
     second = prepare(toml, out=tmp_path / "again", progress=False)["domains"]["d"]["splits"]
     assert 0 < first["val"]["documents"] < first["train"]["documents"]
-    assert first["val"]["documents"] + first["train"]["documents"] == 200
     assert first == second
+    # Every document lands whole in exactly one split.
+    tok, shards = load_tokenizer(tokenizer_dir), open_shards(tmp_path / "again")
+    split_docs = {
+        s: [tok.decode(ids.tolist()) for ids, _ in shards.documents("d", s)] for s in ("train", "val")
+    }
+    assert sorted(split_docs["train"] + split_docs["val"]) == sorted(docs)
+    assert len(split_docs["val"]) == first["val"]["documents"]
+
+
+def test_chunks_stay_bounded(tmp_path, tokenizer_dir, monkeypatch):
+    """Streaming: the encoder never sees more than one chunk (plus one document) at a time."""
+    docs = [f"line {i} " * 30 for i in range(300)]
+    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 2_000)
+    seen = []
+    original = prepare_module.raw_tokenizer
+
+    def spying_tokenizer(folder):
+        encoder = original(folder)
+
+        class Spy:
+            def __getattr__(self, name):
+                return getattr(encoder, name)
+
+            def encode_batch_fast(self, chunk, **kw):
+                seen.append(sum(map(len, chunk)))
+                return encoder.encode_batch_fast(chunk, **kw)
+
+        return Spy()
+
+    monkeypatch.setattr(prepare_module, "raw_tokenizer", spying_tokenizer)
+    manifest = prepare(data_toml(tmp_path, tokenizer_dir, {"d": (docs, 1.0, 1.0)}), progress=False)
+    assert max(seen) < 2_000 + max(map(len, docs)) and sum(seen) == sum(map(len, docs))
+    d = manifest["domains"]["d"]["splits"]
+    assert d["train"]["documents"] + d["val"]["documents"] == len(docs)
 
 
 def test_rerun_skips_finished_domains(tmp_path, tokenizer_dir, capsys):
@@ -61,77 +115,43 @@ def test_rerun_skips_finished_domains(tmp_path, tokenizer_dir, capsys):
     mtime = (tmp_path / "shards" / "a" / "train.tokens").stat().st_mtime_ns
     capsys.readouterr()
     prepare(toml, progress=False)
-    assert "a: up to date, skipped" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "a: up to date, skipped" in out and "b: up to date, skipped" in out
     assert (tmp_path / "shards" / "a" / "train.tokens").stat().st_mtime_ns == mtime
-    # A changed input is redone.
+    # A changed input is redone, the other domain is not.
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "changed"}) + "\n")
     manifest = prepare(toml, progress=False)
-    assert (
-        manifest["domains"]["b"]["splits"]["train"]["documents"]
-        + manifest["domains"]["b"]["splits"]["val"]["documents"]
-        == 1
-    )
+    assert "a: up to date, skipped" in capsys.readouterr().out
+    splits = manifest["domains"]["b"]["splits"]
+    assert splits["train"]["documents"] + splits["val"]["documents"] == 1
+    open_shards(tmp_path / "shards")  # checksums of the new files are in the manifest
 
 
-def test_interrupted_domain_never_reads_as_complete(tmp_path, tokenizer_dir, monkeypatch):
+def test_interrupted_run_never_reads_as_complete(tmp_path, tokenizer_dir, monkeypatch, capsys):
     toml = data_toml(tmp_path, tokenizer_dir, {"a": (DOCS, 1.0, 1.0), "b": (DOCS, 1.0, 1.0)})
-    import teleflm.data.prepare as module
+    original = prepare_module.SplitWriter.add
 
-    calls = {"n": 0}
-    original = module.SplitWriter.add
-
-    def crash_in_b(self, ids, sizes):
-        calls["n"] += 1
-        if "/.b." in str(self.paths["tokens"]):
+    def crash_in_b(self, *args):
+        if "/.b.partial/" in str(self.paths["tokens"]):
             raise KeyboardInterrupt
-        return original(self, ids, sizes)
+        return original(self, *args)
 
-    monkeypatch.setattr(module.SplitWriter, "add", crash_in_b)
+    monkeypatch.setattr(prepare_module.SplitWriter, "add", crash_in_b)
     with pytest.raises(KeyboardInterrupt):
         prepare(toml, progress=False)
-    shards = open_shards(tmp_path / "shards")
-    assert shards.domains == ["a"]  # b was never entered in the manifest
+    with pytest.raises(ShardError, match="incomplete"):
+        open_shards(tmp_path / "shards")
     assert not (tmp_path / "shards" / "b").exists()
-
-
-def test_decontamination_removes_planted_passages_and_keeps_near_misses(tmp_path, tokenizer_dir):
-    passage = "Behold the wonderful machine sang of rivers and mountains under seven silver moons tonight"
-    test_file = tmp_path / "test.jsonl"
-    test_file.write_text(json.dumps({"text": "Question: " + passage + " Answer: yes"}) + "\n")
-    tok = load_tokenizer(tokenizer_dir)
-    near = " ".join(passage.split()[:3])  # a short shared run: fewer than 13 tokens in common
-    near_doc = "Unrelated start " + near + " then something else entirely."
-    shared = np.isin(
-        ngram_hashes(np.array(tok(near_doc)["input_ids"]), 13),
-        ngram_hashes(np.array(tok("Question: " + passage + " Answer: yes")["input_ids"]), 13),
-    )
-    assert not shared.any() and len(tok(near)["input_ids"]) >= 3
-    train = [f"Doc {i} about farming." for i in range(20)] + [
-        "Intro text. " + passage + " and more.",
-        near_doc,
-    ]
-    toml = data_toml(tmp_path, tokenizer_dir, {"d": (train, 1.0, 1.0)}, heldout=0.0)
-    manifest = prepare(toml, decontaminate=[str(test_file)], ngram=13, progress=False)
-    assert manifest["domains"]["d"]["contaminated_documents"] == 1
-    assert manifest["decontamination"]["test_documents"] == 1
-    kept = [tok.decode(ids.tolist()) for ids, _ in open_shards(tmp_path / "shards").documents("d")]
-    assert len(kept) == 21
-    assert not any(passage in k for k in kept) and any(near in k for k in kept)
-    # "report" keeps the document and counts it.
-    report = prepare(
-        toml,
-        out=tmp_path / "r",
-        decontaminate=[str(test_file)],
-        decontaminate_action="report",
-        progress=False,
-    )
-    assert report["domains"]["d"]["contaminated_documents"] == 1
-    assert report["domains"]["d"]["splits"]["train"]["documents"] == 22
+    monkeypatch.undo()
+    capsys.readouterr()
+    prepare(toml, progress=False)  # the re-run keeps a and finishes b
+    assert "a: up to date, skipped" in capsys.readouterr().out
+    assert open_shards(tmp_path / "shards").domains == ["a", "b"]
 
 
 def test_invalid_utf8_is_replaced_counted_and_named(tmp_path, tokenizer_dir, capsys):
     bad = tmp_path / "bad.txt"
-    bad.write_bytes(b"good text\n\nbroken \xff\xfe bytes here\n")
+    bad.write_bytes(b"good text\n\nbroken \xff\xfe bytes and a cut \xe4\xb8 one\n")
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "data.toml").write_text(
         f'tokenizer = "{tokenizer_dir}"\nout = "shards"\nheldout_fraction = 0.0\n'
@@ -139,12 +159,36 @@ def test_invalid_utf8_is_replaced_counted_and_named(tmp_path, tokenizer_dir, cap
     )
     manifest = prepare(tmp_path / "data.toml", progress=False)
     entry = manifest["domains"]["d"]
-    assert entry["invalid_utf8"] == {str(bad): 2}
+    assert entry["invalid_utf8"] == {str(bad): 3}
     assert entry["empty_files"] == [str(tmp_path / "empty.txt")]
     out = capsys.readouterr().out
-    assert f"{bad}: 2 invalid UTF-8" in out and "empty.txt: no documents" in out
+    assert f"{bad}: 3 invalid UTF-8" in out and "empty.txt: no documents" in out
     docs = list(open_shards(tmp_path / "shards").documents("d"))
-    assert len(docs) == 2
+    text = load_tokenizer(tokenizer_dir).decode(docs[1][0].tolist())
+    assert text == "broken \ufffd\ufffd bytes and a cut \ufffd one" and docs[1][1] == len(text.encode())
+
+
+def test_bad_configs_are_refused_naming_file_and_key(tmp_path, tokenizer_dir):
+    path = tmp_path / "data.toml"
+    base = f'tokenizer = "{tokenizer_dir}"\nout = "shards"\n'
+    cases = {
+        base + 'shuffle = true\n[[domains]]\nname = "d"\ninputs = ["x"]\n': r"unknown key\(s\) \['shuffle'\]",
+        base
+        + '[[domains]]\nname = "d"\ninputs = ["x"]\nweight = 2\n': r"domains\[0\]: unknown key\(s\) \['weight'\]",
+        base
+        + '[[domains]]\nname = "d"\ninputs = ["x"]\nepochs = "two"\n': r"epochs = 'two' should be a float",
+        base + '[[domains]]\nname = "d"\ninputs = ["x"]\ndoc_split = "para"\n': "doc_split must be one of",
+        base + '[[domains]]\nname = "../d"\ninputs = ["x"]\n': "must be a plain folder name",
+        base: r"missing key\(s\) \['domains'\]",
+        'out = "s"\n[[domains]]\nname = "d"\ninputs = ["x"]\n': r"missing key\(s\) \['tokenizer'\]",
+    }
+    for text, message in cases.items():
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message) as error:
+            load_data_config(path)
+        assert str(path) in str(error.value)
+    path.write_text(base + '[[domains]]\nname = "d"\ninputs = ["x"]\nproportion = 2\n')
+    assert load_data_config(path).domains[0].proportion == 2.0
 
 
 def test_missing_input_is_refused_before_work(tmp_path, tokenizer_dir):
@@ -156,23 +200,13 @@ def test_missing_input_is_refused_before_work(tmp_path, tokenizer_dir):
     assert not (tmp_path / "shards").exists()
 
 
-def test_truncated_or_altered_shard_is_detected(tmp_path, shards_dir):
-    import shutil
-
-    copy = tmp_path / "shards"
-    shutil.copytree(shards_dir, copy)
-    tokens = copy / "en" / "train.tokens"
-    data = bytearray(tokens.read_bytes())
-    data[100] ^= 0xFF
-    tokens.write_bytes(bytes(data))
-    with pytest.raises(ShardError, match=r"en/train\.tokens: checksum mismatch"):
-        open_shards(copy)
-    tokens.write_bytes(bytes(data[:-10]))
-    with pytest.raises(ShardError, match=r"en/train\.tokens has \d+ bytes, the manifest says \d+: truncated"):
-        open_shards(copy, verify=False)
-
-
-def test_shards_of_another_tokenizer_are_refused(tmp_path, shards_dir, texts):
-    other = train_tokenizer([texts["en"][:20_000]], 600, tmp_path / "other")
-    with pytest.raises(ShardError, match="made with another tokenizer"):
-        open_shards(shards_dir, expected_tokenizer_hash=tokenizer_hash(other))
+def test_damaged_compressed_input_names_the_file(tmp_path, tokenizer_dir):
+    whole = gzip.compress(("\n\n".join(DOCS)).encode())
+    (tmp_path / "cut.txt.gz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "data.toml").write_text(
+        f'tokenizer = "{tokenizer_dir}"\nout = "shards"\n[[domains]]\nname = "d"\ninputs = ["cut.txt.gz"]\n'
+    )
+    with pytest.raises(ValueError, match=r"cut\.txt\.gz: cannot read"):
+        prepare(tmp_path / "data.toml", progress=False)
+    with pytest.raises(ShardError, match="incomplete"):
+        open_shards(tmp_path / "shards")
