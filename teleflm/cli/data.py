@@ -1,44 +1,31 @@
-"""`teleflm tokenizer train` and `teleflm data prepare`."""
+"""`teleflm data prepare` (raw text -> token shards) and `teleflm data inspect` (what a shards folder holds)."""
 
 from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer").add_subparsers(
-        dest="tokenizer_command", required=True, metavar="ACTION"
-    )
-    train = tok.add_parser("train", help="train on text files (txt, jsonl, parquet; .gz/.zst/.xz)")
-    train.add_argument("--input", nargs="+", required=True, help="files or globs")
-    train.add_argument("--vocab-size", type=int, default=80000)
-    train.add_argument("--out", type=Path, required=True)
-    train.set_defaults(func=run_tokenizer_train)
-
-    data = sub.add_parser("data", help="prepare token shards").add_subparsers(
+    actions = sub.add_parser("data", help="prepare and inspect token shards").add_subparsers(
         dest="data_command", required=True, metavar="ACTION"
     )
-    prep = data.add_parser(
+    prep = actions.add_parser(
         "prepare", help="raw text per domain -> token shards + manifest (see docs/data.md)"
     )
     prep.add_argument("--config", type=Path, required=True, help="data TOML: tokenizer, out, [[domains]]")
-    prep.add_argument("--decontaminate", nargs="+", default=[], metavar="TESTSET", help="test files or globs")
-    prep.add_argument("--ngram", type=int, default=13, help="n-gram length (tokens) for decontamination")
+    prep.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the config's)")
+    prep.add_argument("--out", type=Path, help="shards folder (default: the config's)")
+    prep.add_argument(
+        "--decontaminate", nargs="+", default=[], metavar="TESTSET", help="test-set files or globs"
+    )
+    prep.add_argument("--ngram", type=int, default=13, help="n-gram length in tokens for decontamination")
     prep.add_argument("--decontaminate-action", choices=["remove", "report"], default="remove")
+    prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(func=run_prepare)
 
-
-def run_tokenizer_train(args) -> int:
-    import glob
-
-    from teleflm.data.tokenizer import train_tokenizer
-
-    files = sorted(
-        {p for pattern in args.input for p in glob.glob(pattern, recursive=True) if Path(p).is_file()}
-    )
-    if not files:
-        raise FileNotFoundError(f"--input {args.input}: no files")
-    out = train_tokenizer([Path(f) for f in files], args.vocab_size, args.out)
-    print(f"tokenizer with {args.vocab_size} entries written to {out}")
-    return 0
+    inspect = actions.add_parser("inspect", help="verify a shards folder and print its domains")
+    inspect.add_argument("shards", type=Path)
+    inspect.add_argument("--tokenizer", type=Path, help="refuse shards made by another tokenizer")
+    inspect.add_argument("--no-verify", action="store_true", help="check sizes only, not checksums")
+    inspect.set_defaults(func=run_inspect)
 
 
 def run_prepare(args) -> int:
@@ -46,8 +33,33 @@ def run_prepare(args) -> int:
 
     prepare(
         args.config,
+        tokenizer=args.tokenizer,
+        out=args.out,
         decontaminate=args.decontaminate,
         ngram=args.ngram,
         decontaminate_action=args.decontaminate_action,
+        progress=not args.quiet,
     )
+    return 0
+
+
+def run_inspect(args) -> int:
+    from teleflm.data.shards import open_shards
+    from teleflm.data.tokenizer import tokenizer_hash
+
+    expected = tokenizer_hash(args.tokenizer) if args.tokenizer else None
+    shards = open_shards(args.shards, expected_tokenizer_hash=expected, verify=not args.no_verify)
+    m = shards.manifest
+    print(
+        f"{args.shards}: tokenizer sha256 {m['tokenizer_hash']}, {m['dtype']}, vocabulary {m['vocab_size']}"
+    )
+    print(
+        f"{'domain':16s} {'proportion':>10s} {'epochs':>6s} {'train docs':>11s} {'train tokens':>13s} {'val docs':>9s}"
+    )
+    for name in shards.domains:
+        d, train, val = m["domains"][name], shards.split_info(name, "train"), shards.split_info(name, "val")
+        print(
+            f"{name:16s} {d['proportion']:10.4g} {d['epochs']:6.3g} {train['documents']:11,d} "
+            f"{train['tokens']:13,d} {val['documents']:9,d}"
+        )
     return 0

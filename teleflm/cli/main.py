@@ -8,10 +8,12 @@ import sys
 # Subcommand modules, in the order `teleflm --help` lists them.
 SUBCOMMANDS = [
     "teleflm.cli.demo",
+    "teleflm.cli.tokenizer",
     "teleflm.cli.data",
     "teleflm.cli.export",
     "teleflm.cli.generate",
     "teleflm.cli.pretrain",
+    "teleflm.cli.grow",
     "teleflm.cli.eval",
     "teleflm.cli.plan",
     "teleflm.cli.mup",
