@@ -31,13 +31,14 @@ def poems() -> list[str]:
 
 
 def stdlib_sources() -> list[str]:
-    """Python standard library modules, in a fixed order, bounded in number and size."""
+    """Python standard library modules (not its tests), in path order: at most MAX_CODE_FILES
+    non-empty files of at most MAX_CODE_FILE_BYTES each."""
     root = Path(sysconfig.get_paths()["stdlib"])
     paths = sorted(p for p in root.rglob("*.py") if "test" not in p.parts and "site-packages" not in p.parts)
     texts = []
     for path in paths:
         data = path.read_bytes()
-        if len(data) <= MAX_CODE_FILE_BYTES:
+        if data.strip() and len(data) <= MAX_CODE_FILE_BYTES:
             try:
                 texts.append(data.decode())
             except UnicodeDecodeError:
