@@ -42,3 +42,11 @@ def test_write_sample_corpus_gives_a_config_that_loads(tmp_path):
         files_ = resolve_inputs(domain.inputs, config_path.parent, domain.name)
         docs = [d for f in files_ for d in read_documents(f, domain.text_field, domain.doc_split)]
         assert docs == sample.DOMAINS[domain.name][0]()  # written and read back unchanged
+
+
+def test_shipped_data_configs_load():
+    configs = sorted((REPO / "configs" / "data").glob("*.toml"))
+    assert configs
+    for path in configs:
+        cfg = load_data_config(path)
+        assert cfg.domains and all(d.proportion > 0 and d.epochs > 0 for d in cfg.domains)
