@@ -80,6 +80,15 @@ def test_pretrain_on_prepared_shards(prepared, tmp_path, capsys):
     assert (tmp_path / "run" / "export" / "tokenizer.json").is_file()
     assert "val.bpb=" in capsys.readouterr().out
 
+    # `teleflm eval bpb` on the final checkpoint and on the export reproduces the in-loop figures.
+    for model in [tmp_path / "run" / "checkpoints" / "step-00000010", tmp_path / "run" / "export"]:
+        out = tmp_path / f"{model.name}.json"
+        args = ["eval", "bpb", "--model", str(model), "--data", str(prepared / "shards")]
+        assert main([*args, "--context-length", "64", "--max-windows", "4", "--json", str(out)]) == 0
+        figures = json.loads(out.read_text())
+        assert figures["bpb"] == pytest.approx(evals[-1]["val.bpb"], rel=1e-5)
+        assert figures["domains"]["zh"]["bpb"] == pytest.approx(evals[-1]["val.zh.bpb"], rel=1e-5)
+
 
 def test_shards_of_another_tokenizer_refused_before_work(prepared, tmp_path, capsys):
     other = train_tokenizer(iter([corpus("en_book_kjv.txt").read_text()[:30_000]]), 400, tmp_path / "other")
