@@ -1,10 +1,21 @@
 """The byte-level tokenizer: exact bytes back for any text, the released special ids, loads in transformers."""
 
+import itertools
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from teleflm.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, raw_tokenizer
+from teleflm.data.sources import read_documents
+from teleflm.data.tokenizer import (
+    SPECIAL_TOKENS,
+    load_tokenizer,
+    raw_tokenizer,
+    tokenizer_hash,
+    train_tokenizer,
+)
+from tests.conftest import corpus
 
 
 def test_special_tokens_have_the_released_ids(tokenizer_dir):
@@ -14,11 +25,18 @@ def test_special_tokens_have_the_released_ids(tokenizer_dir):
     assert tok("In the beginning")["input_ids"][0] != 1  # no BOS added
 
 
-def test_corpora_round_trip_byte_exact(tokenizer_dir, texts):
-    tok = load_tokenizer(tokenizer_dir)
-    for text in texts.values():
-        piece = text[:20_000]
-        assert tok.decode(tok(piece)["input_ids"]) == piece
+@pytest.mark.parametrize(
+    "name",
+    ["en_book_kjv.txt", "en_tech_linuxdocs.rst", "zh_news_peoplesdaily1998.txt", "zh_classical_poetry.txt"],
+)
+def test_corpora_round_trip_byte_exact(tokenizer_dir, name):
+    data = corpus(name).read_bytes()
+    middle = len(data) // 2  # a slice from the middle too: not only what the tokenizer was trained on
+    tok, raw = load_tokenizer(tokenizer_dir), raw_tokenizer(tokenizer_dir)
+    for piece in (data[:30_000], data[middle : middle + 30_000]):
+        text = piece.decode(errors="ignore")  # a slice may cut a character at either end
+        assert raw.decode(raw.encode(text).ids, skip_special_tokens=False).encode() == text.encode()
+        assert tok.decode(tok(text[:5_000])["input_ids"]) == text[:5_000]
 
 
 ADVERSARIAL = [
@@ -43,3 +61,27 @@ def test_adversarial_strings_round_trip(tokenizer_dir):
     tok = load_tokenizer(tokenizer_dir)
     for text in ADVERSARIAL:
         assert tok.decode(tok(text)["input_ids"]) == text
+
+
+def test_autotokenizer_round_trips_adversarial_strings(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    for text in ADVERSARIAL:
+        assert tok.decode(tok(text)["input_ids"]) == text
+
+
+def test_files_and_globs_or_an_iterator_of_texts(tmp_path, texts):
+    (tmp_path / "a.txt").write_text(texts["en"][:30_000])
+    (tmp_path / "b.txt").write_text(texts["poems"][:10_000])
+    from_files = train_tokenizer([tmp_path / "a.txt", str(tmp_path / "b*.txt")], 400, tmp_path / "f")
+    from_texts = train_tokenizer(
+        itertools.chain(read_documents(tmp_path / "a.txt"), read_documents(tmp_path / "b.txt")),
+        400,
+        tmp_path / "t",
+    )
+    assert tokenizer_hash(from_files) == tokenizer_hash(from_texts)  # the same documents, the same BPE
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        train_tokenizer([str(tmp_path / "missing*.txt")], 400, tmp_path / "m")
+    with pytest.raises(TypeError, match="not one string"):
+        train_tokenizer(str(tmp_path / "a.txt"), 400, tmp_path / "s")
+    with pytest.raises(ValueError, match="below the 256 bytes"):
+        train_tokenizer(iter(["x"]), 100, tmp_path / "small")
