@@ -1,7 +1,7 @@
 """muScaling on a tiny ladder: train 5 muP widths with the same hyper-parameters and tokens on a slice
 of the King James Bible, fit L(N) = a*N^b + c on the 4 smallest and predict the largest.
 
-    .venv/bin/python -m bench.bench_predict [--steps 200] [--widths 32,48,64,96,128]
+    .venv/bin/python -m bench.bench_predict [--steps 300] [--lr 3e-3] [--widths 32,48,64,96,128]
 """
 
 import argparse
@@ -13,14 +13,15 @@ import torch
 
 from bench.bench_mup import base_config, kjv_sequences
 from teleflm.mup.runs import RunData, at_width, parameter_count, scored_run
+from teleflm.scaling.fit import FitError
 from teleflm.scaling.ladder import Rung, forecast, write_report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--widths", default="32,48,64,96,128")
-    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--report", default="runs/bench/predict", help="Markdown + PNG report folder")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -42,7 +43,11 @@ def main() -> None:
                 flush=True,
             )
     target = parameter_count(at_width(base_config(args.steps), 512, head_dim=16)["model"])
-    result = forecast(rungs, float(target), "width 512")
+    try:
+        result = forecast(rungs, float(target), "width 512")
+    except FitError as e:
+        print(f"no prediction: {e}")
+        return
     h = result.held_out
     print(
         f"fit on all rungs: L = {result.target.law.a:.4g} N^{result.target.law.b:.4f} + {result.target.law.c:.4f}"
