@@ -13,6 +13,7 @@ SUBCOMMANDS = [
     "teleflm.cli.export",
     "teleflm.cli.generate",
     "teleflm.cli.pretrain",
+    "teleflm.cli.grow",
     "teleflm.cli.eval",
     "teleflm.cli.plan",
     "teleflm.cli.mup",

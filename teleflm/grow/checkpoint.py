@@ -62,10 +62,11 @@ def plan_for_checkpoint(
             f"{source} is not a complete teleflm checkpoint (.metadata and {TRAINER_STATE})"
         )
     state = json.loads((source / TRAINER_STATE).read_text())
-    if state.get("growth_masks"):
+    ramp = state.get("growth_masks")
+    if ramp and state["step"] - ramp["start_step"] < ramp["ramp_steps"]:
         raise GrowthError(
             f"{source} is in the middle of a growth ramp (step {state['step']}, ramp from step "
-            f"{state['growth_masks']['start_step']} over {state['growth_masks']['ramp_steps']} steps); "
+            f"{ramp['start_step']} over {ramp['ramp_steps']} steps); "
             "train past the ramp before growing again"
         )
     return make_plan(TeleFLMConfig.from_dict(state["model_config"]), target_fields, layers_at, layer_init)

@@ -97,6 +97,19 @@ class StabilitySection:
 
 
 @dataclass
+class GrowthStage:
+    """One `[[growth]]` stage (progressive growth, docs/grow.md): at `at_tokens` the model grows to the
+    shape in `model` by masked structural growth, and training goes on under `parallel`."""
+
+    at_tokens: int = 0  # grow once the run has trained this many tokens
+    model: dict[str, Any] = field(default_factory=dict)  # target shape fields (mup_scale_factor follows)
+    parallel: dict[str, Any] = field(default_factory=dict)  # [parallel] keys that change from this stage on
+    ramp_steps: int = 100  # optimizer steps over which the growth masks ramp 0 -> 1
+    layers_at: list[int] = field(default_factory=list)  # grown-model positions of new layers; empty: spread
+    layer_init: str = "copy"  # new layers copy the layer before them, or "interpolate" their neighbours
+
+
+@dataclass
 class TrainConfig:
     out: str = "runs/default"  # checkpoints, logs, plots and the export go here
     seed: int = 0  # initialisation
@@ -110,6 +123,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     stability: StabilitySection = field(default_factory=StabilitySection)
+    growth: list[GrowthStage] = field(default_factory=list)  # progressive growth schedule
 
     def model_config(self):
         from teleflm.model import TeleFLMConfig
@@ -270,6 +284,10 @@ def validate(cfg: TrainConfig, where: str = "config", world_size: int | None = N
         value = getattr(d, section)
         if value and not Path(value).exists():
             raise ConfigError(f"{where}: data.{section} {value} does not exist")
+    if cfg.growth:
+        from teleflm.grow.schedule import validate_growth
+
+        validate_growth(cfg, where)
 
 
 def dp_shard_degree(cfg: TrainConfig, world_size: int) -> int:

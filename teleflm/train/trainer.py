@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from teleflm import mup
+from teleflm.grow import schedule as growth
+from teleflm.grow.masks import advance_ramp
 from teleflm.model.modeling_teleflm import TeleFLMForCausalLM
 from teleflm.parallel.parallelize import (
     ParallelDims,
@@ -77,6 +79,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, stream_factory=None):
         """`stream_factory(dp_rank, dp_size)` replaces the configured data mixture: it returns an object
         with MixtureStream's methods (tests and benchmarks use synthetic streams)."""
+        # A [[growth]] schedule: this trainer trains the stage of the latest checkpoint (its shape and
+        # layout); at the next stage boundary it grows that checkpoint and hands over to a new Trainer.
+        self.run_cfg, self.stream_factory = cfg, stream_factory
+        self.growth_stage, cfg = growth.current_stage(cfg)
+        self.growth_masks = None
         self.cfg = cfg
         self.out = Path(cfg.out)
         world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -257,6 +264,8 @@ class Trainer:
             "rng": checkpoint.rng_state(),
             "model_config": self.model_config.to_diff_dict(),
             "tokenizer": self.cfg.data.tokenizer,
+            "growth_stage": self.growth_stage,
+            "growth_masks": self.growth_masks.state_dict() if self.growth_masks is not None else None,
         }
 
     def save_checkpoint(self) -> Path:
@@ -275,8 +284,22 @@ class Trainer:
         self.step, self.tokens, self.loss_ema = state["step"], state["tokens"], state["loss_ema"]
         self.events = max(self.events, state["events"])
         checkpoint.set_rng_state(state["rng"])
+        tp = (self.mesh["tp"].get_local_rank(), self.dims.tp) if self.dims.tp > 1 else (0, 1)
+        self.growth_masks = growth.install_masks(self.growth_masks, state, self.module, *tp)
         if restore_stream:
             self.stream.load_state_dict(state["stream"])
+
+    def grow_checkpoint(self) -> Path:
+        """Stage boundary: the checkpoint of this step (written unless it exists) is grown by rank 0,
+        in one process, into `step-N-grown`, which the next stage's trainer resumes from."""
+        source = checkpoint.step_dir(self.checkpoint_root, self.step)
+        if not checkpoint.is_complete(source):
+            source = self.save_checkpoint()
+        if self.rank == 0:
+            growth.grow_run_checkpoint(self.run_cfg, self.growth_stage, source)
+        if dist.is_initialized():
+            dist.barrier()
+        return source.with_name(source.name + "-grown")
 
     # ----- evaluation -----
 
@@ -321,9 +344,14 @@ class Trainer:
         monitor = Monitor(self.out, total_steps, self.step, self.rank == 0, c.logging.progress_bar)
         if latest is not None:
             monitor.event(self.step, "resumed", checkpoint=str(latest))
-        last_loss = float("nan")
+        last_loss, final_eval, grown = float("nan"), {}, None
         try:
             while self.step < total_steps:
+                if growth.growth_due(self.run_cfg, self.growth_stage, self.tokens):
+                    grown = self.grow_checkpoint()
+                    monitor.event(self.step, "grown", checkpoint=str(grown))
+                    break
+                self.growth_masks = advance_ramp(self.growth_masks, self.step)
                 t0 = time.perf_counter()
                 lr = self.set_lr()
                 batch = self.stream.next_sequences(self.sequences_per_rank)
@@ -355,13 +383,18 @@ class Trainer:
                     path = self.save_checkpoint()
                     monitor.event(self.step, "checkpoint", path=str(path))
                     monitor.plot()
-            final_eval = self.evaluate()
-            if final_eval:
-                monitor.log(self.step, {"tokens": self.tokens, **final_eval})
-            if c.checkpoint.export_at_end:
-                self.export()
+            if grown is None:
+                final_eval = self.evaluate()
+                if final_eval:
+                    monitor.log(self.step, {"tokens": self.tokens, **final_eval})
+                if c.checkpoint.export_at_end:
+                    self.export()
         finally:
             monitor.close()
+        if grown is not None:
+            # The next stage: a fresh trainer at the grown shape and the stage's layout resumes from it.
+            self.module = self.optimizer = self.params = self.schedule = None
+            return Trainer(self.run_cfg, self.stream_factory).run()
         return {"step": self.step, "tokens": self.tokens, "loss": last_loss, **final_eval}
 
     def step_record(self, loss: float, norm: float, lr: float, dt: float) -> dict:
