@@ -71,7 +71,7 @@ def run_search(args) -> int:
 
 def run_transfer(args) -> int:
     from teleflm.mup.runs import build_config, read_toml, to_toml
-    from teleflm.mup.search import transfer
+    from teleflm.mup.search import transfer, transfer_report
 
     best = read_toml(args.best)
     target = read_toml(args.target)
@@ -83,5 +83,7 @@ def run_transfer(args) -> int:
         f"{best['proxy_width']:g}, mup_scale_factor {out_raw['model']['mup_scale_factor']:g})\n"
     )
     out.write_text(header + to_toml(out_raw))
+    report = transfer_report(best, out_raw, out.with_suffix(".md"))
     print(f"wrote {out}: mup {out_raw['mup']}, mup_scale_factor {out_raw['model']['mup_scale_factor']:g}")
+    print(f"report: {report} and {report.with_suffix('.png')}")
     return 0

@@ -156,6 +156,9 @@ def test_transfer_keeps_values_and_sets_the_width_multiplier(setup, tmp_path):
     written = tomllib.loads((tmp_path / "big-mup.toml").read_text())
     assert written["mup"] == best["mup"]
     assert written["model"]["output_mult"] == 2.0 and written["model"]["mup_scale_factor"] == 8.0
+    report = (tmp_path / "big-mup.md").read_text()
+    assert "| matrix | 0.003 | 0.000375 |" in report  # matrix lr / width_mult 8; embedding keeps lr
+    assert "| embedding | 0.003 | 0.003 |" in report and (tmp_path / "big-mup.png").is_file()
     big["model"]["use_mup"] = False
     with pytest.raises(ValueError, match="use_mup = false"):
         transfer(best, big)
