@@ -11,7 +11,15 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ["bench_train", "bench_generate", "bench_data", "bench_export", "bench_mup", "bench_predict", "bench_grow"]
+BENCHMARKS = [
+    "bench_train",
+    "bench_generate",
+    "bench_data",
+    "bench_export",
+    "bench_mup",
+    "bench_predict",
+    "bench_grow",
+]
 
 
 def machine() -> str:
