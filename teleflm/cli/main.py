@@ -12,6 +12,8 @@ SUBCOMMANDS = [
     "teleflm.cli.data",
     "teleflm.cli.export",
     "teleflm.cli.generate",
+    "teleflm.cli.serve",
+    "teleflm.cli.embed",
     "teleflm.cli.pretrain",
     "teleflm.cli.grow",
     "teleflm.cli.eval",

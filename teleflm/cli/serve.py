@@ -1,0 +1,40 @@
+"""`teleflm serve --model PATH`: an OpenAI-compatible HTTP server (completions, chat, embeddings)."""
+
+from pathlib import Path
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    p.add_argument("--model", required=True, metavar="PATH", help="export, official layout or checkpoint")
+    p.add_argument("--host", default="127.0.0.1", help="default: loopback only")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` on /v1 routes")
+    p.add_argument(
+        "--served-model-name", metavar="NAME", help="the model id clients send (default: folder name)"
+    )
+    p.add_argument("--max-batch", type=int, default=16, metavar="N", help="requests decoded together")
+    p.add_argument("--pooling", choices=["mean", "last"], default="mean", help="for /v1/embeddings")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on GPUs, fp32 on CPUs")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from teleflm.cli.common import load_model_any
+    from teleflm.serve.api import create_app
+    from teleflm.serve.engine import Engine
+
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
+    model, tokenizer, _ = load_model_any(args.model, dtype=args.dtype)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{args.model}: no tokenizer in the model folder")
+    if args.host not in LOOPBACK and not args.api_key:
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach it may use it")
+    name = args.served_model_name or Path(args.model).resolve().name
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, pooling=args.pooling, normalize=True)
+    uvicorn.run(create_app(engine, name, args.api_key), host=args.host, port=args.port, log_level="info")
+    return 0
