@@ -14,6 +14,7 @@ import time
 BENCHMARKS = [
     "bench_train",
     "bench_generate",
+    "bench_serve",
     "bench_data",
     "bench_export",
     "bench_mup",
