@@ -45,6 +45,12 @@ class SamplingParams:
     seed: int | None = None  # None: a fresh random seed
     repetition_penalty: float = 1.0  # transformers' rule: positive logits divided, negative multiplied
 
+    def __post_init__(self):
+        if self.max_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need max_tokens >= 1, temperature >= 0 and top_p in (0, 1]: {self}")
+        if self.repetition_penalty <= 0 or "" in self.stop:
+            raise ValueError(f"need a positive repetition_penalty and non-empty stop strings: {self}")
+
 
 @dataclass(frozen=True)
 class Output:
@@ -202,6 +208,9 @@ class Engine:
 
     def load(self) -> dict[str, int]:
         return {"running": len(self.running), "waiting": len(self._waiting)}
+
+    def stats_dict(self) -> dict[str, int]:
+        return {**asdict(self.stats), **self.load()}
 
     def start(self) -> None:
         self._stopping = False
@@ -376,6 +385,3 @@ class Engine:
     @staticmethod
     def _usage(request: GenerationRequest) -> tuple[int, int]:
         return len(request.prompt_ids), len(request.output_ids)
-
-    def stats_dict(self) -> dict[str, int]:
-        return {**asdict(self.stats), **self.load()}
