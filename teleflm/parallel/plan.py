@@ -1,11 +1,10 @@
 """`teleflm plan`: parameters, FLOPs, memory per device, time and cost of a run before renting it.
 
-Memory follows how teleflm trains (SPEC section 6 stack): FSDP2 shards fp32 master weights, fp32
-gradients and AdamW's two fp32 moments over the `dp_shard` ranks of a stage (16 bytes per parameter),
-plus the gathered bf16 weights of the layers in flight; tensor parallel splits every matrix by `tp`;
-pipeline stage 0 holds `pp` micro-batches of activations under 1F1B (the worst stage). Activations per
-layer and micro-batch follow Korthikanti et al. (2022) with fused (flash) attention and no sequence
-parallel: `34 s b h / tp` bytes, or only the layer input `2 s b h` with full activation checkpointing.
+Memory follows how teleflm trains (SPEC section 6 stack; details in `memory_per_device`): FSDP2
+shards fp32 master weights, fp32 gradients and AdamW's two fp32 moments (16 bytes per parameter);
+tensor parallel splits every matrix by `tp`; under 1F1B pipeline stage 0 holds `pp` micro-batches of
+activations. Activations are counted from what the model's own forward saves for backward (fused
+attention, no dropout), so the estimate can be checked against a measured peak (tests/parallel).
 """
 
 from dataclasses import dataclass
@@ -66,40 +65,69 @@ class Layout:
         return f"TP {self.tp} / PP {self.pp} / DP {self.dp_shard * self.dp_replicate}{rep}"
 
 
+def layer_activation_elements(c, tp: int) -> float:
+    """Elements one decoder layer saves for backward per token (fused attention, no dropout, no
+    sequence parallel), counted from the model's own forward: each RMSNorm keeps its input, the
+    normalised input and the weighted output (3h, replicated under TP); attention keeps q, k, v, its
+    output and the reshaped output (3h + 2 kv); the SwiGLU MLP keeps gate, silu(gate), up and their
+    product (4 i). The rest is split by tensor parallelism."""
+    h, kv, i = c.hidden_size, c.num_key_value_heads * c.head_dim, c.intermediate_size
+    return 6 * h + (3 * h + 2 * kv + 4 * i) / tp
+
+
 def memory_per_device(
     c,
     layout: Layout,
     context_length: int,
     micro_batch_size: int,
     activation_checkpointing: bool,
-    param_bytes: int = 2,
+    mixed_precision: str = "bf16",
 ) -> dict[str, float]:
-    """Bytes on the busiest device (pipeline stage 0, which also holds the embedding)."""
+    """Bytes on the busiest device: the larger of pipeline stage 0 (embedding, `pp` micro-batches in
+    flight under 1F1B) and the last stage (readout and logits).
+
+    FSDP2 keeps fp32 master weights, fp32 gradients and AdamW's two fp32 moments sharded over
+    `tp x dp_shard` (16 bytes per parameter); under FSDP the root (embedding, readout) stays gathered
+    from forward to backward, two layers are gathered at a time, and a group's unsharded gradient
+    lives until its reduce-scatter (the root's, the largest, at the start of backward). Without FSDP, bf16 autocast caches a bf16 copy of every weight.
+    The logits cost their own copy, log-softmax's saved fp32 output and two fp32 gradients."""
+    act_bytes = 2 if mixed_precision == "bf16" else 4
     n = parameter_counts(c)
-    layers_per_stage = c.num_hidden_layers / layout.pp
-    stage_params = (
-        n["per_layer"] * layers_per_stage
-        + n["embedding"]
-        + (n["readout"] + n["final_norm"] if layout.pp == 1 else 0)
-    )
-    shard = layout.tp * layout.dp_shard
     s, b, h = context_length, micro_batch_size, c.hidden_size
-    in_flight = layout.pp  # 1F1B: stage 0 keeps pp micro-batches' activations
-    per_layer_full = 34 * s * b * h / layout.tp
-    if activation_checkpointing:
-        activations = in_flight * layers_per_stage * 2 * s * b * h + per_layer_full
-    else:
-        activations = in_flight * layers_per_stage * per_layer_full
-    logits = (
-        4 * s * b * c.vocab_size / layout.tp * (2 if layout.pp == 1 else 0)
-    )  # fp32 logits + grad, last stage
-    memory = {
-        "weights": 4 * stage_params / shard,  # fp32 master shard
-        "gathered_weights": param_bytes * 2 * n["per_layer"] / layout.tp,  # current + prefetched layer
-        "gradients": 4 * stage_params / shard,
-        "optimizer": 8 * stage_params / shard,
-        "activations": activations + logits,
-    }
+    tokens = s * b
+    shard = layout.tp * layout.dp_shard
+    layers = c.num_hidden_layers / layout.pp
+    per_layer_act = act_bytes * tokens * layer_activation_elements(c, layout.tp)
+    fsdp = layout.dp_shard > 1
+
+    def stage(first: bool, last: bool) -> dict[str, float]:
+        root = (n["embedding"] if first else 0) + (n["readout"] + n["final_norm"] if last else 0)
+        params = n["per_layer"] * layers + root
+        in_flight = layout.pp if first else 1
+        if activation_checkpointing:  # layer inputs, plus one layer recomputed in backward
+            activations = in_flight * layers * act_bytes * tokens * h + per_layer_act
+        else:
+            activations = in_flight * layers * per_layer_act
+        activations += act_bytes * tokens * 4 * h  # embedding output, final norm
+        logits = (act_bytes + 12) * tokens * c.vocab_size / layout.tp if last else 0
+        if fsdp:
+            gathered = act_bytes * (root + 2 * n["per_layer"]) / layout.tp
+            # The unsharded gradient, FSDP2's fp32 reduce-scatter input and the collective's own
+            # buffer (gloo copies; NCCL reduces in place, so this errs high on GPUs by 4 bytes).
+            unsharded_grads = (act_bytes + 8) * (root + n["per_layer"]) / layout.tp
+        else:
+            gathered = 2 * params / layout.tp if mixed_precision == "bf16" else 0
+            unsharded_grads = 0
+        return {
+            "weights": 4 * params / shard,
+            "gathered_weights": gathered,
+            "gradients": 4 * params / shard + unsharded_grads,
+            "optimizer": 8 * params / shard,
+            "activations": activations + logits,
+        }
+
+    stages = [stage(True, layout.pp == 1)] + ([stage(False, True)] if layout.pp > 1 else [])
+    memory = max(stages, key=lambda m: sum(m.values()))
     memory["total"] = sum(memory.values())
     return memory
 
@@ -145,6 +173,7 @@ def plan(
     c = cfg.model_config()
     p = cfg.parallel
     T, mbs, ac = cfg.data.context_length, cfg.batch.micro_batch_size, p.activation_checkpointing
+    mp = p.mixed_precision
     rest = p.dp_replicate * p.tp * p.pp
     if gpus % rest:
         raise ValueError(f"{gpus} GPUs do not divide into dp_replicate x tp x pp = {rest}")
@@ -152,15 +181,15 @@ def plan(
     tokens = tokens or cfg.schedule.total_tokens
     per_dp = mbs * T * layout.dp_shard * layout.dp_replicate
     micro_batches = max(cfg.batch.global_batch_tokens // per_dp, 1)
-    memory = memory_per_device(c, layout, T, mbs, ac)
+    memory = memory_per_device(c, layout, T, mbs, ac, mp)
     timing = run_time(c, tokens, T, gpus, peak, mfu)
     result = {
         "parameters": parameter_counts(c),
         "flops_per_token": flops_per_token(c, T),
         "layout": str(layout),
         "memory_gib": {k: v / GIB for k, v in memory.items()},
-        "memory_without_checkpointing_gib": memory_per_device(c, layout, T, mbs, False)["total"] / GIB,
-        "memory_with_checkpointing_gib": memory_per_device(c, layout, T, mbs, True)["total"] / GIB,
+        "memory_without_checkpointing_gib": memory_per_device(c, layout, T, mbs, False, mp)["total"] / GIB,
+        "memory_with_checkpointing_gib": memory_per_device(c, layout, T, mbs, True, mp)["total"] / GIB,
         "device_memory_gib": memory_gib,
         "fits": memory["total"] / GIB <= 0.9 * memory_gib,  # 10% for the allocator and NCCL buffers
         "pipeline_bubble": pipeline_bubble(layout, micro_batches),
@@ -173,7 +202,7 @@ def plan(
     fitting = []
     for candidate in candidate_layouts(c, gpus):
         for checkpointing in (False, True):
-            total = memory_per_device(c, candidate, T, mbs, checkpointing)["total"] / GIB
+            total = memory_per_device(c, candidate, T, mbs, checkpointing, mp)["total"] / GIB
             if total <= 0.9 * memory_gib:
                 fitting.append((candidate.tp * candidate.pp, checkpointing, str(candidate), total))
                 break

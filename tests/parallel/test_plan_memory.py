@@ -1,0 +1,92 @@
+"""The planner's memory estimate against the peak resident memory measured while training tiny
+configs on this CPU: one process, and FSDP on 2 gloo ranks. Each measurement runs in a fresh process;
+the footprint of the runtime itself (torch, gloo, the trainer's code) is what the same code path
+costs with a near-empty model, measured alongside and subtracted."""
+
+import tempfile
+
+import numpy as np
+import pytest
+
+from tests.distributed import run_ranks
+
+SMALL = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+MEDIUM = dict(
+    hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, vocab_size=8192
+)
+
+
+def _resident(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
+def _train_and_measure(shape: dict, context: int, micro_batch: int, checkpointing: bool, world: int) -> dict:
+    """Train 3 steps; (peak resident bytes added by training, the planner's estimate for this rank)."""
+    import torch
+
+    from teleflm.data.synthetic import ArrayStream
+    from teleflm.parallel.plan import Layout, memory_per_device
+    from teleflm.train.config import TrainConfig, _build
+    from teleflm.train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    steps = 3
+    raw = {
+        "out": tempfile.mkdtemp(),
+        "model": {**shape, "max_position_embeddings": context, "use_mup": True, "mup_scale_factor": 0.5},
+        "data": {"context_length": context},
+        "batch": {"global_batch_tokens": context * micro_batch * world, "micro_batch_size": micro_batch},
+        "schedule": {"total_tokens": context * micro_batch * world * steps, "warmup_steps": 1},
+        "parallel": {"mixed_precision": "fp32", "activation_checkpointing": checkpointing},
+        "checkpoint": {"interval_steps": 10**9, "export_at_end": False},
+        "logging": {"progress_bar": False},
+        "stability": {"warmup_steps": 10**9},
+    }
+    cfg = _build(TrainConfig, raw, "memory test")
+    data = np.random.default_rng(0).integers(
+        4, shape["vocab_size"], size=(steps * micro_batch * world, context + 1)
+    )
+    before = _resident("VmRSS")
+    trainer = Trainer(cfg, stream_factory=lambda rank, size: ArrayStream(data, rank, size))
+    trainer.checkpoint_root.mkdir(parents=True)
+    trainer.save_checkpoint = lambda: trainer.checkpoint_root  # measure training, not checkpoint writes
+    trainer.run()
+    estimate = memory_per_device(
+        cfg.model_config(), Layout(dp_shard=world), context, micro_batch, checkpointing, "fp32"
+    )["total"]
+    return {"measured": _resident("VmHWM") - before, "estimate": estimate}
+
+
+@pytest.fixture(scope="module")
+def runtime_footprint():
+    """Per world size, what each rank's resident memory grows by when training a near-empty model."""
+    cache = {}
+
+    def measure(world: int, checkpointing: bool) -> list[int]:
+        if (world, checkpointing) not in cache:
+            ranks = run_ranks(world, _train_and_measure, SMALL, 16, 1, checkpointing, world)
+            cache[world, checkpointing] = [r["measured"] for r in ranks]
+        return cache[world, checkpointing]
+
+    return measure
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "world,micro_batch,checkpointing",
+    [(1, 4, False), (1, 4, True), (2, 2, False)],
+    ids=["one-process", "one-process-checkpointing", "fsdp-2-ranks"],
+)
+def test_memory_estimate_within_20_percent_of_measured_peak(
+    runtime_footprint, world, micro_batch, checkpointing
+):
+    runtime = runtime_footprint(world, False)
+    ranks = run_ranks(world, _train_and_measure, MEDIUM, 256, micro_batch, checkpointing, world)
+    for rank, (base, run) in enumerate(zip(runtime, ranks, strict=True)):
+        measured = run["measured"] - base
+        assert run["estimate"] == pytest.approx(measured, rel=0.2), (
+            rank,
+            measured / 2**20,
+            run["estimate"] / 2**20,
+        )
