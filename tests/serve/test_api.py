@@ -225,3 +225,19 @@ def test_api_key(model_and_tokenizer):
     finally:
         uvicorn_server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_streams_hold_back_what_may_become_a_stop_string(server):
+    c = client(server)
+    full = (
+        c.completions.create(model=MODEL_NAME, prompt=PROMPTS[2], max_tokens=40, temperature=0)
+        .choices[0]
+        .text
+    )
+    stop = full[20:24]
+    streamed = c.completions.create(
+        model=MODEL_NAME, prompt=PROMPTS[2], max_tokens=40, temperature=0, stop=stop, stream=True
+    )
+    chunks = list(streamed)
+    assert "".join(ch.choices[0].text for ch in chunks) == full[: full.index(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
