@@ -20,6 +20,8 @@ SUBCOMMANDS = [
     "teleflm.cli.plan",
     "teleflm.cli.mup",
     "teleflm.cli.predict",
+    "teleflm.cli.sft",
+    "teleflm.cli.chat",
 ]
 
 

@@ -12,6 +12,22 @@ from pathlib import Path
 # Ids 0..3 as in the released tokenizer, then the instruct model's chat turn markers.
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<_system>", "<_user>", "<_bot>"]
 EOS_ID = 2
+PAD_ID = 3
+
+# The instruct format: each turn opens with its role's marker, an assistant turn ends with </s> (where
+# generation stops), and the generation prompt is the assistant's marker. No spaces or newlines are
+# added around contents, so a conversation tokenizes turn by turn exactly as it does whole
+# (teleflm.sft.template renders the same ids with a loss mask; a test checks the two agree).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ '<_system>' + message['content'] }}"
+    "{%- elif message['role'] == 'user' -%}{{ '<_user>' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '<_bot>' + message['content'] + '</s>' }}"
+    "{%- else -%}{{ raise_exception('unknown role ' + message['role'] + ': use system, user or assistant') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<_bot>' }}{%- endif -%}"
+)
 
 
 def train_tokenizer(
@@ -55,6 +71,7 @@ def train_tokenizer(
         additional_special_tokens=SPECIAL_TOKENS[4:],
         clean_up_tokenization_spaces=False,  # would change the text: " ." -> "."
     )
+    fast.chat_template = CHAT_TEMPLATE
     out_dir = Path(out_dir)
     fast.save_pretrained(str(out_dir))
     return out_dir
@@ -86,6 +103,19 @@ def load_tokenizer(folder: str | Path):
     from teleflm.model.io import load_tokenizer as load
 
     return load(folder)
+
+
+def add_chat_template(tokenizer) -> bool:
+    """Give `tokenizer` the instruct chat template when it has the three turn markers and no template
+    of its own (tokenizers trained before the template was saved with them); True when added."""
+    markers = SPECIAL_TOKENS[4:]
+    has_markers = all(
+        tokenizer.convert_tokens_to_ids(m) not in (None, tokenizer.unk_token_id) for m in markers
+    )
+    if tokenizer.chat_template is None and has_markers:
+        tokenizer.chat_template = CHAT_TEMPLATE
+        return True
+    return False
 
 
 def tokenizer_hash(folder: str | Path) -> str:

@@ -388,6 +388,11 @@ def export_hf(
         generation.save_pretrained(staging)
 
         if tokenizer is not None:
+            from teleflm.data.tokenizer import add_chat_template
+
+            # A tokenizer with the turn markers but trained before templates were saved with it gets
+            # the instruct template, so `apply_chat_template` works on every export that can chat.
+            add_chat_template(tokenizer)
             # tokenizer.json + tokenizer_config.json are all AutoTokenizer needs; the SentencePiece
             # model rides along for tools that read it directly.
             tokenizer.save_pretrained(staging)

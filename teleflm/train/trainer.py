@@ -51,10 +51,18 @@ def causal_document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return same & causal
 
 
+# A target of this value is not learned (a prompt or padding token under a batch's loss_mask).
+IGNORE_INDEX = -100
+
+
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, real_vocab_size: int) -> torch.Tensor:
-    """Summed next-token NLL in fp32 over the tokenizer's real vocabulary (padded ids get no mass)."""
+    """Summed next-token NLL in fp32 over the tokenizer's real vocabulary (padded ids get no mass);
+    targets equal to IGNORE_INDEX add nothing."""
     return F.cross_entropy(
-        logits[..., :real_vocab_size].flatten(0, 1).float(), targets.flatten(), reduction="sum"
+        logits[..., :real_vocab_size].flatten(0, 1).float(),
+        targets.flatten(),
+        reduction="sum",
+        ignore_index=IGNORE_INDEX,
     )
 
 
@@ -125,6 +133,7 @@ class Trainer:
         # Each rank's loss is normalised by its share of the global batch; FSDP's gradient average
         # over dp ranks then gives exactly the gradient of the global per-token mean.
         self.normalizer = self.sequences_per_rank * cfg.data.context_length
+        self.step_targets = cfg.batch.global_batch_tokens  # targets in the global batch
         self.schedule = self._build_pipeline_schedule() if self.dims.pp > 1 else None
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -190,6 +199,8 @@ class Trainer:
         """Gradients of this rank's share of the batch; returns this rank's summed token NLL."""
         tokens = torch.from_numpy(batch["tokens"]).to(self.device)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        if "loss_mask" in batch:
+            targets = self.mask_targets(targets, torch.from_numpy(batch["loss_mask"]).to(self.device)[:, 1:])
         if self.schedule is not None:
             losses: list[torch.Tensor] = []
             is_first, is_last = self.pp_rank == 0, self.pp_rank == self.dims.pp - 1
@@ -213,13 +224,24 @@ class Trainer:
             total += loss.detach()
         return total
 
+    def mask_targets(self, targets: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
+        """Targets outside `learned` (fine-tuning: prompts, padding) become IGNORE_INDEX, and the loss
+        is normalised by the learned targets of the whole global batch (counted over dp ranks; tp and
+        pp peers hold the same rows), so the step's gradient is that of their mean."""
+        count = learned.sum().double()
+        if self.dp_group is not None:
+            dist.all_reduce(count, group=self.dp_group)
+        self.step_targets = max(int(count.item()), 1)
+        self.normalizer = self.step_targets / self.dims.dp  # FSDP averages gradients over dp ranks
+        return targets.masked_fill(~learned, IGNORE_INDEX)
+
     def global_mean_loss(self, rank_sum: torch.Tensor) -> float:
-        """Mean NLL per token of the global batch. Every tp replica holds the same sum and only the
+        """Mean NLL per target of the global batch. Every tp replica holds the same sum and only the
         last pipeline stage has one, so sum over the world and divide by tp."""
         value = rank_sum.detach().double().clone()
         if dist.is_initialized():
             dist.all_reduce(value)
-        return value.item() / (self.dims.tp * self.cfg.batch.global_batch_tokens)
+        return value.item() / (self.dims.tp * self.step_targets)
 
     def is_anomaly(self, loss: float, norm: float) -> str | None:
         s = self.cfg.stability

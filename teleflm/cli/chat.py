@@ -1,0 +1,69 @@
+"""`teleflm chat --model PATH`: chat in the terminal, answers streamed, history kept; `--prompt`
+answers one message and prints only the answer (for scripts)."""
+
+import sys
+
+HELP = "Type a message; /reset forgets the conversation, /exit (or Ctrl-D) quits."
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("chat", help="chat with an instruct model in the terminal (streaming, with history)")
+    p.add_argument(
+        "--model", required=True, metavar="PATH", help="an export, official layout or training checkpoint"
+    )
+    p.add_argument("--prompt", help="answer this one message, print only the answer, and exit")
+    p.add_argument("--system", default="", help="system message opening the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.03, help="default: the model card's 1.03")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on GPUs, fp32 on CPUs")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from teleflm.cli.common import load_model_any
+    from teleflm.sft.chat import ChatSession
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
+    model, tokenizer, _ = load_model_any(args.model, dtype=args.dtype)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{args.model}: no tokenizer in the model folder")
+    torch.manual_seed(args.seed)
+    session = ChatSession(
+        model,
+        tokenizer,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+    )
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if args.prompt is not None:
+        session.reply(args.prompt, streamer)  # the streamer prints the answer and a newline
+        return 0
+    print(HELP, file=sys.stderr)
+    while True:
+        try:
+            text = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if text.strip() == "/exit":
+            return 0
+        if text.strip() == "/reset":
+            session.reset()
+            print("(conversation forgotten)", file=sys.stderr)
+            continue
+        if not text.strip():
+            continue
+        print("bot> ", end="", flush=True)
+        session.reply(text, streamer)

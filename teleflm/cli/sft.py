@@ -1,0 +1,29 @@
+"""`teleflm sft --config C [--set section.key=value ...]`: fine-tune on chat data (docs/sft.md)."""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL, loss on assistant tokens only")
+    p.add_argument("--config", required=True, help="TOML file with an [sft] table (see configs/sft/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value (TOML syntax), e.g. --set sft.epochs=2",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from teleflm.sft.config import load_sft_config
+    from teleflm.sft.run import run_sft
+    from teleflm.train.trainer import close
+
+    cfg = load_sft_config(args.config, args.overrides)
+    try:
+        result = run_sft(cfg)
+    finally:
+        close()
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    return 0

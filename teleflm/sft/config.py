@@ -1,0 +1,109 @@
+"""Configuration of a fine-tuning run: the pre-training tables plus `[sft]`.
+
+A fine-tuning TOML has the pre-training tables (`out`, `seed`, `[mup]` for learning rates,
+`[data]` for `context_length`, `seed` and `document_mask`, `[optim]`, `[schedule]`, `[batch]`,
+`[parallel]`, `[checkpoint]`, `[logging]`, `[stability]`) and an `[sft]` table. It has no `[model]`
+and no `[[growth]]`: the model is the one `sft.init` holds, and `data.tokenizer` defaults to the
+tokenizer that came with it. `schedule.total_tokens` defaults to `sft.epochs` passes over the packed
+set.
+"""
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from teleflm.train.config import ConfigError, TrainConfig, _build, _parse_override, validate
+
+
+@dataclass
+class SFTSection:
+    init: str = ""  # model to fine-tune: a teleflm checkpoint (step-N) or a Hugging Face export
+    data: list[str] = field(default_factory=list)  # chat JSONL files or globs (docs/sft.md)
+    on_error: str = "fail"  # a malformed line: "fail" stops, "skip" skips it (named by file:line either way)
+    epochs: float = 3.0  # passes over the packed set; sets schedule.total_tokens when that is 0
+    pack: bool = True  # several conversations per sequence, attention kept inside each (needs pp = 1)
+    decontaminate: list[str] = field(
+        default_factory=list
+    )  # eval sets: conversations sharing an n-gram are dropped
+    ngram: int = 13  # window of the decontamination, in tokens
+    text_field: str = "text"  # JSONL field holding the text of the eval sets
+
+
+@dataclass
+class SFTConfig:
+    train: TrainConfig
+    sft: SFTSection
+
+
+def read_raw(path: str | Path, overrides: list[str]) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for text in overrides:
+        keys, value = _parse_override(text)
+        table = raw
+        for k in keys[:-1]:
+            table = table.setdefault(k, {})
+        table[keys[-1]] = value
+    return raw
+
+
+def source_model(init: str, where: str) -> tuple[dict, str]:
+    """(model config fields, tokenizer folder) of the checkpoint or export to fine-tune."""
+    import json
+
+    from teleflm.model.io import has_tokenizer, load_config
+    from teleflm.train.checkpoint import TRAINER_STATE
+
+    path = Path(init)
+    if not init or not path.is_dir():
+        raise ConfigError(f"{where}: sft.init {init!r} is not a checkpoint or export folder")
+    if (path / TRAINER_STATE).is_file():
+        state = json.loads((path / TRAINER_STATE).read_text())
+        return state["model_config"], state.get("tokenizer") or ""
+    return load_config(path).to_diff_dict(), str(path) if has_tokenizer(path) else ""
+
+
+def load_sft_config(path: str | Path, overrides: list[str] = ()) -> SFTConfig:
+    """Read and check a fine-tuning config; a schedule left at 0 tokens is set by `complete` once
+    the packed set's size is known."""
+    raw = read_raw(path, overrides)
+    where = str(path)
+    for table in ("model", "growth"):
+        if table in raw:
+            raise ConfigError(f"{where}: a fine-tuning config has no [{table}]: the model is sft.init's")
+    sft = _build(SFTSection, raw.pop("sft", {}), f"{where}: [sft]")
+    if sft.on_error not in ("fail", "skip"):
+        raise ConfigError(f"{where}: sft.on_error must be 'fail' or 'skip', got {sft.on_error!r}")
+    if not sft.data:
+        raise ConfigError(f"{where}: sft.data names no chat JSONL file")
+    if sft.epochs <= 0 or sft.ngram < 1:
+        raise ConfigError(f"{where}: sft.epochs must be positive and sft.ngram at least 1")
+    raw["model"], tokenizer = source_model(sft.init, where)
+    raw.setdefault("data", {}).setdefault("tokenizer", tokenizer)
+    if not raw["data"]["tokenizer"]:
+        raise ConfigError(f"{where}: {sft.init} comes with no tokenizer: set data.tokenizer")
+    # Packed conversations must not see each other (validate refuses it with pipelines: pp > 1).
+    raw["data"]["document_mask"] = sft.pack
+    schedule = raw.setdefault("schedule", {})
+    derive_length = schedule.get("total_tokens", 0) == 0
+    if derive_length:
+        schedule["total_tokens"] = 1  # a placeholder that validates; `complete` sets the length
+    train = _build(TrainConfig, raw, where)
+    validate(train, where)
+    if derive_length:
+        train.schedule.total_tokens = 0
+    return SFTConfig(train, sft)
+
+
+def complete(cfg: SFTConfig, sequences: int) -> None:
+    """Set the schedule's length from the packed set when the config leaves it at 0."""
+    t = cfg.train
+    if t.schedule.total_tokens == 0:
+        steps = max(1, math.ceil(cfg.sft.epochs * sequences / t.sequences_per_step()))
+        t.schedule.total_tokens = steps * t.batch.global_batch_tokens

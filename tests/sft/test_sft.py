@@ -1,0 +1,98 @@
+"""`teleflm sft` end to end: a tiny base model learns a synthetic instruction format; `teleflm chat`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from teleflm.cli.main import main
+from teleflm.sft.config import load_sft_config
+from teleflm.train.config import ConfigError
+from tests.sft.common import (
+    SYSTEM,
+    answer_accuracy,
+    pretrain_base,
+    sft_toml,
+    task,
+    word_pairs,
+    write_chat_set,
+)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, chat_tokenizer_dir):
+    """(base export, fine-tuned export): the base pre-trained on plain text over the task's words,
+    then `teleflm sft` on the chat set of the training pairs."""
+    root = tmp_path_factory.mktemp("sft")
+    base = pretrain_base(root / "base", chat_tokenizer_dir)
+    data = write_chat_set(root / "chat.jsonl", word_pairs()[0])
+    assert main(["sft", "--config", str(sft_toml(root / "sft.toml", base, data, root / "sft"))]) == 0
+    return base, root / "sft" / "export"
+
+
+def test_fine_tuned_model_answers_in_the_format(tuned):
+    base, export = tuned
+    train, held_out = word_pairs()
+    scores = {
+        "base held-out": answer_accuracy(base, held_out),
+        "tuned train": answer_accuracy(export, train),
+        "tuned held-out": answer_accuracy(export, held_out),
+    }
+    print(scores)
+    assert scores["base held-out"] <= 0.1
+    assert scores["tuned train"] >= 0.8
+    assert scores["tuned held-out"] >= 0.5  # pairs never seen in fine-tuning
+    report = json.loads((export.parent / "sft_data.json").read_text())
+    assert report["conversations"] == len(train) and report["skipped_lines"] == []
+
+
+def test_chat_prompt_prints_only_the_answer(tuned):
+    from teleflm.model.io import load_pretrained
+    from teleflm.sft.chat import ChatSession
+
+    _, export = tuned
+    user, _ = task(*word_pairs()[0][0])
+    model, tokenizer = load_pretrained(export, device="cpu")
+    expected = ChatSession(model, tokenizer, system=SYSTEM, max_new_tokens=16).reply(user)
+    run = subprocess.run(
+        [sys.executable, "-m", "teleflm.cli.main", "chat", "--model", str(export)]
+        + ["--system", SYSTEM, "--prompt", user, "--max-new-tokens", "16"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=True,
+    )
+    assert expected and run.stdout == expected + "\n"
+
+
+def test_interactive_chat_keeps_history(tuned):
+    _, export = tuned
+    run = subprocess.run(
+        [sys.executable, "-m", "teleflm.cli.main", "chat", "--model", str(export), "--system", SYSTEM]
+        + ["--max-new-tokens", "12"],
+        input="red cat\nblue dog\n/reset\npink fish\n",
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+        check=True,
+    )
+    assert run.stdout.count("bot> ") == 3 and "(conversation forgotten)" in run.stderr
+
+
+def test_config_refuses_what_cannot_work(tmp_path, tuned):
+    base, _ = tuned
+    data = write_chat_set(tmp_path / "chat.jsonl", word_pairs()[0][:2])
+    path = sft_toml(tmp_path / "sft.toml", base, data, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"no \[model\]"):
+        load_sft_config(path, ["model.hidden_size=128"])
+    with pytest.raises(ConfigError, match="document_mask is not supported with pipeline parallel"):
+        load_sft_config(path, ["parallel.pp=2"])
+    with pytest.raises(ConfigError, match="sft.on_error must be"):
+        load_sft_config(path, ["sft.on_error=ignore"])
+    with pytest.raises(ConfigError, match="is not a checkpoint or export folder"):
+        load_sft_config(path, [f'sft.init="{tmp_path / "missing"}"'])
+    cfg = load_sft_config(path)
+    assert cfg.train.data.document_mask and cfg.train.schedule.total_tokens == 0
