@@ -1,4 +1,5 @@
-"""`teleflm eval bpb`: held-out bits per byte per domain of a checkpoint or an export."""
+"""`teleflm eval bpb`: held-out bits per byte per domain of a checkpoint or an export;
+`teleflm eval harness`: lm-evaluation-harness on local tasks, with BPB in the same report."""
 
 import json
 import math
@@ -24,30 +25,51 @@ def add_parser(sub) -> None:
     bpb.add_argument("--json", type=Path, help="also write the results here")
     bpb.set_defaults(func=run_bpb)
 
+    harness = evals.add_parser(
+        "harness", help="lm-evaluation-harness on local tasks (teleflm/eval/tasks), one report with BPB"
+    )
+    harness.add_argument("--model", required=True, help="a Hugging Face export (`teleflm export`)")
+    harness.add_argument(
+        "--tasks",
+        required=True,
+        help="comma-separated task names, e.g. teleflm_kjv_next_verse,teleflm_poem_next_line",
+    )
+    harness.add_argument(
+        "--include", action="append", default=[], metavar="DIR", help="another folder of task YAML files"
+    )
+    harness.add_argument("--limit", type=int, help="score only the first N items of each task")
+    harness.add_argument("--batch-size", type=int, default=8)
+    harness.add_argument("--data", help="shards folder: add held-out bits per byte to the report")
+    harness.add_argument("--max-windows", type=int, default=64, help="BPB windows per domain (with --data)")
+    harness.add_argument("--out", type=Path, required=True, help="folder for report.md and report.json")
+    harness.set_defaults(func=run_harness)
 
-def run_bpb(args) -> int:
 
+def bpb_by_domain(
+    model_path, data, split="val", context_length=0, max_windows=64, batch_size=8
+) -> tuple[dict, float]:
+    """(per-domain BPB results, byte-weighted BPB over all domains), printed as they come."""
     from teleflm.cli.common import load_model_any
     from teleflm.data.shards import open_shards
     from teleflm.data.tokenizer import load_tokenizer, tokenizer_hash
     from teleflm.eval.bpb import bits_per_byte
 
-    model, _, tokenizer_dir = load_model_any(args.model)
+    model, _, tokenizer_dir = load_model_any(model_path)
     if tokenizer_dir is None:
-        raise ValueError(f"{args.model} names no tokenizer: BPB needs the one the shards were made with")
-    shards = open_shards(args.data, expected_tokenizer_hash=tokenizer_hash(tokenizer_dir))
+        raise ValueError(f"{model_path} names no tokenizer: BPB needs the one the shards were made with")
+    shards = open_shards(data, expected_tokenizer_hash=tokenizer_hash(tokenizer_dir))
     device = model.device
-    context = args.context_length or min(model.config.max_position_embeddings, 1024)
+    context = context_length or min(model.config.max_position_embeddings, 1024)
     real_vocab = len(load_tokenizer(tokenizer_dir))
     results, bits, n_bytes = {}, 0.0, 0
     for domain in shards.domains:
         r = bits_per_byte(
             lambda x: model(input_ids=x, use_cache=False).logits,
-            shards.documents(domain, args.split),
+            shards.documents(domain, split),
             context,
             real_vocab,
-            max_windows=args.max_windows,
-            batch_size=args.batch_size,
+            max_windows=max_windows,
+            batch_size=batch_size,
             device=device,
         )
         results[domain] = r
@@ -56,6 +78,30 @@ def run_bpb(args) -> int:
         print(f"{domain:24s} {r['bpb']:.4f} bits/byte  ({r['tokens']} tokens, {r['bytes']} bytes)")
     overall = bits / max(n_bytes, 1)
     print(f"{'all':24s} {overall:.4f} bits/byte")
+    return results, overall
+
+
+def run_bpb(args) -> int:
+    results, overall = bpb_by_domain(
+        args.model, args.data, args.split, args.context_length, args.max_windows, args.batch_size
+    )
     if args.json:
         args.json.write_text(json.dumps({"domains": results, "bpb": overall}, indent=1))
     return 0 if math.isfinite(overall) else 1
+
+
+def run_harness(args) -> int:
+    from teleflm.eval.harness import run_harness as harness
+    from teleflm.eval.report import write_report
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    scores = harness(args.model, tasks, args.include, args.limit, args.batch_size)
+    bpb = None
+    if args.data:
+        domains, overall = bpb_by_domain(args.model, args.data, max_windows=args.max_windows)
+        bpb = {"domains": domains, "bpb": overall}
+    markdown = write_report(args.out, str(args.model), scores, bpb)
+    print(markdown)
+    return 0
