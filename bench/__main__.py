@@ -1,5 +1,6 @@
-"""`python -m bench [NAME ...] [--json FILE]`: run the benchmarks (all by default), each printing its
-table; the machine's description comes first. Not part of the test suite."""
+"""`python -m bench [NAME ...] [--json FILE] [--smoke]`: run the benchmarks (all by default), each
+printing its table; the machine's description comes first. Not part of the test suite, which runs
+`--smoke` only (tests/bench)."""
 
 import argparse
 import importlib
@@ -20,7 +21,20 @@ BENCHMARKS = [
     "bench_mup",
     "bench_predict",
     "bench_grow",
+    "bench_distributed",
 ]
+# `--smoke`: each benchmark at its smallest size, a few steps: proves the code runs, measures nothing.
+SMOKE_ARGS = {
+    "bench_train": ["--sizes", "1M", "--modes", "eager", "--steps", "2"],
+    "bench_generate": ["--prompt", "8", "--new", "2"],
+    "bench_serve": ["--requests", "2", "--max-tokens", "2"],
+    "bench_data": ["--mb", "0.05", "--vocab", "512", "--repeats", "1"],
+    "bench_export": ["--layers", "1", "--vocab", "1024", "--repeats", "1"],
+    "bench_mup": ["--steps", "2", "--lrs", "0.01"],
+    "bench_predict": ["--steps", "2", "--widths", "32,48,64,96"],
+    "bench_grow": ["--steps", "4"],
+    "bench_distributed": ["--steps", "2", "--layouts", "1,fsdp2"],
+}
 
 
 def machine() -> str:
@@ -42,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("names", nargs="*", help=f"default: all of {BENCHMARKS}")
     parser.add_argument("--json", help="write {name: seconds, exit code} here")
+    parser.add_argument("--smoke", action="store_true", help="smallest sizes, a few steps: a code check")
     args = parser.parse_args()
     names = args.names or [n for n in BENCHMARKS if importlib.util.find_spec(f"bench.{n}")]
     print(f"machine: {machine()}\n")
@@ -49,12 +64,16 @@ def main() -> None:
     for name in names:
         print(f"=== {name}", flush=True)
         started = time.time()
-        code = subprocess.call([sys.executable, "-m", f"bench.{name}"])
+        extra = SMOKE_ARGS.get(name, []) if args.smoke else []
+        code = subprocess.call([sys.executable, "-m", f"bench.{name}", *extra])
         results[name] = {"seconds": round(time.time() - started, 1), "exit": code}
         print(f"({name}: {results[name]['seconds']} s, exit {code})\n", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "benchmarks": results}, f, indent=1)
+    failed = [name for name, r in results.items() if r["exit"]]
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -62,11 +62,14 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=CONFIG["num_hidden_layers"])
+    parser.add_argument("--vocab", type=int, default=CONFIG["vocab_size"])
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = TeleFLMForCausalLM(TeleFLMConfig(**CONFIG)).eval()
+    config = {**CONFIG, "num_hidden_layers": args.layers, "vocab_size": args.vocab}
+    model = TeleFLMForCausalLM(TeleFLMConfig(**config)).eval()
     n_params = sum(p.numel() for p in model.parameters())
     rows = []
 
@@ -120,7 +123,7 @@ def main() -> None:
         write = f"{r['write_s']:.2f}" if r["write_s"] is not None else "-"
         print(f"{r['format']:36} {r['mb']:8.1f} {write:>8} {r['load_s']:7.2f} {r['run_s']:10.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"params": n_params, "config": CONFIG, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"params": n_params, "config": config, "rows": rows}, indent=2))
 
 
 def write_sentencepiece(folder: Path) -> Path:

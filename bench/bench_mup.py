@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from teleflm.data.sample import kjv_chapters
 from teleflm.mup.runs import RunData, at_width, scored_run
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "en_book_kjv.txt"
 CONTEXT, BATCH, VOCAB = 64, 8, 1024
 LR_GRID = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 WIDTHS = [64, 256]
@@ -29,7 +29,7 @@ def kjv_sequences(n_chars: int = 1_500_000, vocab: int = VOCAB, context: int = C
     """Packed (n, context + 1) token windows of the KJV, with a byte-level BPE trained on the slice."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    text = CORPUS.read_text(encoding="utf-8")[:n_chars]
+    text = "\n\n".join(kjv_chapters())[:n_chars]  # the KJV shipped with teleflm
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -77,9 +77,11 @@ def run_config(steps: int, width: int, lr: float, parametrization: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--lrs", default=",".join(map(str, LR_GRID)), help="learning-rate grid")
     parser.add_argument("--json", help="write the curves here")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    lr_grid = [float(x) for x in args.lrs.split(",")]
     sequences = kjv_sequences()
     heldout = 64
     data = RunData(train=sequences[heldout:], heldout=sequences[:heldout])
@@ -91,7 +93,7 @@ def main() -> None:
         for p in ("muP", "SP"):
             for width in WIDTHS:
                 losses = []
-                for lr in LR_GRID:
+                for lr in lr_grid:
                     t0 = time.perf_counter()
                     r = scored_run(
                         run_config(args.steps, width, lr, p), Path(tmp) / f"{p}-{width}-{lr}", data
@@ -104,12 +106,12 @@ def main() -> None:
                     )
                 curves[f"{p}/{width}"] = losses
     print("\nheld-out loss by learning rate")
-    print(f"{'':>10}" + "".join(f"{lr:>9.0e}" for lr in LR_GRID) + "   best")
+    print(f"{'':>10}" + "".join(f"{lr:>9.0e}" for lr in lr_grid) + "   best")
     best = {}
     for key, losses in curves.items():
         i = int(np.argmin([x if math.isfinite(x) else np.inf for x in losses]))
         best[key] = i
-        print(f"{key:>10}" + "".join(f"{x:>9.4f}" for x in losses) + f"   {LR_GRID[i]:.0e}")
+        print(f"{key:>10}" + "".join(f"{x:>9.4f}" for x in losses) + f"   {lr_grid[i]:.0e}")
     for p in ("muP", "SP"):
         shift = best[f"{p}/{WIDTHS[-1]}"] - best[f"{p}/{WIDTHS[0]}"]
         print(
@@ -118,7 +120,7 @@ def main() -> None:
         )
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"lr_grid": LR_GRID, "curves": curves, "steps": args.steps}, indent=1)
+            json.dumps({"lr_grid": lr_grid, "curves": curves, "steps": args.steps}, indent=1)
         )
 
 

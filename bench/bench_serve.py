@@ -19,11 +19,11 @@ from pathlib import Path
 import httpx
 import torch
 
+from teleflm.data.sample import kjv_chapters
 from teleflm.data.tokenizer import train_tokenizer
 from teleflm.model import TeleFLMConfig, TeleFLMForCausalLM
 from teleflm.model.io import export_hf
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "en_book_kjv.txt"
 SHAPE = dict(  # bench_generate's model
     vocab_size=2048,
     hidden_size=256,
@@ -39,7 +39,8 @@ SERVER_THREADS = 1
 
 def build_export(root: Path) -> tuple[Path, list[str]]:
     """A random model with a 2,000-entry byte-level tokenizer trained on the KJV, and prompts (KJV verses)."""
-    lines = [line for line in CORPUS.read_text(encoding="utf-8")[:400_000].splitlines() if len(line) > 40]
+    text = "\n\n".join(kjv_chapters())[:400_000]  # the KJV shipped with teleflm
+    lines = [line for line in text.splitlines() if len(line) > 40]
     tokenizer_dir = train_tokenizer(iter(lines), 2000, root / "tokenizer")
     torch.manual_seed(0)
     folder = export_hf(

@@ -1,7 +1,8 @@
 """Training throughput and MFU: teleflm's trainer vs transformers' LlamaForCausalLM with a plain AdamW
-loop, on the same shapes and batches, eager and compiled, fp32 and bf16, in one run.
+loop, on the same shapes and batches, eager and compiled, fp32 and bf16, at sizes from 1M to 100M
+parameters, in one run.
 
-    .venv/bin/python -m bench.bench_train [--steps 12] [--json out.json]
+    .venv/bin/python -m bench.bench_train [--sizes 1M,10M,100M] [--modes eager,compiled] [--json out.json]
 
 MFU is measured against the bf16 (and fp32) matmul peak measured at the start of the same run.
 """
@@ -22,10 +23,45 @@ from teleflm.parallel.plan import flops_per_token
 from teleflm.train.config import TrainConfig, _build
 from teleflm.train.trainer import Trainer
 
-SHAPE = dict(
-    hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=2, vocab_size=8192
-)
-CONTEXT, BATCH = 256, 8
+# name: (model shape, context, sequences per step, timed steps)
+SIZES = {
+    "1M": (
+        dict(
+            hidden_size=128,
+            intermediate_size=344,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            vocab_size=2048,
+        ),
+        256,
+        8,
+        12,
+    ),
+    "10M": (
+        dict(
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            vocab_size=8192,
+        ),
+        256,
+        8,
+        12,
+    ),
+    "100M": (
+        dict(
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=8,
+            num_attention_heads=12,
+            vocab_size=16384,
+        ),
+        256,
+        2,
+        6,
+    ),
+}
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 4) -> float:
@@ -37,27 +73,28 @@ def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 4) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
-def batches(steps: int) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    return rng.integers(4, SHAPE["vocab_size"], size=(steps * BATCH, CONTEXT + 1))
+def batches(size: str) -> np.ndarray:
+    shape, context, batch, steps = SIZES[size]
+    return np.random.default_rng(0).integers(4, shape["vocab_size"], size=(steps * batch, context + 1))
 
 
-def ours(steps: int, dtype: str, compile: bool) -> float:
+def ours(size: str, dtype: str, compile: bool) -> float:
     """Median tokens/s of teleflm's Trainer (its whole step: data, forward/backward, clip, AdamW, logs)."""
+    shape, context, batch, steps = SIZES[size]
     with tempfile.TemporaryDirectory() as out:
         raw = {
             "out": out,
-            "model": {**SHAPE, "max_position_embeddings": CONTEXT, "use_mup": True, "mup_scale_factor": 0.5},
-            "data": {"context_length": CONTEXT},
-            "batch": {"global_batch_tokens": CONTEXT * BATCH, "micro_batch_size": BATCH},
-            "schedule": {"total_tokens": CONTEXT * BATCH * steps, "warmup_steps": 2},
+            "model": {**shape, "max_position_embeddings": context, "use_mup": True, "mup_scale_factor": 0.5},
+            "data": {"context_length": context},
+            "batch": {"global_batch_tokens": context * batch, "micro_batch_size": batch},
+            "schedule": {"total_tokens": context * batch * steps, "warmup_steps": 2},
             "parallel": {"mixed_precision": dtype, "compile": compile},
             "checkpoint": {"interval_steps": 10**9, "export_at_end": False},
             "logging": {"progress_bar": False},
             "stability": {"warmup_steps": 10**9},
         }
         cfg = _build(TrainConfig, raw, "bench")
-        data = batches(steps)
+        data = batches(size)
         trainer = Trainer(cfg, stream_factory=lambda r, n: ArrayStream(data, r, n))
         trainer.checkpoint_root.mkdir(parents=True)
         trainer.save_checkpoint = lambda: trainer.checkpoint_root  # time training, not disk writes
@@ -69,24 +106,25 @@ def ours(steps: int, dtype: str, compile: bool) -> float:
     return statistics.median(rates[len(rates) // 2 :])
 
 
-def reference(steps: int, dtype: str, compile: bool) -> float:
+def reference(size: str, dtype: str, compile: bool) -> float:
     """Median tokens/s of LlamaForCausalLM + torch.optim.AdamW + clip, the loop a user would write."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    shape, context, batch, steps = SIZES[size]
     torch.manual_seed(0)
     model = LlamaForCausalLM(
-        LlamaConfig(**SHAPE, max_position_embeddings=CONTEXT, rms_norm_eps=1e-5, attn_implementation="sdpa")
+        LlamaConfig(**shape, max_position_embeddings=context, rms_norm_eps=1e-5, attn_implementation="sdpa")
     )
     if compile:
         for layer in model.model.layers:
             layer.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
-    data = torch.from_numpy(batches(steps))
+    data = torch.from_numpy(batches(size))
     rates = []
     for step in range(steps):
         t0 = time.perf_counter()
-        tokens = data[step * BATCH : (step + 1) * BATCH]
+        tokens = data[step * batch : (step + 1) * batch]
         with autocast:
             logits = model(input_ids=tokens[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
@@ -95,7 +133,7 @@ def reference(steps: int, dtype: str, compile: bool) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()
-        rates.append(CONTEXT * BATCH / (time.perf_counter() - t0))
+        rates.append(context * batch / (time.perf_counter() - t0))
     return statistics.median(rates[len(rates) // 2 :])
 
 
@@ -103,34 +141,58 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--sizes", default=",".join(SIZES), help=f"of {list(SIZES)}")
+    parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--steps", type=int, help="timed steps (default: per size)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    peak = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    if args.steps:
+        for size, (shape, context, batch, _) in SIZES.items():
+            SIZES[size] = (shape, context, batch, args.steps)
     from teleflm.model import TeleFLMConfig
+    from teleflm.parallel.plan import parameter_counts
 
-    fpt = flops_per_token(TeleFLMConfig(**SHAPE), CONTEXT)
+    peak = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
     print(
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
     print(f"matmul peak: bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s")
-    print(f"model: {SHAPE}, seq {CONTEXT}, batch {BATCH}, {fpt / 1e6:.1f} MFLOP/token")
     dtypes = ["fp32", "bf16"]
     if peak["bf16"] < peak["fp32"] / 4:
         # Without native bf16 (avx512_bf16 / AMX) the CPU emulates it, far slower than fp32: not worth timing.
         print("bf16: skipped, this CPU has no native bf16 matmul (peak above); train in fp32 here")
         dtypes.remove("bf16")
     rows = []
-    print(f"{'dtype':5} {'mode':8} {'teleflm tok/s':>14} {'llama tok/s':>12} {'ratio':>6} {'MFU':>6}")
-    for dtype in dtypes:
-        for compile in (False, True):
-            a, b = ours(args.steps, dtype, compile), reference(args.steps, dtype, compile)
-            mfu = fpt * a / peak[dtype]
-            mode = "compiled" if compile else "eager"
-            rows.append(dict(dtype=dtype, mode=mode, teleflm=a, llama=b, ratio=a / b, mfu=mfu))
-            print(f"{dtype:5} {mode:8} {a:14.0f} {b:12.0f} {a / b:6.2f} {mfu:6.1%}")
+    print(
+        f"{'size':>5} {'params':>7} {'tokens':>9} {'dtype':5} {'mode':8} {'teleflm tok/s':>14} {'llama tok/s':>12} {'ratio':>6} {'MFU':>6}"
+    )
+    for size in args.sizes.split(","):
+        shape, context, batch, _ = SIZES[size]
+        config = TeleFLMConfig(**shape)
+        params, fpt = parameter_counts(config)["total"], flops_per_token(config, context)
+        for dtype in dtypes:
+            for mode in args.modes.split(","):
+                compile = mode == "compiled"
+                a, b = ours(size, dtype, compile), reference(size, dtype, compile)
+                mfu = fpt * a / peak[dtype]
+                rows.append(
+                    dict(
+                        size=size,
+                        params=params,
+                        dtype=dtype,
+                        mode=mode,
+                        teleflm=a,
+                        llama=b,
+                        ratio=a / b,
+                        mfu=mfu,
+                    )
+                )
+                print(
+                    f"{size:>5} {params / 1e6:6.1f}M {batch:>3}x{context:<5} {dtype:5} {mode:8} {a:14.0f} {b:12.0f} {a / b:6.2f} {mfu:6.1%}",
+                    flush=True,
+                )
     if args.json:
-        args.json.write_text(json.dumps({"peak_flops": peak, "flops_per_token": fpt, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"peak_flops": peak, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
