@@ -96,3 +96,32 @@ def test_config_refuses_what_cannot_work(tmp_path, tuned):
         load_sft_config(path, [f'sft.init="{tmp_path / "missing"}"'])
     cfg = load_sft_config(path)
     assert cfg.train.data.document_mask and cfg.train.schedule.total_tokens == 0
+
+
+def test_init_from_a_checkpoint_or_its_export_is_the_same_model(tmp_path, tuned):
+    import torch
+
+    from teleflm.sft.run import source_state_dict
+    from teleflm.train.checkpoint import latest_checkpoint
+
+    base, _ = tuned
+    step = latest_checkpoint(base.parent / "checkpoints")
+    data = write_chat_set(tmp_path / "chat.jsonl", word_pairs()[0][:2])
+    from_export = load_sft_config(sft_toml(tmp_path / "a.toml", base, data, tmp_path / "a"))
+    from_step = load_sft_config(sft_toml(tmp_path / "b.toml", step, data, tmp_path / "b"))
+    export_only = ("architectures", "auto_map", "dtype")  # what an export records about itself
+    shapes = [
+        {k: v for k, v in c.train.model_config().to_dict().items() if k not in export_only}
+        for c in (from_export, from_step)
+    ]
+    assert shapes[0] == shapes[1]
+    assert load_tokenizer_hash(from_export) == load_tokenizer_hash(from_step)
+    weights, step_weights = source_state_dict(base), source_state_dict(step)
+    assert weights.keys() == step_weights.keys()
+    assert all(torch.equal(weights[name], step_weights[name]) for name in weights)
+
+
+def load_tokenizer_hash(cfg) -> str:
+    from teleflm.data.tokenizer import tokenizer_hash
+
+    return tokenizer_hash(cfg.train.data.tokenizer)
