@@ -3,6 +3,8 @@ answers one message and prints only the answer (for scripts)."""
 
 import sys
 
+from teleflm.cli.common import add_sampling_arguments
+
 HELP = "Type a message; /reset forgets the conversation, /exit (or Ctrl-D) quits."
 
 
@@ -13,12 +15,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--prompt", help="answer this one message, print only the answer, and exit")
     p.add_argument("--system", default="", help="system message opening the conversation")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
-    p.add_argument("--repetition-penalty", type=float, default=1.03, help="default: the model card's 1.03")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on GPUs, fp32 on CPUs")
+    add_sampling_arguments(p, max_new_tokens=256)
     p.set_defaults(func=run)
 
 
@@ -26,13 +23,10 @@ def run(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from teleflm.cli.common import load_model_any
+    from teleflm.cli.common import check_sampling_arguments, load_model_any
     from teleflm.sft.chat import ChatSession
 
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
+    check_sampling_arguments(args)
     model, tokenizer, _ = load_model_any(args.model, dtype=args.dtype)
     if tokenizer is None:
         raise FileNotFoundError(f"{args.model}: no tokenizer in the model folder")

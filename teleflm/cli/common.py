@@ -1,4 +1,5 @@
-"""What several commands share: loading a model from any of the forms teleflm writes or reads."""
+"""What several commands share: loading a model from any of the forms teleflm writes or reads, and
+the sampling options of the commands that generate."""
 
 from pathlib import Path
 
@@ -26,3 +27,20 @@ def load_model_any(path: str | Path, dtype=None, device=None):
         return model, (load_tokenizer(tokenizer_dir) if tokenizer_dir else None), tokenizer_dir
     model, tokenizer = load_pretrained(path, dtype=dtype, device=device)
     return model, tokenizer, (str(path) if has_tokenizer(path) else None)
+
+
+def add_sampling_arguments(p, max_new_tokens: int) -> None:
+    """The sampling options `generate` and `chat` share, with the model card's defaults."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.03, help="default: the model card's 1.03")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on GPUs, fp32 on CPUs")
+
+
+def check_sampling_arguments(args) -> None:
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")

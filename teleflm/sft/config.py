@@ -9,11 +9,10 @@ set.
 """
 
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from teleflm.train.config import ConfigError, TrainConfig, _build, _parse_override, validate
+from teleflm.train.config import ConfigError, TrainConfig, _build, read_raw, validate
 
 
 @dataclass
@@ -34,23 +33,6 @@ class SFTSection:
 class SFTConfig:
     train: TrainConfig
     sft: SFTSection
-
-
-def read_raw(path: str | Path, overrides: list[str]) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    for text in overrides:
-        keys, value = _parse_override(text)
-        table = raw
-        for k in keys[:-1]:
-            table = table.setdefault(k, {})
-        table[keys[-1]] = value
-    return raw
 
 
 def source_model(init: str, where: str) -> tuple[dict, str]:

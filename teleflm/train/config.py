@@ -192,8 +192,8 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """Read a TOML config, apply `section.key=value` overrides (values in TOML syntax), and validate."""
+def read_raw(path: str | Path, overrides: list[str] = ()) -> dict:
+    """A TOML config as tables, with `section.key=value` overrides (values in TOML syntax) applied."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
@@ -207,7 +207,12 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         for k in keys[:-1]:
             table = table.setdefault(k, {})
         table[keys[-1]] = value
-    cfg = _build(TrainConfig, raw, str(path))
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Read a TOML config, apply overrides, and validate."""
+    cfg = _build(TrainConfig, read_raw(path, overrides), str(path))
     validate(cfg, str(path))
     return cfg
 
