@@ -10,7 +10,7 @@ import pytest
 
 from teleflm.eval.harness import task_configs
 
-TASKS = ["teleflm_kjv_next_verse", "teleflm_poem_next_line"]
+TASKS = ["teleflm_kjv_next_verse", "teleflm_poem_next_line", "teleflm_kjv_word_order"]
 
 
 @pytest.fixture(scope="module")

@@ -123,10 +123,11 @@ def test_bad_schedule_is_refused_before_training(tmp_path):
     [
         ("dp2", {"dp_shard": 2}, {}),
         ("dp2 then tp2 after growth", {"dp_shard": 2}, {"tp": 2, "dp_shard": 1}),
+        ("pp2", {"pp": 2, "dp_shard": 1}, {}),
     ],
     ids=lambda layout: layout[0],
 )
-def test_growth_under_dp2_and_tp2_matches_one_process(layout, grown_run, tmp_path):
+def test_growth_under_dp_tp_pp_matches_one_process(layout, grown_run, tmp_path):
     _, reference, _ = grown_run
     _, parallel, stage_parallel = layout
     losses = run_ranks(2, train_losses, str(tmp_path), [{**GROWTH, "parallel": stage_parallel}], parallel)[0]

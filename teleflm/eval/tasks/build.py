@@ -9,6 +9,10 @@ model is scored on text it never trained on. Each item is 4-way multiple choice 
   distractors are verses of other held-out chapters of the nearest lengths, renumbered as the answer.
 - `teleflm_poem_next_line`: a poem's title, author and first lines; which line comes next. The
   distractors are lines of other poems with the same number of characters.
+- `teleflm_kjv_word_order`: a chapter's heading and the verse before; which is the next verse as
+  written, against three copies that each swap one pair of neighbouring words (minimal pairs, as in
+  BLiMP). It asks for fluency rather than meaning, which small models learn first: the task that
+  separates models after minutes of training, where the two above need far more.
 """
 
 import hashlib
@@ -85,6 +89,24 @@ def poem_items(rng: random.Random) -> list[dict]:
     return rng.sample(items, min(MAX_ITEMS, len(items)))
 
 
+def kjv_word_order_items(rng: random.Random) -> list[dict]:
+    items = []
+    for heading, vs in (verses(c) for c in heldout(kjv_chapters(), "book_en")):
+        for k in range(1, len(vs)):
+            number, *words = vs[k].split()
+            # Minimal pairs: each distractor swaps one pair of neighbouring (different) words.
+            swaps = [i for i in range(len(words) - 1) if words[i] != words[i + 1]]
+            if len(swaps) < CHOICES - 1:
+                continue
+            distractors = []
+            for i in sorted(rng.sample(swaps, CHOICES - 1)):
+                swapped = [*words[:i], words[i + 1], words[i], *words[i + 2 :]]
+                distractors.append("  " + " ".join([number, *swapped]))
+            answer = "  " + " ".join([number, *words])
+            items.append(choice_item(heading + "\n\n" + vs[k - 1], answer, distractors, rng))
+    return rng.sample(items, min(MAX_ITEMS, len(items)))
+
+
 def choice_item(context: str, answer: str, distractors: list[str], rng: random.Random) -> dict:
     choices = [answer, *distractors]
     rng.shuffle(choices)
@@ -101,3 +123,4 @@ def write(name: str, items: list[dict]) -> None:
 if __name__ == "__main__":
     write("kjv_next_verse", kjv_items(random.Random(0)))
     write("poem_next_line", poem_items(random.Random(1)))
+    write("kjv_word_order", kjv_word_order_items(random.Random(2)))
