@@ -22,6 +22,13 @@ def load_model_any(path: str | Path, dtype=None, device=None):
     dtype = dtype or default_dtype(device)
     if (path / TRAINER_STATE).exists():
         model, state = load_model(path)
+        if state.get("growth_masks"):
+            # The masks are part of the function being trained; the weights alone compute another.
+            raise ValueError(
+                f"{path} was saved in the middle of a growth ramp (masks from step "
+                f"{state['growth_masks']['start_step']} over {state['growth_masks']['ramp_steps']} steps): "
+                "use a checkpoint from after the ramp"
+            )
         model = model.to(device=device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32).eval()
         tokenizer_dir = state.get("tokenizer") or None
         return model, (load_tokenizer(tokenizer_dir) if tokenizer_dir else None), tokenizer_dir

@@ -134,3 +134,13 @@ def test_growth_under_dp_tp_pp_matches_one_process(layout, grown_run, tmp_path):
     assert sorted(losses) == list(range(1, 11))
     for step in range(1, 11):
         assert losses[step] == pytest.approx(reference[step], rel=1e-4), (step, losses, reference)
+
+
+def test_a_checkpoint_in_the_middle_of_a_ramp_is_not_exported(grown_run, tmp_path, capsys):
+    from teleflm.cli.main import main
+
+    out, _, _ = grown_run
+    mid_ramp = out / "checkpoints" / "step-00000005"
+    assert main(["export", "--checkpoint", str(mid_ramp), "--out", str(tmp_path / "hf")]) == 2
+    assert "middle of a growth ramp" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
