@@ -51,3 +51,15 @@ def check_sampling_arguments(args) -> None:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
+
+
+def add_override_argument(p, example: str) -> None:
+    """`--set section.key=value` (repeatable; values in TOML syntax), applied over the config file."""
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help=f"override a config value (TOML syntax), e.g. --set {example}",
+    )

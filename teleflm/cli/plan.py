@@ -1,5 +1,7 @@
 """`teleflm plan --config C --gpus N --gpu-type T [--tokens T] [--price-per-gpu-hour P] [--mfu M]`."""
 
+from teleflm.cli.common import add_override_argument
+
 
 def add_parser(sub) -> None:
     from teleflm.parallel.plan import DEVICES
@@ -11,7 +13,7 @@ def add_parser(sub) -> None:
     p.add_argument("--tokens", type=float, help="training tokens (default: schedule.total_tokens)")
     p.add_argument("--price-per-gpu-hour", type=float)
     p.add_argument("--mfu", type=float, default=0.5, help="assumed model FLOPs utilisation (default 0.5)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_override_argument(p, "parallel.tp=8")
     p.set_defaults(func=run)
 
 

@@ -1,17 +1,12 @@
 """`teleflm pretrain --config C [--set section.key=value ...]`: one process or many under torchrun."""
 
+from teleflm.cli.common import add_override_argument
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("pretrain", help="pre-train (or resume) a Tele-FLM model from a TOML config")
     p.add_argument("--config", required=True, help="TOML file (see configs/ and docs/config.md)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config value (TOML syntax), e.g. --set parallel.tp=2",
-    )
+    add_override_argument(p, "parallel.tp=2")
     p.set_defaults(func=run)
 
 

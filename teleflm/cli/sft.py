@@ -1,17 +1,12 @@
 """`teleflm sft --config C [--set section.key=value ...]`: fine-tune on chat data (docs/sft.md)."""
 
+from teleflm.cli.common import add_override_argument
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL, loss on assistant tokens only")
     p.add_argument("--config", required=True, help="TOML file with an [sft] table (see configs/sft/)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config value (TOML syntax), e.g. --set sft.epochs=2",
-    )
+    add_override_argument(p, "sft.epochs=2")
     p.set_defaults(func=run)
 
 
