@@ -125,3 +125,35 @@ def load_tokenizer_hash(cfg) -> str:
     from teleflm.data.tokenizer import tokenizer_hash
 
     return tokenizer_hash(cfg.train.data.tokenizer)
+
+
+def _sft_losses(config: str, overrides: list[str]) -> dict[int, float]:
+    from teleflm.sft.config import load_sft_config
+    from teleflm.sft.run import run_sft
+    from tests.train.common import logged_losses
+
+    cfg = load_sft_config(config, overrides)
+    run_sft(cfg, log=lambda _: None)
+    return logged_losses(cfg.train.out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "layout",
+    [["parallel.dp_shard=2", "batch.micro_batch_size=4"], ["parallel.tp=2", "parallel.dp_shard=1"]],
+    ids=["dp2", "tp2"],
+)
+def test_fine_tuning_under_dp2_and_tp2_matches_one_process(tuned, tmp_path, layout):
+    """Starting weights land in each rank's shard or slice, and the masked loss is normalised over
+    the global batch: the losses of 4 steps equal one process's."""
+    from tests.distributed import run_ranks
+
+    base, _ = tuned
+    data = write_chat_set(tmp_path / "chat.jsonl", word_pairs()[0])
+    config = str(sft_toml(tmp_path / "sft.toml", base, data, tmp_path / "one"))
+    short = [f"schedule.total_tokens={64 * 8 * 4}", "checkpoint.export_at_end=false"]
+    reference = _sft_losses(config, short)
+    losses = run_ranks(2, _sft_losses, config, [*short, *layout, f"out='{tmp_path / 'two'}'"])[0]
+    assert sorted(reference) == sorted(losses) == [1, 2, 3, 4]
+    for step in reference:
+        assert losses[step] == pytest.approx(reference[step], rel=1e-4), (step, losses, reference)
