@@ -160,7 +160,7 @@ def attention_mask_for(
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask
     if attention_mask is None or bool(attention_mask.all()):
-        if past == 0:
+        if past == 0 or seq == 1:  # fused causal path; or one query, which may see every cached key
             return None
         attention_mask = None
     q_pos = torch.arange(past, past + seq, device=device)
