@@ -19,13 +19,13 @@ at least one assistant message; contents are strings without special tokens.
 """
 
 import bisect
-import glob
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from teleflm.data.tokenizer import expand_files
 from teleflm.sft.template import ROLES, ChatFormat, Turn, special_token_in
 
 
@@ -57,13 +57,10 @@ class ChatDataReport:
 
 
 def expand(patterns: list[str]) -> list[Path]:
-    files: list[Path] = []
-    for pattern in patterns:
-        found = sorted(Path(p) for p in glob.glob(str(pattern), recursive=True) if Path(p).is_file())
-        if not found:
-            raise FileNotFoundError(f"sft.data {pattern!r}: matches no file")
-        files += [f for f in found if f not in files]
-    return files
+    try:
+        return expand_files(patterns)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"sft.data {e}") from None
 
 
 def check_messages(record) -> str | None:
