@@ -62,7 +62,7 @@ def base_config(steps: int) -> dict:
         "batch": {"global_batch_tokens": CONTEXT * BATCH, "micro_batch_size": BATCH},
         "schedule": {"total_tokens": CONTEXT * BATCH * steps, "warmup_steps": max(1, steps // 10)},
         "parallel": {"mixed_precision": "fp32"},
-        "stability": {"action": "stop", "spike_factor": 100.0},
+        "stability": {"action": "stop", "min_loss_jump": 100.0, "min_grad_ratio": 1e6},
     }
 
 

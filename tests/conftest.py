@@ -1,19 +1,19 @@
-"""Shared test fixtures: paths to the corpora and a tiny model config."""
+"""Shared test helpers: real text that every clone has, and a tiny model config."""
 
+import functools
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
-CORPORA = REPO.parent / "shared" / "corpora"
 
 
-def corpus(name: str) -> Path:
-    """A file of ../shared/corpora, or a skip naming what is missing."""
-    path = CORPORA / name
-    if not path.exists():
-        pytest.skip(f"corpus {path} is absent (tests expect ../shared/corpora beside the repo)")
-    return path
+@functools.cache
+def sample_text(name: str) -> str:
+    """Real text that ships with the clone: "kjv" (the King James Bible) and "poems" (Tang and Song
+    poems) from the embedded sample, "code" from the Python standard library's own sources."""
+    from teleflm.data import sample
+
+    documents = {"kjv": sample.kjv_chapters, "poems": sample.poems, "code": sample.stdlib_sources}[name]
+    return "\n\n".join(documents())
 
 
 def tiny_config(**overrides):

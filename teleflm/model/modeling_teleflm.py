@@ -173,13 +173,27 @@ def attention_mask_for(
     return mask | ~mask.any(dim=-1, keepdim=True)
 
 
+# transformers renamed the KV cache from `past_key_values` to `cache` (5.24: in `forward`'s arguments and
+# in the output classes). The forwards take either name; outputs use the field the installed release has.
+def cache_field(output_class: type) -> str:
+    return "cache" if "cache" in getattr(output_class, "__dataclass_fields__", {}) else "past_key_values"
+
+
+def with_cache(output_class: type, cache: Cache | None, **fields):
+    return output_class(**fields, **{cache_field(output_class): cache})
+
+
+def output_cache(output) -> Cache | None:
+    return getattr(output, cache_field(type(output)))
+
+
 class TeleFLMPreTrainedModel(PreTrainedModel):
     config_class = TeleFLMConfig
     config: TeleFLMConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["TeleFLMDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -231,8 +245,10 @@ class TeleFLMModel(TeleFLMPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        past_key_values = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("TeleFLMModel: give exactly one of input_ids or inputs_embeds")
         # Embeddings given directly are taken as layer-0 input (input_mult already applied), as in vLLM.
@@ -255,9 +271,10 @@ class TeleFLMModel(TeleFLMPreTrainedModel):
         h = self.norm(h)
         if all_hidden is not None:
             all_hidden.append(h)
-        return BaseModelOutputWithPast(
+        return with_cache(
+            BaseModelOutputWithPast,
+            past_key_values if use_cache else None,
             last_hidden_state=h,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
         )
 
@@ -300,13 +317,14 @@ class TeleFLMForCausalLM(TeleFLMPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
+        cache: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -319,8 +337,12 @@ class TeleFLMForCausalLM(TeleFLMPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        return with_cache(
+            CausalLMOutputWithPast,
+            output_cache(out),
+            loss=loss,
+            logits=logits,
+            hidden_states=out.hidden_states,
         )
 
 

@@ -89,9 +89,11 @@ class LoggingSection:
 
 @dataclass
 class StabilitySection:
-    spike_factor: float = 3.0  # a loss above this times its running average is a spike
-    ema_beta: float = 0.98  # decay of the running loss average
-    warmup_steps: int = 20  # no spike verdicts before the running average settles
+    window: int = 100  # steps the verdict compares against (the recent applied steps)
+    sigma: float = 6.0  # a spike exceeds the window's mean by this many of its standard deviations ...
+    min_loss_jump: float = 0.5  # ... and a loss by at least this many nats
+    min_grad_ratio: float = 100.0  # ... and a gradient norm by at least this factor
+    warmup_steps: int = 20  # no spike verdicts before the window holds this many steps
     action: str = "skip"  # skip | rollback | stop
     max_events: int = 10  # stop after this many events: the run is not recovering
 

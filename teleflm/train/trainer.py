@@ -7,7 +7,6 @@ scheduled learning rate, and checkpoints, evaluations and logs follow at their i
 """
 
 import contextlib
-import math
 import os
 import resource
 import time
@@ -38,6 +37,7 @@ from teleflm.train import checkpoint
 from teleflm.train.config import TrainConfig, dp_shard_degree, validate
 from teleflm.train.monitor import Monitor
 from teleflm.train.schedule import lr_factor
+from teleflm.train.stability import SpikeGuard
 
 
 class SpikeStop(RuntimeError):
@@ -140,7 +140,9 @@ class Trainer:
             if p.mixed_precision == "bf16" and self.dims.dp == 1
             else contextlib.nullcontext()
         )
-        self.step, self.tokens, self.loss_ema, self.events = 0, 0, None, 0
+        self.step, self.tokens, self.events = 0, 0, 0
+        s = cfg.stability
+        self.guard = SpikeGuard(s.window, s.sigma, s.min_loss_jump, s.min_grad_ratio, s.warmup_steps)
         self.flops_per_token = flops_per_token(self.model_config, cfg.data.context_length)
 
     # ----- construction helpers -----
@@ -243,18 +245,6 @@ class Trainer:
             dist.all_reduce(value)
         return value.item() / (self.dims.tp * self.step_targets)
 
-    def is_anomaly(self, loss: float, norm: float) -> str | None:
-        s = self.cfg.stability
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            return "non-finite"
-        if (
-            self.loss_ema is not None
-            and self.step >= s.warmup_steps
-            and loss > s.spike_factor * self.loss_ema
-        ):
-            return "spike"
-        return None
-
     def set_lr(self) -> float:
         c = self.cfg
         warmup_tokens = c.schedule.warmup_steps * c.batch.global_batch_tokens
@@ -280,7 +270,7 @@ class Trainer:
         return {
             "step": self.step,
             "tokens": self.tokens,
-            "loss_ema": self.loss_ema,
+            "spike_guard": self.guard.state_dict(),
             "events": self.events,
             "stream": self.stream.state_dict(),
             "rng": checkpoint.rng_state(),
@@ -303,7 +293,9 @@ class Trainer:
 
     def restore(self, path: Path, restore_stream: bool = True) -> None:
         state = checkpoint.load(path, self.module, self.optimizer)
-        self.step, self.tokens, self.loss_ema = state["step"], state["tokens"], state["loss_ema"]
+        self.step, self.tokens = state["step"], state["tokens"]
+        if "spike_guard" in state:  # checkpoints before the windowed guard start it afresh
+            self.guard.load_state_dict(state["spike_guard"])
         self.events = max(self.events, state["events"])
         checkpoint.set_rng_state(state["rng"])
         tp = (self.mesh["tp"].get_local_rank(), self.dims.tp) if self.dims.tp > 1 else (0, 1)
@@ -379,7 +371,7 @@ class Trainer:
                 batch = self.stream.next_sequences(self.sequences_per_rank)
                 loss = self.global_mean_loss(self.forward_backward(batch))
                 norm = grad_norm(self.params, self.pp_group).item()
-                anomaly = self.is_anomaly(loss, norm)
+                anomaly = self.guard.verdict(loss, norm)
                 if anomaly is not None:
                     self.handle_anomaly(anomaly, loss, norm, monitor)
                     continue
@@ -392,8 +384,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 self.tokens += c.batch.global_batch_tokens
-                beta = c.stability.ema_beta
-                self.loss_ema = loss if self.loss_ema is None else beta * self.loss_ema + (1 - beta) * loss
+                self.guard.accept(loss, norm)
                 last_loss = loss
                 dt = time.perf_counter() - t0
                 if self.step % c.logging.log_interval == 0 or self.step == total_steps:
@@ -442,7 +433,7 @@ class Trainer:
         action = self.cfg.stability.action
         self.optimizer.zero_grad(set_to_none=True)
         self.events += 1
-        monitor.event(self.step, kind, loss=loss, grad_norm=norm, loss_ema=self.loss_ema, action=action)
+        monitor.event(self.step, kind, loss=loss, grad_norm=norm, action=action, **self.guard.summary())
         if action == "stop" or self.events > self.cfg.stability.max_events:
             raise SpikeStop(
                 f"stability guard: {kind} at step {self.step} (loss {loss:.4g}, grad norm {norm:.4g})"

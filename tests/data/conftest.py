@@ -5,26 +5,22 @@ import json
 import pytest
 
 from teleflm.data.tokenizer import train_tokenizer
-from tests.conftest import corpus
-
-
-def slice_of(name: str, chars: int) -> str:
-    return corpus(name).read_text()[:chars]
+from tests.conftest import sample_text
 
 
 @pytest.fixture(scope="session")
 def texts() -> dict[str, str]:
     return {
-        "en": slice_of("en_book_kjv.txt", 200_000),
-        "zh": slice_of("zh_news_peoplesdaily1998.txt", 100_000),
-        "poems": slice_of("zh_classical_poetry.txt", 50_000),
+        "en": sample_text("kjv")[:200_000],
+        "code": sample_text("code")[:100_000],
+        "poems": sample_text("poems")[:50_000],
     }
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory, texts):
     out = tmp_path_factory.mktemp("tok")
-    return train_tokenizer(iter([texts["en"], texts["zh"], texts["poems"]]), 1000, out)
+    return train_tokenizer(iter([texts["en"], texts["code"], texts["poems"]]), 1000, out)
 
 
 def write_jsonl(path, docs):
@@ -67,7 +63,7 @@ def shards_dir(tmp_path_factory, tokenizer_dir, texts):
         tokenizer_dir,
         {
             "en": (docs(texts["en"], 400), 0.6, 4.0),
-            "zh": (docs(texts["zh"], 300), 0.3, 4.0),
+            "code": (docs(texts["code"], 300), 0.3, 4.0),
             "poems": (docs(texts["poems"], 200), 0.1, 4.0),
         },
     )

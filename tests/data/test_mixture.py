@@ -30,7 +30,7 @@ def test_delivered_proportions_within_one_percent(shards):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         batch = s.next_sequences(10_000)
-    configured = {"en": 0.6, "zh": 0.3, "poems": 0.1}
+    configured = {"en": 0.6, "code": 0.3, "poems": 0.1}
     counts = np.bincount(batch["domain"], minlength=3) / 10_000
     for i, m in enumerate(s.mixture):
         assert counts[i] == pytest.approx(configured[m.name], abs=0.01)
@@ -140,7 +140,7 @@ def test_each_epoch_visits_every_document_once(shards):
 
 def test_budget_within_epochs_is_never_exceeded(shards):
     """A budget the epochs allow: no warning, no domain past its epochs, as epochs_needed predicted."""
-    s = stream(shards, [DomainWeight("en", 0.5, 1.0), DomainWeight("zh", 0.5, 3.0)])
+    s = stream(shards, [DomainWeight("en", 0.5, 1.0), DomainWeight("code", 0.5, 3.0)])
     budget = int(s.domains[0].epoch_tokens * 0.9 / (0.5 * T))  # 90% of en's single epoch
     needed = s.epochs_needed(budget)
     with warnings.catch_warnings():

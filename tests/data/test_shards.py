@@ -12,7 +12,7 @@ from teleflm.data.tokenizer import load_tokenizer, tokenizer_hash, train_tokeniz
 
 def test_arrays_agree_with_the_manifest_and_the_text(shards_dir, tokenizer_dir, texts):
     shards = open_shards(shards_dir, expected_tokenizer_hash=tokenizer_hash(tokenizer_dir))
-    assert shards.domains == ["en", "zh", "poems"]
+    assert shards.domains == ["en", "code", "poems"]
     tok = load_tokenizer(tokenizer_dir)
     for domain in shards.domains:
         for split in ("train", "val"):
@@ -42,12 +42,14 @@ def test_altered_shard_is_refused_naming_the_file(copy):
 
 
 def test_truncated_or_missing_shard_is_refused(copy):
-    offsets = copy / "zh" / "val.offsets"
+    offsets = copy / "code" / "val.offsets"
     offsets.write_bytes(offsets.read_bytes()[:-8])
-    with pytest.raises(ShardError, match=r"zh/val\.offsets has \d+ bytes, the manifest says \d+: truncated"):
+    with pytest.raises(
+        ShardError, match=r"code/val\.offsets has \d+ bytes, the manifest says \d+: truncated"
+    ):
         open_shards(copy, verify=False)
     offsets.unlink()
-    with pytest.raises(ShardError, match=r"zh/val\.offsets is missing"):
+    with pytest.raises(ShardError, match=r"code/val\.offsets is missing"):
         open_shards(copy, verify=False)
 
 

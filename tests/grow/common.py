@@ -10,7 +10,7 @@ from teleflm.grow.masks import GrowthMasks
 from teleflm.grow.operators import grow_weights
 from teleflm.grow.plan import make_plan
 from teleflm.model import TeleFLMConfig, TeleFLMForCausalLM
-from tests.conftest import corpus
+from tests.conftest import sample_text
 
 VOCAB = 384
 CONTEXT = 32
@@ -24,7 +24,7 @@ def kjv_tokens() -> np.ndarray:
     on the slice before it."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    text = corpus("en_book_kjv.txt").read_text(encoding="utf-8")
+    text = sample_text("kjv")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(

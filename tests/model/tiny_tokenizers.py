@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from tests.conftest import corpus
+from tests.conftest import sample_text
 
 SENTENCEPIECE_VOCAB = 2000  # the model configs of these tests pad the embedding to 2048 rows
 
@@ -15,8 +15,7 @@ def train_sentencepiece(out_dir: Path) -> Path:
     characters fall back to bytes."""
     import sentencepiece as spm
 
-    text = corpus("en_book_kjv.txt").read_text(encoding="utf-8")[:200_000]
-    text += corpus("zh_classical_poetry.txt").read_text(encoding="utf-8")
+    text = sample_text("kjv")[:200_000] + sample_text("poems")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "train.txt").write_text(text, encoding="utf-8")
     spm.SentencePieceTrainer.train(
@@ -64,7 +63,7 @@ def train_byte_level_bpe(out_dir: Path, vocab_size: int = 500) -> Path:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    text = corpus("en_book_kjv.txt").read_text(encoding="utf-8")[:100_000]
+    text = sample_text("kjv")[:100_000]
     tokenizer.train_from_iterator(text.splitlines(), trainer)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out_dir / "tokenizer.json"))

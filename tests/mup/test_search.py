@@ -1,11 +1,9 @@
 """Hyper-parameter search: resumable table, best set, and muP transfer to a wider config."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -104,39 +102,44 @@ def test_interrupted_table_resumes_without_redoing_trials(setup):
     assert (out / "search.md").exists() and (out / "search.png").exists() and (out / "trials.csv").exists()
 
 
+# The search CLI in a process that SIGKILLs its own process group (itself and its trial workers) right
+# after the second trial record is on disk: the kill lands at that point, whatever the timing.
+KILL_AFTER_TWO_RECORDS = """
+import os, signal, sys
+import teleflm.mup.search as search
+
+append, written = search.append_record, []
+
+def append_then_die(path, record):
+    append(path, record)
+    written.append(record)
+    if len(written) == 2:
+        os.killpg(0, signal.SIGKILL)
+
+search.append_record = append_then_die
+from teleflm.cli.main import main
+main(sys.argv[1:])
+"""
+
+
 def test_killed_search_picks_up_where_it_stopped(setup):
     out = setup / "search"
-    command = [
-        sys.executable,
-        "-m",
-        "teleflm.cli.main",
-        "mup",
-        "search",
-        "--config",
-        str(setup / "proxy.toml"),
-    ]
-    command += [
-        "--space",
-        str(setup / "space.toml"),
-        "--out",
-        str(out),
-        "--sequences",
-        str(setup / "seqs.npy"),
-    ]
-    command += ["--parallel", "2"]
-    proc = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL)
-    table = out / "trials.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(read_table(table)) < 2 and proc.poll() is None:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the search and its worker processes
-    proc.wait()
-    done_before = read_table(table)
-    assert 2 <= len(done_before) < 4
-    assert main(command[3:]) == 0
-    records = read_table(table)
+    args = ["mup", "search", "--config", str(setup / "proxy.toml"), "--space", str(setup / "space.toml")]
+    args += ["--out", str(out), "--sequences", str(setup / "seqs.npy"), "--parallel", "2"]
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_TWO_RECORDS, *args],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL
+    done_before = read_table(out / "trials.jsonl")
+    assert len(done_before) == 2
+    assert main(args) == 0
+    records = read_table(out / "trials.jsonl")
     assert sorted(r["trial"] for r in records) == list(range(4))  # each trial exactly once
-    assert records[: len(done_before)] == done_before
+    assert records[:2] == done_before
     assert (out / "best.toml").exists()
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from teleflm.model.io import export_hf, load_pretrained
-from tests.conftest import corpus
+from tests.conftest import sample_text
 from tests.model.conftest import one_thread  # noqa: F401  (shared fixture)
 from tests.model.reference import random_model
 
@@ -23,7 +23,7 @@ def export_dir(tmp_path_factory):
     from teleflm.data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("serve")
-    lines = corpus("en_book_kjv.txt").read_text(encoding="utf-8")[:100_000].splitlines()
+    lines = sample_text("kjv")[:100_000].splitlines()
     tokenizer_dir = train_tokenizer(iter(lines), TOKENIZER_VOCAB, root / "tokenizer")
     model = random_model(vocab_size=MODEL_VOCAB, max_position_embeddings=CONTEXT)
     return export_hf(model, root / "export", tokenizer_dir=tokenizer_dir)

@@ -8,7 +8,7 @@ import pytest
 from teleflm.cli.main import main
 from teleflm.data.prepare import prepare
 from teleflm.data.tokenizer import train_tokenizer
-from tests.conftest import corpus
+from tests.conftest import sample_text
 from tests.data.conftest import data_toml
 
 CONFIG = """
@@ -50,8 +50,8 @@ progress_bar = false
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     folder = tmp_path_factory.mktemp("prepared")
-    kjv = corpus("en_book_kjv.txt").read_text()[:150_000]
-    poems = corpus("zh_classical_poetry.txt").read_text()[:40_000]
+    kjv = sample_text("kjv")[:150_000]
+    poems = sample_text("poems")[:40_000]
     tok = train_tokenizer(iter([kjv, poems]), 500, folder / "tok")
     toml = data_toml(
         folder,
@@ -91,7 +91,7 @@ def test_pretrain_on_prepared_shards(prepared, tmp_path, capsys):
 
 
 def test_shards_of_another_tokenizer_refused_before_work(prepared, tmp_path, capsys):
-    other = train_tokenizer(iter([corpus("en_book_kjv.txt").read_text()[:30_000]]), 400, tmp_path / "other")
+    other = train_tokenizer(iter([sample_text("kjv")[:30_000]]), 400, tmp_path / "other")
     config = tmp_path / "c.toml"
     config.write_text(CONFIG.format(out=tmp_path / "run", shards=prepared / "shards", tokenizer=other))
     assert main(["pretrain", "--config", str(config)]) == 2
