@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The test command: sets up .venv, lints, runs the whole suite (slow multi-rank tests included).
+# The test command: sets up .venv from the lock, lints, runs the whole suite (slow multi-rank tests
+# included), then checks the exported model files under the oldest transformers they claim and the
+# newest on the registry (scripts/compat.sh), so a rename in a new release turns this red first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-exec .venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q "$@"
+bash scripts/compat.sh

@@ -10,6 +10,7 @@ import gzip
 import json
 import lzma
 import shutil
+import sys
 import time
 from importlib.resources import files
 from pathlib import Path
@@ -138,14 +139,23 @@ def run(args) -> int:
         )
 
     stage("6/6 generations from the export, and the report")
-    samples = generate_samples(out / "run" / "export")
+    samples, cache_mismatch = generate_samples(out / "run" / "export")
     for name, text in samples.items():
         print(f"[{name}] {text!r}")
+    print(
+        f"KV cache: cached greedy decoding == uncached on {len(samples) - len(cache_mismatch)} of "
+        f"{len(samples)} prompts"
+    )
     n_params = sum(p.numel() for p in trainer.module.parameters())
-    report = write_report(out, cfg, n_params, result, figures, samples, time.time() - started)
+    report = write_report(
+        out, cfg, n_params, result, figures, samples, cache_mismatch, time.time() - started
+    )
     print(
         f"\nreport: {report}\nexport: {out / 'run' / 'export'} (loads with transformers, trust_remote_code=True)"
     )
+    if cache_mismatch:
+        print(f"error: decoding with the KV cache differs from without it on {cache_mismatch}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -170,32 +180,40 @@ def held_out_figures(trainer, model_bpb: dict[str, float]) -> dict[str, dict]:
     return figures
 
 
-def generate_samples(export: Path) -> dict[str, str]:
+def generate_samples(export: Path) -> tuple[dict[str, str], list[str]]:
+    """Greedy continuations of PROMPTS from the export, and the prompts on which decoding with the KV
+    cache gave other tokens than decoding without it (a cache that transformers fails to hand the
+    model reads as garbage only after the first token)."""
     import torch
 
     from teleflm.model.io import load_pretrained, real_vocab_size
 
     model, tokenizer = load_pretrained(export, dtype="fp32", device="cpu")
     padded = list(range(real_vocab_size(tokenizer), model.config.vocab_size))
-    samples = {}
+    samples, mismatch = {}, []
     for name, prompt in PROMPTS.items():
         inputs = tokenizer(prompt, return_tensors="pt")
+        settings = dict(max_new_tokens=40, do_sample=False, repetition_penalty=1.03)
         with torch.no_grad():
-            ids = model.generate(
-                **inputs,
-                max_new_tokens=40,
-                do_sample=False,
-                repetition_penalty=1.03,
-                suppress_tokens=padded or None,
-            )
+            ids = model.generate(**inputs, **settings, suppress_tokens=padded or None)
+            uncached = model.generate(**inputs, **settings, suppress_tokens=padded or None, use_cache=False)
+        if not torch.equal(ids, uncached):
+            mismatch.append(name)
         samples[name] = prompt + tokenizer.decode(
             ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
         )
-    return samples
+    return samples, mismatch
 
 
 def write_report(
-    out: Path, cfg, n_params: int, result: dict, figures: dict, samples: dict, seconds: float
+    out: Path,
+    cfg,
+    n_params: int,
+    result: dict,
+    figures: dict,
+    samples: dict,
+    cache_mismatch: list[str],
+    seconds: float,
 ) -> Path:
     import matplotlib
 
@@ -223,6 +241,12 @@ def write_report(
         for d, f in figures.items()
     )
     gens = "\n".join(f"- **{name}**: `{text!r}`" for name, text in samples.items())
+    cache = (
+        f"Decoding with the KV cache gave the same tokens as decoding without it on every prompt "
+        f"({len(samples)} of {len(samples)})."
+        if not cache_mismatch
+        else f"**Decoding with the KV cache differed from decoding without it on {cache_mismatch}.**"
+    )
     text = f"""# teleflm demo report
 
 A muP Tele-FLM of {n_params / 1e6:.1f}M parameters ({mc.num_hidden_layers} layers, width {mc.hidden_size},
@@ -251,6 +275,8 @@ Per-step data: `run/metrics.jsonl` (and TensorBoard logs in `run/tensorboard`); 
 
 {gens}
 
+{cache}
+
 ## Export
 
 `run/export` is a Hugging Face folder; plain transformers loads it:
@@ -263,6 +289,9 @@ model = AutoModelForCausalLM.from_pretrained("{out / "run" / "export"}", trust_r
 """
     (out / "report.md").write_text(text)
     (out / "report.json").write_text(
-        json.dumps({"result": result, "bpb": figures, "samples": samples}, indent=1)
+        json.dumps(
+            {"result": result, "bpb": figures, "samples": samples, "cache_mismatch": cache_mismatch},
+            indent=1,
+        )
     )
     return out / "report.md"

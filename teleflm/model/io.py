@@ -36,6 +36,32 @@ AUTO_MAP = {
     "AutoModel": "modeling_teleflm.TeleFLMModel",
     "AutoModelForCausalLM": "modeling_teleflm.TeleFLMForCausalLM",
 }
+# The transformers releases an export's model files work with: from the oldest checked by
+# scripts/compat.sh (older ones lack the generic `prepare_inputs_for_generation` that remote code relies
+# on) to the newest, which CI checks on every run.
+OLDEST_TRANSFORMERS = "4.46.3"
+EXPORT_README = """# {name}
+
+A Tele-FLM model exported by teleflm: Llama's architecture and weight names with muP's multipliers
+(`use_mup`, `input_mult`, `output_mult`, `mup_scale_factor` in config.json), so it loads with
+`trust_remote_code=True` from the model files beside this one.
+
+Works with transformers >= {oldest} (4.x and 5.x, where the KV cache argument was renamed) and
+torch >= 2.5; teleflm is not needed. The model card's quick start:
+
+```python
+import torch
+from transformers import AutoTokenizer, AutoModelForCausalLM
+tokenizer = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained("{name}", torch_dtype=torch.bfloat16, low_cpu_mem_usage=True,
+                                             device_map="auto", trust_remote_code=True)
+inputs = tokenizer("Beijing is the capital of China.", return_tensors="pt").to(model.device)
+generated = model.generate(**inputs, max_new_tokens=128, repetition_penalty=1.03)
+print(tokenizer.decode(generated.cpu()[0], skip_special_tokens=True))
+```
+
+Context: {context} positions. Vocabulary: {vocab} embedding rows.
+"""
 # The config fields of the released checkpoints (SPEC section 1), for write_official_layout.
 OFFICIAL_CONFIG_FIELDS = (
     "vocab_size",
@@ -305,13 +331,19 @@ def replace_folder(new: Path, target: Path) -> None:
     shutil.rmtree(old)
 
 
-def name_portable_tokenizer_class(tokenizer_config: Path) -> None:
-    """transformers 5 names a plain fast tokenizer `TokenizersBackend`, unknown to transformers 4;
-    `PreTrainedTokenizerFast` is the same class in 5 and loads in both."""
+def make_tokenizer_config_portable(tokenizer_config: Path, context_length: int) -> None:
+    """Make an export's tokenizer_config.json load the same in transformers 4 and 5:
+    - transformers 5 names a plain fast tokenizer `TokenizersBackend`, unknown to 4;
+      `PreTrainedTokenizerFast` is the same class in 5 and loads in both;
+    - transformers 4's fast tokenizer returns `token_type_ids` unless told its model's inputs, and its
+      `generate` refuses them (the card's quick start passes the tokenizer's output whole);
+    - `model_max_length` is the model's context, so truncation and warnings know it."""
     fields = json.loads(tokenizer_config.read_text())
     if fields.get("tokenizer_class") == "TokenizersBackend":
         fields["tokenizer_class"] = "PreTrainedTokenizerFast"
-        tokenizer_config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+    fields["model_input_names"] = ["input_ids", "attention_mask"]
+    fields["model_max_length"] = context_length
+    tokenizer_config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
 
 
 def write_config(config: TeleFLMConfig, path: Path) -> None:
@@ -396,9 +428,16 @@ def export_hf(
             # tokenizer.json + tokenizer_config.json are all AutoTokenizer needs; the SentencePiece
             # model rides along for tools that read it directly.
             tokenizer.save_pretrained(staging)
-            name_portable_tokenizer_class(staging / "tokenizer_config.json")
+            make_tokenizer_config_portable(staging / "tokenizer_config.json", config.max_position_embeddings)
             if (Path(tokenizer_dir) / "tokenizer.model").is_file():
                 shutil.copyfile(Path(tokenizer_dir) / "tokenizer.model", staging / "tokenizer.model")
+        readme = EXPORT_README.format(
+            name=out_dir.name,
+            oldest=OLDEST_TRANSFORMERS,
+            context=config.max_position_embeddings,
+            vocab=config.vocab_size,
+        )
+        (staging / "README.md").write_text(readme)
         check_export_target(out_dir, overwrite)  # it may have appeared meanwhile
         replace_folder(staging, out_dir)
     except BaseException:

@@ -8,19 +8,39 @@ Self-contained (imports only torch and transformers) because exports ship this f
 `trust_remote_code`. State-dict keys are Llama's, so official checkpoints and vLLM load it as is.
 """
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-try:  # exports run this file next to configuration_teleflm.py, as a flat module
-    from .configuration_teleflm import TeleFLMConfig
-except ImportError:  # pragma: no cover
-    from configuration_teleflm import TeleFLMConfig
+# Relative, as transformers' remote code expects (exports put this file beside configuration_teleflm.py);
+# releases before 5 scan the file's imports as text and refuse an absolute import they cannot resolve.
+from .configuration_teleflm import TeleFLMConfig
+
+# What moved between the transformers releases this file supports (docs/model.md): here, the layer
+# base class, DynamicCache's arguments, and (below) the name of the cache argument and output field.
+try:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # transformers < 4.52: the same hook, which gradient_checkpointing_enable() sets
+
+    class GradientCheckpointingLayer(nn.Module):
+        gradient_checkpointing = False
+
+        def __call__(self, *args, **kwargs):
+            if self.gradient_checkpointing and self.training:
+                return self._gradient_checkpointing_func(super().__call__, *args, **kwargs)
+            return super().__call__(*args, **kwargs)
+
+
+def new_cache(config: TeleFLMConfig) -> DynamicCache:
+    if "config" in inspect.signature(DynamicCache.__init__).parameters:  # transformers >= 4.56
+        return DynamicCache(config=config)
+    return DynamicCache()
 
 
 class TeleFLMRMSNorm(nn.Module):
@@ -173,8 +193,8 @@ def attention_mask_for(
     return mask | ~mask.any(dim=-1, keepdim=True)
 
 
-# transformers renamed the KV cache from `past_key_values` to `cache` (5.24: in `forward`'s arguments and
-# in the output classes). The forwards take either name; outputs use the field the installed release has.
+# transformers 5.24 renamed the KV cache from `past_key_values` to `cache`, in `forward`'s arguments and
+# in the output classes. The forwards take either name; outputs use the field the installed release has.
 def cache_field(output_class: type) -> str:
     return "cache" if "cache" in getattr(output_class, "__dataclass_fields__", {}) else "past_key_values"
 
@@ -256,7 +276,7 @@ class TeleFLMModel(TeleFLMPreTrainedModel):
         batch, seq = h.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+            past_key_values = new_cache(self.config)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=h.device)[None].expand(batch, seq)

@@ -51,6 +51,8 @@ def test_demo_end_to_end(tmp_path):
         assert row["model"] == pytest.approx(report["result"][f"val.{domain}.bpb"])
         assert f"| {domain} | {row['model']:.3f} |" in (out / "report.md").read_text()
     assert set(report["samples"]) == {"English", "Chinese", "code"}
+    assert report["cache_mismatch"] == []
+    assert "same tokens as decoding without it on every prompt (3 of 3)" in (out / "report.md").read_text()
 
     # The export loads in a fresh process with plain transformers and generates.
     script = (
