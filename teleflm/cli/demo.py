@@ -147,14 +147,14 @@ def run(args) -> int:
         f"{len(samples)} prompts"
     )
     n_params = sum(p.numel() for p in trainer.module.parameters())
-    report = write_report(
-        out, cfg, n_params, result, figures, samples, cache_mismatch, time.time() - started
-    )
+    report = write_report(out, cfg, n_params, result, figures, samples, cache_mismatch, time.time() - started)
     print(
         f"\nreport: {report}\nexport: {out / 'run' / 'export'} (loads with transformers, trust_remote_code=True)"
     )
     if cache_mismatch:
-        print(f"error: decoding with the KV cache differs from without it on {cache_mismatch}", file=sys.stderr)
+        print(
+            f"error: decoding with the KV cache differs from without it on {cache_mismatch}", file=sys.stderr
+        )
         return 1
     return 0
 

@@ -25,7 +25,6 @@ sys.meta_path.insert(0, NoTeleflm())
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 
@@ -100,7 +99,9 @@ def main(path: str) -> dict:
     with torch.no_grad():
         ours, theirs = model(ids).logits, reference(ids).logits * scale
     logit_diff = (ours - theirs).abs().max().item()
-    assert logit_diff <= 1e-5 * max(1.0, theirs.abs().max().item()), f"logits differ from Llama by {logit_diff}"
+    assert logit_diff <= 1e-5 * max(1.0, theirs.abs().max().item()), (
+        f"logits differ from Llama by {logit_diff}"
+    )
 
     # 2. greedy generation, cached == uncached == Llama
     pad_id = model.generation_config.pad_token_id

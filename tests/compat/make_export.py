@@ -16,9 +16,7 @@ from tests.model.reference import random_model
 
 def main(out: Path) -> Path:
     tokenizer = train_tokenizer(iter(sample_text("kjv")[:100_000].splitlines()), 500, out / "tokenizer")
-    model = random_model(
-        vocab_size=512, use_mup=True, input_mult=1.0, output_mult=0.5, mup_scale_factor=16.0
-    )
+    model = random_model(vocab_size=512, use_mup=True, input_mult=1.0, output_mult=0.5, mup_scale_factor=16.0)
     return export_hf(model, out / "export", tokenizer_dir=tokenizer, overwrite=True)
 
 
