@@ -9,7 +9,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-repo=$(pwd)
 oldest=$(.venv/bin/python -c 'from teleflm.model.io import OLDEST_TRANSFORMERS; print(OLDEST_TRANSFORMERS)')
 versions=("$@")
 [ ${#versions[@]} -gt 0 ] || versions=("$oldest" newest)
@@ -30,9 +29,8 @@ for version in "${versions[@]}"; do
         grep -v "dependency resolver\|which is incompatible\|is ignored" || true
     installed=$("$env/bin/python" -c 'import transformers; print(transformers.__version__)')
     echo "== transformers $installed ($version)"
-    # A bare working folder and a fresh HF_HOME: remote code is loaded from the export, never a cache.
-    if (cd "$work" && HF_HOME="$work/hf-$version" OMP_NUM_THREADS=1 \
-        "$repo/$env/bin/python" "$repo/tests/compat/check_export.py" "$work/export"); then
+    # A fresh HF_HOME: remote code is loaded from the export, never from a cache of an earlier one.
+    if HF_HOME="$work/hf-$version" OMP_NUM_THREADS=1 "$env/bin/python" -m tests.compat.check_export "$work/export"; then
         echo "ok: transformers $installed"
     else
         echo "FAILED: transformers $installed"

@@ -7,10 +7,9 @@
 3. the model card's quick start, verbatim but for the path, in bf16; each token it generates is the
    greedy choice of a full forward without the cache, up to bf16 rounding.
 
-    python tests/compat/check_export.py EXPORT_DIR      (exit 0 and a JSON summary, or an assertion)
+    python -m tests.compat.check_export EXPORT_DIR   (from the repository; exit 0 and a JSON summary)
 """
 
-import inspect
 import json
 import sys
 
@@ -25,36 +24,9 @@ sys.meta_path.insert(0, NoTeleflm())
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-
-def llama_twin(model) -> LlamaForCausalLM:
-    """Llama with the export's weights; muP's input multiplier folded into the embedding."""
-    c = model.config
-    rope = (
-        {"rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta}}
-        if "rope_parameters" in inspect.signature(LlamaConfig.__init__).parameters
-        else {"rope_theta": c.rope_theta}
-    )
-    config = LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads,
-        max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps,
-        tie_word_embeddings=False,
-        **rope,
-    )
-    config._attn_implementation = "eager"  # a second, independent attention implementation
-    reference = LlamaForCausalLM(config)
-    state = {k: v.float() for k, v in model.state_dict().items()}
-    if c.use_mup:
-        state["model.embed_tokens.weight"] *= c.input_mult
-    reference.load_state_dict(state, strict=True)
-    return reference.eval()
+from tests.model.reference import llama_twin, logit_scale  # noqa: E402
 
 
 def left_padded_batch(tokenizer, pad_id: int) -> dict:
@@ -92,7 +64,7 @@ def main(path: str) -> dict:
     model.eval()
     assert type(model).__name__ == "TeleFLMForCausalLM", type(model)
     reference = llama_twin(model)
-    scale = model.config.output_mult / model.config.mup_scale_factor if model.config.use_mup else 1.0
+    scale = logit_scale(model)
 
     # 1. logits
     ids = torch.randint(4, len(tokenizer), (2, 40), generator=torch.Generator().manual_seed(0))

@@ -1,5 +1,7 @@
 """Tiny random Tele-FLM models and their transformers Llama twin, the parity reference."""
 
+import inspect
+
 import torch
 
 from tests.conftest import tiny_config
@@ -30,6 +32,12 @@ def llama_twin(model):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = model.config
+    # transformers 5 takes RoPE settings as rope_parameters, 4 as rope_theta (tests/compat runs on both).
+    rope = (
+        {"rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta}}
+        if "rope_parameters" in inspect.signature(LlamaConfig.__init__).parameters
+        else {"rope_theta": c.rope_theta}
+    )
     config = LlamaConfig(
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
@@ -39,11 +47,11 @@ def llama_twin(model):
         num_key_value_heads=c.num_key_value_heads,
         max_position_embeddings=c.max_position_embeddings,
         rms_norm_eps=c.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
         tie_word_embeddings=False,
         bos_token_id=c.bos_token_id,
         eos_token_id=c.eos_token_id,
         pad_token_id=c.pad_token_id,
+        **rope,
     )
     config._attn_implementation = "eager"
     reference = LlamaForCausalLM(config)

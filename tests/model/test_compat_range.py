@@ -13,4 +13,4 @@ def test_range_is_written_where_users_read_it(tmp_path):
     assert 'from_pretrained("export", torch_dtype=torch.bfloat16' in readme
     assert f"transformers >= {OLDEST_TRANSFORMERS}" in (REPO / "docs" / "model.md").read_text()
     compat = (REPO / "scripts" / "compat.sh").read_text()
-    assert "OLDEST_TRANSFORMERS" in compat and "tests/compat/check_export.py" in compat
+    assert "OLDEST_TRANSFORMERS" in compat and "tests.compat.check_export" in compat
