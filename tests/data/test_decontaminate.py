@@ -83,7 +83,11 @@ def test_shorter_ngram_catches_the_near_misses(tmp_path, tokenizer_dir):
     test_file.write_text(PASSAGE)
     index = load_test_ngrams([str(test_file)], raw_tokenizer(tokenizer_dir), n=3)
     encoder = raw_tokenizer(tokenizer_dir)
-    near = encoder.encode("Unrelated start " + " ".join(PASSAGE.split()[:2]) + " then").ids
+    # Three words from inside the passage: preceded by a space there and here, so (byte-level BPE
+    # splitting at spaces) the same tokens, at least 3 of them.
+    shared = " " + " ".join(PASSAGE.split()[2:5])
+    assert len(encoder.encode(shared).ids) >= 3
+    near = encoder.encode("Unrelated start" + shared + " then").ids
     far = encoder.encode("Unrelated start of something else then").ids
     tokens = np.array(near + far)
     offsets = np.array([0, len(near), len(near) + len(far)])
