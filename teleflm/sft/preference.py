@@ -1,0 +1,202 @@
+"""Preference data and the DPO objective (`teleflm dpo`, docs/sft.md).
+
+Input: JSONL files, one pair per line, in trl's preference format: `{"prompt": [messages], "chosen":
+[assistant messages], "rejected": [assistant messages]}`, where a plain string stands for one user
+(prompt) or assistant (responses) message. Each side is rendered with the chat format of `teleflm sft`
+(prompt + response); the loss mask marks the response's tokens only. Lines are checked like SFT's
+(file:line, `on_error`); a pair whose longer side exceeds one sequence is dropped and counted.
+
+DPO (Rafailov et al. 2023): with per-sequence log-probabilities of the response under the policy
+(`logp`) and under the frozen starting model (`ref`), the loss of a pair is
+`-log sigmoid(beta * ((logp_c - ref_c) - (logp_r - ref_r)))`. The reference log-probabilities are
+computed once, before the first step, and saved with the run.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from teleflm.sft.data import ChatDataError, check_messages, expand
+from teleflm.sft.template import ChatFormat
+
+SIDES = ("chosen", "rejected")
+
+
+@dataclass
+class PreferenceReport:
+    files: list[str] = field(default_factory=list)
+    pairs: int = 0  # read and valid
+    skipped_lines: list[str] = field(default_factory=list)  # "file:line: reason"
+    too_long: int = 0  # pairs dropped because a side exceeds context_length + 1 tokens
+    heldout: int = 0  # pairs kept aside for evaluation
+    train: int = 0  # pairs trained on
+
+
+@dataclass
+class PairSet:
+    """Pairs as rows of context_length + 1 tokens: side 0 chosen, side 1 rejected."""
+
+    tokens: np.ndarray  # int64 [pairs, 2, T + 1]
+    loss_mask: np.ndarray  # bool [pairs, 2, T + 1]: the response's tokens
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def subset(self, index: np.ndarray) -> "PairSet":
+        return PairSet(self.tokens[index], self.loss_mask[index])
+
+
+def as_messages(value, role: str) -> list[dict] | None:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return value if isinstance(value, list) else None
+
+
+def check_pair(record) -> tuple[list[dict], list[dict], list[dict]] | str:
+    """(prompt, chosen, rejected) messages of a parsed line, or why it is not a pair."""
+    if not isinstance(record, dict) or not all(k in record for k in ("prompt", *SIDES)):
+        return 'expected an object with "prompt", "chosen" and "rejected"'
+    prompt = as_messages(record["prompt"], "user")
+    if not prompt or prompt[-1].get("role") != "user":
+        return "the prompt must be a string or messages ending with a user message"
+    sides = []
+    for side in SIDES:
+        messages = as_messages(record[side], "assistant")
+        if not messages or any(not isinstance(m, dict) or m.get("role") != "assistant" for m in messages):
+            return f'"{side}" must be a string or assistant messages'
+        problem = check_messages({"messages": prompt + messages})
+        if problem is not None:
+            return f"{side}: {problem}"
+        sides.append(messages)
+    return prompt, *sides
+
+
+def read_pairs(patterns: list[str], on_error: str, report: PreferenceReport) -> list[tuple]:
+    pairs = []
+    for path in expand(patterns):
+        report.files.append(str(path))
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    result = check_pair(json.loads(line))
+                except json.JSONDecodeError as e:
+                    result = f"not valid JSON ({e.msg} at column {e.colno})"
+                except ChatDataError as e:
+                    raise ChatDataError(f"{where}: {e}") from None
+                if not isinstance(result, str):
+                    pairs.append(result)
+                elif on_error == "fail":
+                    raise ChatDataError(f'{where}: {result} (set dpo.on_error = "skip" to skip such lines)')
+                else:
+                    report.skipped_lines.append(f"{where}: {result}")
+    report.pairs = len(pairs)
+    return pairs
+
+
+def render_side(chat: ChatFormat, prompt: list[dict], response: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, loss mask) of prompt + response, the mask on the response's learned tokens only."""
+    prompt_length = sum(len(t.ids) for t in chat.turns(prompt))
+    ids, mask = chat.render(prompt + response)
+    mask[:prompt_length] = False
+    return ids, mask
+
+
+def prepare_pairs(
+    patterns: list[str], tokenizer, context_length: int, on_error: str = "fail"
+) -> tuple[PairSet, PreferenceReport]:
+    report = PreferenceReport()
+    chat = ChatFormat(tokenizer)
+    width = context_length + 1
+    rendered = []
+    for prompt, chosen, rejected in read_pairs(patterns, on_error, report):
+        sides = [render_side(chat, prompt, response) for response in (chosen, rejected)]
+        if max(len(ids) for ids, _ in sides) > width:
+            report.too_long += 1
+            continue
+        rendered.append(sides)
+    if not rendered:
+        raise ChatDataError(f"{', '.join(patterns)}: no preference pair left to train on")
+    tokens = np.full((len(rendered), 2, width), tokenizer.pad_token_id, dtype=np.int64)
+    loss_mask = np.zeros((len(rendered), 2, width), dtype=bool)
+    for i, sides in enumerate(rendered):
+        for s, (ids, mask) in enumerate(sides):
+            tokens[i, s, : len(ids)], loss_mask[i, s, : len(ids)] = ids, mask
+    return PairSet(tokens, loss_mask), report
+
+
+def split_heldout(pairs: PairSet, fraction: float, seed: int) -> tuple[PairSet, PairSet]:
+    """(train, held-out): a seeded `fraction` of the pairs (at least one when fraction > 0) held out."""
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    n = min(len(pairs) - 1, max(1, round(fraction * len(pairs)))) if fraction > 0 else 0
+    return pairs.subset(np.sort(order[n:])), pairs.subset(np.sort(order[:n]))
+
+
+# ----- the objective -----
+
+
+def sequence_logps(
+    logits: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor, real_vocab_size: int
+) -> torch.Tensor:
+    """Per row, the summed log-probability (fp32) of the learned tokens; position t predicts t + 1 and
+    padded vocabulary ids get no mass. logits: (rows, T, V) for tokens (rows, T + 1)."""
+    logps = torch.log_softmax(logits[..., :real_vocab_size].float(), dim=-1)
+    picked = logps.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    return (picked * loss_mask[:, 1:]).sum(-1)
+
+
+def dpo_losses(logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-pair losses, per-pair reward margins) for rows interleaved chosen, rejected, chosen, ..."""
+    ratios = (logps - ref_logps).view(-1, 2)
+    margins = ratios[:, 0] - ratios[:, 1]
+    return -F.logsigmoid(beta * margins), margins
+
+
+class PairStream:
+    """The trainer's stream over pairs: epoch after epoch, each in a seeded order of the pairs; global
+    pair g goes to data-parallel rank g % dp_size. A batch of n rows holds n / 2 pairs, each as its
+    chosen row then its rejected row, with their reference log-probabilities. State: pairs drawn."""
+
+    def __init__(self, pairs: PairSet, ref_logps: np.ndarray, seed: int, dp_rank: int = 0, dp_size: int = 1):
+        self.pairs, self.ref_logps, self.seed = pairs, ref_logps, seed
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.drawn = 0
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def _pair(self, g: int) -> int:
+        epoch, index = divmod(g, len(self.pairs))
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs)))
+        return int(self._order[1][index])
+
+    def next_sequences(self, n: int) -> dict:
+        if n % 2:
+            raise ValueError(f"a DPO batch holds whole pairs: {n} rows per rank is odd")
+        index = [self._pair(self.drawn + self.dp_rank + i * self.dp_size) for i in range(n // 2)]
+        self.drawn += n // 2 * self.dp_size
+        return {
+            "tokens": self.pairs.tokens[index].reshape(n, -1),
+            "loss_mask": self.pairs.loss_mask[index].reshape(n, -1),
+            "ref_logps": self.ref_logps[index].reshape(n),
+            "domain": np.zeros(n, dtype=np.int64),
+        }
+
+    def state_dict(self) -> dict:
+        return {"drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["drawn"] % self.dp_size:
+            raise ValueError(f"stream state at {state['drawn']} pairs does not divide over {self.dp_size} ranks")
+        self.drawn = int(state["drawn"])
+
+
+def save_reference(path: Path, ref_logps: np.ndarray) -> None:
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, ref_logps)
+    tmp.replace(path)
