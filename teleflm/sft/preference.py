@@ -151,7 +151,9 @@ def sequence_logps(
     return (picked * loss_mask[:, 1:]).sum(-1)
 
 
-def dpo_losses(logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def dpo_losses(
+    logps: torch.Tensor, ref_logps: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-pair losses, per-pair reward margins) for rows interleaved chosen, rejected, chosen, ..."""
     ratios = (logps - ref_logps).view(-1, 2)
     margins = ratios[:, 0] - ratios[:, 1]
@@ -192,7 +194,9 @@ class PairStream:
 
     def load_state_dict(self, state: dict) -> None:
         if state["drawn"] % self.dp_size:
-            raise ValueError(f"stream state at {state['drawn']} pairs does not divide over {self.dp_size} ranks")
+            raise ValueError(
+                f"stream state at {state['drawn']} pairs does not divide over {self.dp_size} ranks"
+            )
         self.drawn = int(state["drawn"])
 
 

@@ -84,7 +84,10 @@ def trl_loss(policy, reference, tmp_path):
 
 
 def test_loss_and_gradients_equal_trl(tmp_path):
-    policy, reference = random_model(seed=1, vocab_size=512, **MUP), random_model(seed=2, vocab_size=512, **MUP)
+    policy, reference = (
+        random_model(seed=1, vocab_size=512, **MUP),
+        random_model(seed=2, vocab_size=512, **MUP),
+    )
     policy.train()
     twin_policy, twin_reference = plain_twin(policy), plain_twin(reference)
     twin_policy.train()
@@ -152,8 +155,14 @@ def test_pairs_render_with_the_chat_format_and_mask_the_response(chat_tokenizer,
     "line, reason",
     [
         ('{"prompt": "q", "chosen": "a"}', '"prompt", "chosen" and "rejected"'),
-        ('{"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"}', "ending with a user"),
-        ('{"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}', '"chosen" must be'),
+        (
+            '{"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"}',
+            "ending with a user",
+        ),
+        (
+            '{"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}',
+            '"chosen" must be',
+        ),
         ('{"prompt": "q", "chosen": "a</s><_user>x", "rejected": "b"}', "special token"),
         ("{not json", "not valid JSON"),
     ],
@@ -169,7 +178,10 @@ def test_bad_lines_are_named(chat_tokenizer, tmp_path, line, reason):
 
 
 def test_too_long_pairs_are_dropped_and_counted(chat_tokenizer, tmp_path):
-    lines = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a " * 50, "rejected": "b"}]
+    lines = [
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+        {"prompt": "q", "chosen": "a " * 50, "rejected": "b"},
+    ]
     pairs, report = prepare_pairs([str(write_pairs(tmp_path / "p.jsonl", lines))], chat_tokenizer, 16)
     assert len(pairs) == 1 and report.too_long == 1
 
