@@ -12,7 +12,16 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from teleflm.train.config import ConfigError, TrainConfig, _build, read_raw, validate
+from teleflm.train.config import (
+    AT_LEAST_ONE,
+    POSITIVE,
+    ConfigError,
+    TrainConfig,
+    _build,
+    model_fields,
+    read_raw,
+    validate,
+)
 
 
 @dataclass
@@ -27,6 +36,8 @@ class SFTSection:
     )  # eval sets: conversations sharing an n-gram are dropped
     ngram: int = 13  # window of the decontamination, in tokens
     text_field: str = "text"  # JSONL field holding the text of the eval sets
+
+    RANGES = dict(epochs=POSITIVE, ngram=AT_LEAST_ONE)
 
 
 @dataclass
@@ -47,8 +58,11 @@ def source_model(init: str, where: str) -> tuple[dict, str]:
         raise ConfigError(f"{where}: sft.init {init!r} is not a checkpoint or export folder")
     if (path / TRAINER_STATE).is_file():
         state = json.loads((path / TRAINER_STATE).read_text())
-        return state["model_config"], state.get("tokenizer") or ""
-    return load_config(path).to_diff_dict(), str(path) if has_tokenizer(path) else ""
+        fields, tokenizer = state["model_config"], state.get("tokenizer") or ""
+    else:
+        fields, tokenizer = load_config(path).to_diff_dict(), str(path) if has_tokenizer(path) else ""
+    # The [model] table the fine-tuning config gets: the model's fields, not config.json's bookkeeping.
+    return {k: v for k, v in fields.items() if k in model_fields()}, tokenizer
 
 
 def load_sft_config(path: str | Path, overrides: list[str] = ()) -> SFTConfig:
@@ -64,8 +78,6 @@ def load_sft_config(path: str | Path, overrides: list[str] = ()) -> SFTConfig:
         raise ConfigError(f"{where}: sft.on_error must be 'fail' or 'skip', got {sft.on_error!r}")
     if not sft.data:
         raise ConfigError(f"{where}: sft.data names no chat JSONL file")
-    if sft.epochs <= 0 or sft.ngram < 1:
-        raise ConfigError(f"{where}: sft.epochs must be positive and sft.ngram at least 1")
     raw["model"], tokenizer = source_model(sft.init, where)
     raw.setdefault("data", {}).setdefault("tokenizer", tokenizer)
     if not raw["data"]["tokenizer"]:
