@@ -48,16 +48,14 @@ class SFTConfig:
 
 def source_model(init: str, where: str) -> tuple[dict, str]:
     """(model config fields, tokenizer folder) of the checkpoint or export to fine-tune."""
-    import json
-
     from teleflm.model.io import has_tokenizer, load_config
-    from teleflm.train.checkpoint import TRAINER_STATE
+    from teleflm.train.checkpoint import TRAINER_STATE, read_state
 
     path = Path(init)
     if not init or not path.is_dir():
         raise ConfigError(f"{where}: sft.init {init!r} is not a checkpoint or export folder")
     if (path / TRAINER_STATE).is_file():
-        state = json.loads((path / TRAINER_STATE).read_text())
+        state = read_state(path)
         fields, tokenizer = state["model_config"], state.get("tokenizer") or ""
     else:
         fields, tokenizer = load_config(path).to_diff_dict(), str(path) if has_tokenizer(path) else ""
