@@ -156,3 +156,43 @@ def test_checkpoint_of_another_shape_is_a_config_error_not_a_fallback(tmp_path):
     with pytest.raises(ValueError, match=r"another model shape: hidden_size 64 \(config: 128\)"):
         train(out, model={"hidden_size": 128, "intermediate_size": 256})
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000005", "step-00000010"]
+
+
+# run_tiny.py in a process that SIGKILLs itself right after logging step 7, two steps past its step-5
+# checkpoint: the kill lands at that point, whatever the timing.
+KILL_AFTER_STEP_7 = """
+import os, runpy, signal, sys
+from teleflm.train.monitor import Monitor
+
+log = Monitor.log
+
+def log_then_die(self, step, record):
+    log(self, step, record)
+    if step == 7:
+        self.tb.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+Monitor.log = log_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_resumed_run_keeps_one_history(tmp_path):
+    """Steps 6 and 7 of the killed attempt are redone: metrics.jsonl and TensorBoard show them once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_STEP_7, str(RUN), str(out), "{}"], env=ENV, timeout=600
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [
+        *range(1, 8)
+    ]
+    run(out)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    assert [s.step for s in board.Scalars("loss")] == list(range(1, 11))
