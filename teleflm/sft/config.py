@@ -59,8 +59,9 @@ def source_model(init: str, where: str) -> tuple[dict, str]:
         fields, tokenizer = state["model_config"], state.get("tokenizer") or ""
     else:
         fields, tokenizer = load_config(path).to_diff_dict(), str(path) if has_tokenizer(path) else ""
-    # The [model] table the fine-tuning config gets: the model's fields, not config.json's bookkeeping.
-    return {k: v for k, v in fields.items() if k in model_fields()}, tokenizer
+    # The [model] table the fine-tuning config gets, as TOML could write it: the model's fields set
+    # (None is each optional field's default), not config.json's bookkeeping.
+    return {k: v for k, v in fields.items() if k in model_fields() and v is not None}, tokenizer
 
 
 def load_sft_config(path: str | Path, overrides: list[str] = ()) -> SFTConfig:
