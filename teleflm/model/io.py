@@ -155,6 +155,20 @@ def real_vocab_size(source) -> int:
     return len(tokenizer)
 
 
+def new_token_budget(prompt_tokens: int, max_new_tokens: int, context: int) -> int:
+    """How many tokens may follow a prompt: `max_new_tokens`, or fewer where the model's `context`
+    (max_position_embeddings) ends first; past it a model computes garbage. An empty prompt, or one
+    that leaves no position, is refused."""
+    if prompt_tokens == 0:
+        raise ValueError("the prompt is empty (no tokens): there is nothing to continue")
+    if prompt_tokens >= context:
+        raise ValueError(
+            f"the prompt takes {prompt_tokens} tokens; the model's context is {context} tokens, "
+            "so nothing can follow it"
+        )
+    return min(max_new_tokens, context - prompt_tokens)
+
+
 def check_tokenizer_fits(tokenizer, config: TeleFLMConfig, where: str | Path) -> None:
     if len(tokenizer) > config.vocab_size:
         raise CheckpointError(
