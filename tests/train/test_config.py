@@ -81,6 +81,11 @@ def test_unknown_key_is_named(tmp_path):
         load_config(write(tmp_path, BASE + "[optimizer]\nx = 1\n"))
 
 
+def test_toml_syntax_error_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"c\.toml: not valid TOML: .*\(at line 9, column 6\)"):
+        load_config(write(tmp_path, BASE.replace("[data]", "[data")))
+
+
 def test_wrong_type_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"batch\.micro_batch_size: expected int"):
         load_config(write(tmp_path, BASE), ["batch.micro_batch_size='two'"])
