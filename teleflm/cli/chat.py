@@ -23,7 +23,7 @@ def run(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from teleflm.cli.common import check_sampling_arguments, load_model_any
+    from teleflm.cli.common import check_sampling_arguments, load_model_any, note_context_limit
     from teleflm.sft.chat import ChatSession
 
     check_sampling_arguments(args)
@@ -31,6 +31,8 @@ def run(args) -> int:
     if tokenizer is None:
         raise FileNotFoundError(f"{args.model}: no tokenizer in the model folder")
     torch.manual_seed(args.seed)
+    context = model.config.max_position_embeddings
+    note_context_limit(args.max_new_tokens, min(args.max_new_tokens, context - 1), context)
     session = ChatSession(
         model,
         tokenizer,

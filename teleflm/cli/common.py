@@ -1,6 +1,7 @@
 """What several commands share: loading a model from any of the forms teleflm writes or reads, and
 the sampling options of the commands that generate."""
 
+import sys
 from pathlib import Path
 
 
@@ -51,6 +52,16 @@ def check_sampling_arguments(args) -> None:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
+
+
+def note_context_limit(max_new_tokens: int, budget: int, context: int) -> None:
+    """Tell the user, on stderr, that --max-new-tokens is more than the model's context leaves."""
+    if budget < max_new_tokens:
+        print(
+            f"note: --max-new-tokens {max_new_tokens} does not fit the model's context of {context} "
+            f"tokens (prompt included): at most {budget} new tokens",
+            file=sys.stderr,
+        )
 
 
 def add_override_argument(p, example: str) -> None:

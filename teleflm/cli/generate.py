@@ -21,8 +21,8 @@ def run(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from teleflm.cli.common import check_sampling_arguments, load_model_any
-    from teleflm.model.io import check_tokenizer_fits, load_tokenizer, real_vocab_size
+    from teleflm.cli.common import check_sampling_arguments, load_model_any, note_context_limit
+    from teleflm.model.io import check_tokenizer_fits, load_tokenizer, new_token_budget, real_vocab_size
 
     check_sampling_arguments(args)
     model, tokenizer, _ = load_model_any(args.model, dtype=args.dtype)  # cuda when available, else cpu
@@ -34,12 +34,15 @@ def run(args) -> int:
 
     torch.manual_seed(args.seed)
     inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
+    context = model.config.max_position_embeddings
+    budget = new_token_budget(inputs["input_ids"].shape[1], args.max_new_tokens, context)
+    note_context_limit(args.max_new_tokens, budget, context)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
     # Rows past the tokenizer are embedding padding: never emit them.
     padded_ids = list(range(real_vocab_size(tokenizer), model.config.vocab_size))
     model.generate(
         **inputs,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=budget,
         repetition_penalty=args.repetition_penalty,
         suppress_tokens=padded_ids or None,
         streamer=TextStreamer(tokenizer, skip_special_tokens=True),

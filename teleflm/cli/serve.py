@@ -1,5 +1,6 @@
 """`teleflm serve --model PATH`: an OpenAI-compatible HTTP server (completions, chat, embeddings)."""
 
+import socket
 from pathlib import Path
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -20,6 +21,19 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (as uvicorn binds one), before the model loads: a port in use is
+    reported at once, not after the minutes a large model takes to load."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
 def run(args) -> int:
     import uvicorn
 
@@ -29,6 +43,7 @@ def run(args) -> int:
 
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
+    sock = bind(args.host, args.port)
     model, tokenizer, _ = load_model_any(args.model, dtype=args.dtype)
     if tokenizer is None:
         raise FileNotFoundError(f"{args.model}: no tokenizer in the model folder")
@@ -36,5 +51,6 @@ def run(args) -> int:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it may use it")
     name = args.served_model_name or Path(args.model).resolve().name
     engine = Engine(model, tokenizer, max_batch=args.max_batch, pooling=args.pooling, normalize=True)
-    uvicorn.run(create_app(engine, name, args.api_key), host=args.host, port=args.port, log_level="info")
+    config = uvicorn.Config(create_app(engine, name, args.api_key), log_level="info")
+    uvicorn.Server(config).run(sockets=[sock])
     return 0

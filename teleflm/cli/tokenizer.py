@@ -15,10 +15,11 @@ def add_parser(sub) -> None:
 
 
 def run_train(args) -> int:
-    from teleflm.data.tokenizer import expand_files, tokenizer_hash, train_tokenizer
+    from teleflm.data.tokenizer import expand_files, raw_tokenizer, tokenizer_hash, train_tokenizer
 
     files = expand_files(args.input)
     out = train_tokenizer(files, args.vocab_size, args.out)
-    print(f"tokenizer of {args.vocab_size} entries from {len(files)} file(s) written to {out}")
+    size = raw_tokenizer(out).get_vocab_size()
+    print(f"tokenizer of {size} entries from {len(files)} file(s) written to {out}")
     print(f"sha256 of tokenizer.json: {tokenizer_hash(out)}")
     return 0

@@ -6,7 +6,9 @@ loads it.
 """
 
 import hashlib
+import warnings
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 # Ids 0..3 as in the released tokenizer, then the instruct model's chat turn markers.
@@ -49,7 +51,9 @@ def train_tokenizer(
         raise TypeError(
             "train_tokenizer takes a list of files or globs, or an iterable of texts, not one string"
         )
-    texts = _file_texts(files_or_texts) if isinstance(files_or_texts, list | tuple) else files_or_texts
+    from_files = isinstance(files_or_texts, list | tuple)
+    texts = _file_texts(files_or_texts) if from_files else files_or_texts
+    seen = _Seen()
     # No normalizer: every byte of the text must survive. The pre-tokenizer maps bytes to printable
     # characters, so the 256 of them are the base alphabet and any text encodes without <unk>.
     tokenizer = Tokenizer(models.BPE())
@@ -61,7 +65,9 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.train_from_iterator(seen.count(texts), trainer=trainer)
+    source = ", ".join(map(str, files_or_texts)) if from_files else "the texts"
+    seen.check(source, tokenizer.get_vocab_size(), vocab_size)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         unk_token="<unk>",
@@ -75,6 +81,36 @@ def train_tokenizer(
     out_dir = Path(out_dir)
     fast.save_pretrained(str(out_dir))
     return out_dir
+
+
+@dataclass
+class _Seen:
+    """What a tokenizer was trained on, to refuse empty input and warn on degenerate input."""
+
+    chars: int = 0
+    replaced: int = 0  # U+FFFD: invalid UTF-8 in a file (teleflm.data.sources replaces it)
+
+    def count(self, texts: Iterable[str]) -> Iterator[str]:
+        for text in texts:
+            self.chars += len(text)
+            self.replaced += text.count("\ufffd")
+            yield text
+
+    def check(self, source: str, size: int, vocab_size: int) -> None:
+        if self.chars == 0:
+            raise ValueError(f"{source}: no text to train a tokenizer on")
+        if self.replaced > 0.01 * self.chars:
+            warnings.warn(
+                f"{source}: {self.replaced / self.chars:.0%} of the characters are invalid UTF-8 (replaced "
+                "by U+FFFD): is it text? The tokenizer learns merges of noise",
+                stacklevel=3,
+            )
+        if size < vocab_size:
+            warnings.warn(
+                f"{source}: the tokenizer has {size} entries, not the {vocab_size} asked: the input holds "
+                "too little text to learn more merges",
+                stacklevel=3,
+            )
 
 
 def expand_files(patterns: list[str | Path]) -> list[Path]:

@@ -19,25 +19,22 @@ from teleflm.grow.masks import GrowthMasks
 from teleflm.grow.operators import grow_adam_state, grow_weights
 from teleflm.grow.plan import GrowthError, GrowthPlan, make_plan
 from teleflm.model import TeleFLMConfig
-from teleflm.train.checkpoint import TRAINER_STATE, is_complete
+from teleflm.train.checkpoint import TRAINER_STATE, read_state, read_tensors, verify
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     """(weights, flattened optimizer state, trainer state) of a DCP checkpoint, as plain objects."""
     path = Path(path)
-    if not is_complete(path):
-        raise FileNotFoundError(
-            f"{path} is not a complete teleflm checkpoint (.metadata and {TRAINER_STATE})"
-        )
+    state = verify(path)
     metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     flat = {
         key: torch.empty(m.size, dtype=m.properties.dtype) if isinstance(m, TensorStorageMetadata) else None
         for key, m in metadata.items()
     }
-    dcp.load(flat, checkpoint_id=str(path), no_dist=True)
+    read_tensors(flat, path, no_dist=True)
     weights = {k.removeprefix("model."): v for k, v in flat.items() if k.startswith("model.")}
     optim = {k.removeprefix("optim."): v for k, v in flat.items() if k.startswith("optim.")}
-    return weights, optim, json.loads((path / TRAINER_STATE).read_text())
+    return weights, optim, state
 
 
 def write_checkpoint(path: Path, weights: dict, optim: dict, trainer_state: dict) -> Path:
@@ -57,11 +54,7 @@ def plan_for_checkpoint(
 ) -> tuple[TeleFLMConfig, GrowthPlan]:
     """Validate a growth of a checkpoint from its trainer.json alone (no tensors read)."""
     source = Path(source)
-    if not is_complete(source):
-        raise FileNotFoundError(
-            f"{source} is not a complete teleflm checkpoint (.metadata and {TRAINER_STATE})"
-        )
-    state = json.loads((source / TRAINER_STATE).read_text())
+    state = read_state(source)
     ramp = state.get("growth_masks")
     if ramp and state["step"] - ramp["start_step"] < ramp["ramp_steps"]:
         raise GrowthError(

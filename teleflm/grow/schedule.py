@@ -6,8 +6,8 @@ trainer.json), so a resume lands in the right shape and layout. At a stage bound
 checkpoints, grows that checkpoint into `step-N-grown` (rank 0, one process) and rebuilds.
 """
 
+import contextlib
 import dataclasses
-import json
 from pathlib import Path
 
 from teleflm.grow.checkpoint import grow_checkpoint
@@ -34,11 +34,12 @@ def stage_config(cfg: TrainConfig, stage: int) -> TrainConfig:
 
 
 def checkpoint_stage(cfg: TrainConfig) -> int:
-    """The growth stage of the run's latest checkpoint (0 without one)."""
-    latest = checkpoint.latest_checkpoint(Path(cfg.out) / "checkpoints")
-    if latest is None:
-        return 0
-    return json.loads((latest / checkpoint.TRAINER_STATE).read_text()).get("growth_stage", 0)
+    """The growth stage of the run's latest readable checkpoint (0 without one); the trainer falls
+    back past an unreadable one the same way."""
+    for path in checkpoint.complete_checkpoints(Path(cfg.out) / "checkpoints"):
+        with contextlib.suppress(checkpoint.CheckpointError):
+            return checkpoint.read_state(path).get("growth_stage", 0)
+    return 0
 
 
 def current_stage(cfg: TrainConfig) -> tuple[int, TrainConfig]:

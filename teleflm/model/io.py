@@ -15,7 +15,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -154,6 +153,20 @@ def real_vocab_size(source) -> int:
     `config.vocab_size` are padding and must be masked out of any softmax (loss, BPB, sampling)."""
     tokenizer = load_tokenizer(source) if isinstance(source, (str, Path)) else source
     return len(tokenizer)
+
+
+def new_token_budget(prompt_tokens: int, max_new_tokens: int, context: int) -> int:
+    """How many tokens may follow a prompt: `max_new_tokens`, or fewer where the model's `context`
+    (max_position_embeddings) ends first; past it a model computes garbage. An empty prompt, or one
+    that leaves no position, is refused."""
+    if prompt_tokens == 0:
+        raise ValueError("the prompt is empty (no tokens): there is nothing to continue")
+    if prompt_tokens >= context:
+        raise ValueError(
+            f"the prompt takes {prompt_tokens} tokens; the model's context is {context} tokens, "
+            "so nothing can follow it"
+        )
+    return min(max_new_tokens, context - prompt_tokens)
 
 
 def check_tokenizer_fits(tokenizer, config: TeleFLMConfig, where: str | Path) -> None:
@@ -359,6 +372,13 @@ def write_config(config: TeleFLMConfig, path: Path) -> None:
     path.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
 
 
+def new_file_mode() -> int:
+    """The mode `open` gives a new file: 0o666 less the umask (which only setting it can read)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_safetensors(state: dict[str, torch.Tensor], out_dir: Path, max_shard_size: int | str) -> None:
     from huggingface_hub import split_torch_state_dict_into_shards
 
@@ -368,6 +388,7 @@ def write_safetensors(state: dict[str, torch.Tensor], out_dir: Path, max_shard_s
     for filename, names in split.filename_to_tensors.items():
         # metadata format=pt: transformers checks it to know the file came from PyTorch.
         save_file({name: state[name] for name in names}, out_dir / filename, metadata={"format": "pt"})
+        os.chmod(out_dir / filename, new_file_mode())  # safetensors creates its files 0600
     if split.is_sharded:
         index = {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename}
         (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -395,7 +416,9 @@ def export_hf(
     dtype = as_dtype(dtype) or next(model.parameters()).dtype
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    # Not tempfile.mkdtemp: its 0700 would become the export's, unreadable by the rest of a cluster.
+    staging = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
     try:
         state = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
         write_safetensors(state, staging, max_shard_size)

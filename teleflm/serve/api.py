@@ -22,8 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from teleflm.serve.chat import render_chat
 from teleflm.serve.engine import EmbeddingJob, Engine, GenerationRequest, Output, SamplingParams
+from teleflm.sft.template import prompt_ids
 
 # ----- errors -----
 
@@ -253,7 +253,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
         check_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            ids = tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"]
+            ids = prompt_ids(tokenizer, messages)
         except Exception as e:  # a chat template may refuse a conversation (e.g. roles out of order)
             raise APIError(400, f"messages: the chat template refused them: {e}", "messages") from None
         params = sampling(ids, body, body.max_completion_tokens or body.max_tokens, "messages")

@@ -12,7 +12,16 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from teleflm.train.config import ConfigError, TrainConfig, _build, read_raw, validate
+from teleflm.train.config import (
+    AT_LEAST_ONE,
+    POSITIVE,
+    ConfigError,
+    TrainConfig,
+    _build,
+    model_fields,
+    read_raw,
+    validate,
+)
 
 
 @dataclass
@@ -28,6 +37,8 @@ class SFTSection:
     ngram: int = 13  # window of the decontamination, in tokens
     text_field: str = "text"  # JSONL field holding the text of the eval sets
 
+    RANGES = dict(epochs=POSITIVE, ngram=AT_LEAST_ONE)
+
 
 @dataclass
 class SFTConfig:
@@ -37,18 +48,20 @@ class SFTConfig:
 
 def source_model(init: str, where: str) -> tuple[dict, str]:
     """(model config fields, tokenizer folder) of the checkpoint or export to fine-tune."""
-    import json
-
     from teleflm.model.io import has_tokenizer, load_config
-    from teleflm.train.checkpoint import TRAINER_STATE
+    from teleflm.train.checkpoint import TRAINER_STATE, read_state
 
     path = Path(init)
     if not init or not path.is_dir():
         raise ConfigError(f"{where}: sft.init {init!r} is not a checkpoint or export folder")
     if (path / TRAINER_STATE).is_file():
-        state = json.loads((path / TRAINER_STATE).read_text())
-        return state["model_config"], state.get("tokenizer") or ""
-    return load_config(path).to_diff_dict(), str(path) if has_tokenizer(path) else ""
+        state = read_state(path)
+        fields, tokenizer = state["model_config"], state.get("tokenizer") or ""
+    else:
+        fields, tokenizer = load_config(path).to_diff_dict(), str(path) if has_tokenizer(path) else ""
+    # The [model] table the fine-tuning config gets, as TOML could write it: the model's fields set
+    # (None is each optional field's default), not config.json's bookkeeping.
+    return {k: v for k, v in fields.items() if k in model_fields() and v is not None}, tokenizer
 
 
 def load_sft_config(path: str | Path, overrides: list[str] = ()) -> SFTConfig:
@@ -64,8 +77,6 @@ def load_sft_config(path: str | Path, overrides: list[str] = ()) -> SFTConfig:
         raise ConfigError(f"{where}: sft.on_error must be 'fail' or 'skip', got {sft.on_error!r}")
     if not sft.data:
         raise ConfigError(f"{where}: sft.data names no chat JSONL file")
-    if sft.epochs <= 0 or sft.ngram < 1:
-        raise ConfigError(f"{where}: sft.epochs must be positive and sft.ngram at least 1")
     raw["model"], tokenizer = source_model(sft.init, where)
     raw.setdefault("data", {}).setdefault("tokenizer", tokenizer)
     if not raw["data"]["tokenizer"]:

@@ -2,11 +2,12 @@
 
 Input: JSONL files, one conversation per line: `{"messages": [{"role": "system" | "user" |
 "assistant", "content": "..."}, ...]}`. A system message may only come first; a conversation needs
-at least one assistant message; contents are strings without special tokens.
+at least one assistant message; contents are strings (a special token written in one is text, never
+a marker: teleflm.sft.template).
 
-- Malformed lines (not JSON, wrong shape, misplaced system message, no assistant message, special
-  tokens in a content) are named by file and line number, then skipped (`on_error = "skip"`, counted)
-  or refused (`"fail"`, the first one stops the run).
+- Malformed lines (not JSON, wrong shape, misplaced system message, no assistant message) are named
+  by file and line number, then skipped (`on_error = "skip"`, counted) or refused (`"fail"`, the
+  first one stops the run).
 - Unknown roles are always refused with file:line, whatever `on_error` says: they mean the file uses
   another schema ("human"/"gpt", ...), and skipping would silently drop the whole set.
 - Truncation, for a conversation longer than one sequence (context_length + 1 tokens): its oldest
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from teleflm.data.tokenizer import expand_files
-from teleflm.sft.template import ROLES, ChatFormat, Turn, special_token_in
+from teleflm.sft.template import ROLES, ChatFormat, Turn
 
 
 class ChatDataError(ValueError):
@@ -81,9 +82,6 @@ def check_messages(record) -> str | None:
             return f"message {i} ({message['role']}) has no string content"
         if message["role"] == "system" and i > 0:
             return f"message {i}: a system message may only come first"
-        token = special_token_in(message["content"])
-        if token is not None:
-            return f"message {i} ({message['role']}) contains the special token {token}"
     if not any(m["role"] == "assistant" for m in messages):
         return "no assistant message (nothing to learn)"
     return None

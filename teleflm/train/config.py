@@ -1,17 +1,71 @@
 """Typed configuration of a pre-training run, loaded from TOML and validated in full before any work.
 
 One dataclass per TOML table. `[model]` holds the official `config.json` fields of Tele-FLM, so a
-model table reads exactly like a released config.
+model table reads exactly like a released config. Every table, `[model]` included, goes through one
+check (`_table`): unknown keys and wrong types are refused by name, and each numeric key has a range
+(a table's `RANGES`, `MODEL_RANGES` for `[model]`) that a value outside is refused against.
 """
 
 import dataclasses
+import functools
+import inspect
 import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, get_args, get_origin, get_type_hints
 
 from teleflm.mup import MupHyperParams
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key may take: `low` to `high` (each bound itself allowed unless open),
+    or one of `also`."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+    also: tuple = ()
+
+    def __contains__(self, value) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return (above and below) or value in self.also
+
+    def __str__(self) -> str:
+        low = f"> {self.low:g}" if self.open_low else f">= {self.low:g}"
+        high = f"< {self.high:g}" if self.open_high else f"<= {self.high:g}"
+        if math.isinf(self.high):
+            text = low
+        elif math.isinf(self.low):
+            text = high
+        else:
+            text = f"{low} and {high}"
+        return " or ".join([text, *map(str, self.also)])
+
+
+POSITIVE = Range(0, open_low=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_ONE = Range(1)
+FRACTION = Range(0, 1, open_high=True)  # in [0, 1)
+
+# A [model] table: TeleFLMConfig's fields by their config.json names, checked like any other table.
+ModelTable = Annotated[dict[str, Any], "TeleFLMConfig fields"]
+MODEL_RANGES = {
+    **dict.fromkeys(
+        ["vocab_size", "hidden_size", "intermediate_size", "max_position_embeddings"], AT_LEAST_ONE
+    ),
+    **dict.fromkeys(["num_hidden_layers", "num_attention_heads", "num_key_value_heads"], AT_LEAST_ONE),
+    **dict.fromkeys(
+        ["rms_norm_eps", "rope_theta", "mup_scale_factor", "output_mult", "input_mult"], POSITIVE
+    ),
+    **dict.fromkeys(["pad_token_id", "bos_token_id", "eos_token_id"], NON_NEGATIVE),
+    "pretraining_tp": AT_LEAST_ONE,
+    "initializer_range": NON_NEGATIVE,
+    "attention_dropout": FRACTION,
+}
 
 
 @dataclass
@@ -21,12 +75,17 @@ class MupSection(MupHyperParams):
 
     min_lr: float = 1.5e-5  # floor of the cosine for lr (every group decays by min_lr / lr)
 
+    RANGES = dict.fromkeys(["lr", "matrix_lr", "std", "matrix_std"], POSITIVE)
+    RANGES |= dict.fromkeys(["weight_decay", "min_lr"], NON_NEGATIVE)
+
 
 @dataclass
 class DomainWeightConfig:
     name: str  # a domain of the shards
     proportion: float  # share of training sequences
     epochs: float = 1.0  # passes over the domain allowed before a warning
+
+    RANGES = dict(proportion=POSITIVE, epochs=POSITIVE)
 
 
 @dataclass
@@ -38,6 +97,8 @@ class DataSection:
     seed: int = 1234  # order of documents in each epoch
     mixture: list[DomainWeightConfig] = field(default_factory=list)  # empty: the shards' own table
 
+    RANGES = dict(context_length=AT_LEAST_ONE, seed=NON_NEGATIVE)
+
 
 @dataclass
 class OptimSection:
@@ -46,17 +107,23 @@ class OptimSection:
     eps: float = 1e-8  # AdamW
     grad_clip: float = 1.0  # global gradient-norm clip (0: none)
 
+    RANGES = dict(beta1=FRACTION, beta2=FRACTION, eps=POSITIVE, grad_clip=NON_NEGATIVE)
+
 
 @dataclass
 class ScheduleSection:
     total_tokens: int = 0  # the run's length; the cosine ends here
     warmup_steps: int = 2000  # linear warmup, in optimizer steps
 
+    RANGES = dict(total_tokens=AT_LEAST_ONE, warmup_steps=NON_NEGATIVE)
+
 
 @dataclass
 class BatchSection:
     global_batch_tokens: int = 5_505_024  # the card: 1,344 x 4,096
     micro_batch_size: int = 1  # sequences per device per forward
+
+    RANGES = dict(global_batch_tokens=AT_LEAST_ONE, micro_batch_size=AT_LEAST_ONE)
 
 
 @dataclass
@@ -70,12 +137,16 @@ class ParallelSection:
     compile: bool = False  # torch.compile each decoder layer
     mixed_precision: str = "bf16"  # or "fp32"
 
+    RANGES = dict(dp_replicate=AT_LEAST_ONE, dp_shard=Range(1, also=(-1,)), tp=AT_LEAST_ONE, pp=AT_LEAST_ONE)
+
 
 @dataclass
 class CheckpointSection:
     interval_steps: int = 500  # steps between checkpoints (and one at the end)
     keep_last: int = 3  # checkpoints kept
     export_at_end: bool = True  # write out/export, a Hugging Face folder
+
+    RANGES = dict(interval_steps=AT_LEAST_ONE, keep_last=AT_LEAST_ONE)
 
 
 @dataclass
@@ -85,6 +156,13 @@ class LoggingSection:
     eval_sequences: int = 64  # held-out sequences per domain per evaluation
     peak_flops_per_device: float = 0.0  # for MFU; 0: not reported
     progress_bar: bool = True  # tqdm bar with rate and ETA on rank 0
+
+    RANGES = dict(
+        log_interval=AT_LEAST_ONE,
+        eval_interval=NON_NEGATIVE,
+        eval_sequences=AT_LEAST_ONE,
+        peak_flops_per_device=NON_NEGATIVE,
+    )
 
 
 @dataclass
@@ -97,6 +175,15 @@ class StabilitySection:
     action: str = "skip"  # skip | rollback | stop
     max_events: int = 10  # stop after this many events: the run is not recovering
 
+    RANGES = dict(
+        window=Range(2),
+        sigma=POSITIVE,
+        min_loss_jump=NON_NEGATIVE,
+        min_grad_ratio=AT_LEAST_ONE,
+        warmup_steps=NON_NEGATIVE,
+        max_events=NON_NEGATIVE,
+    )
+
 
 @dataclass
 class GrowthStage:
@@ -104,18 +191,20 @@ class GrowthStage:
     shape in `model` by masked structural growth, and training goes on under `parallel`."""
 
     at_tokens: int = 0  # grow once the run has trained this many tokens
-    model: dict[str, Any] = field(default_factory=dict)  # target shape fields (mup_scale_factor follows)
+    model: ModelTable = field(default_factory=dict)  # target shape fields (mup_scale_factor follows)
     parallel: dict[str, Any] = field(default_factory=dict)  # [parallel] keys that change from this stage on
     ramp_steps: int = 100  # optimizer steps over which the growth masks ramp 0 -> 1
     layers_at: list[int] = field(default_factory=list)  # grown-model positions of new layers; empty: spread
     layer_init: str = "copy"  # new layers copy the layer before them, or "interpolate" their neighbours
+
+    RANGES = dict(at_tokens=AT_LEAST_ONE, ramp_steps=AT_LEAST_ONE)
 
 
 @dataclass
 class TrainConfig:
     out: str = "runs/default"  # checkpoints, logs, plots and the export go here
     seed: int = 0  # initialisation
-    model: dict[str, Any] = field(default_factory=dict)
+    model: ModelTable = field(default_factory=dict)
     mup: MupSection = field(default_factory=MupSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -126,6 +215,8 @@ class TrainConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     stability: StabilitySection = field(default_factory=StabilitySection)
     growth: list[GrowthStage] = field(default_factory=list)  # progressive growth schedule
+
+    RANGES = dict(seed=NON_NEGATIVE)
 
     def model_config(self):
         from teleflm.model import TeleFLMConfig
@@ -144,25 +235,48 @@ class ConfigError(ValueError):
 
 
 def _build(cls, raw: dict, where: str):
-    """Build dataclass `cls` from a TOML table, refusing unknown keys and wrong types by name."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a table, got {type(raw).__name__}")
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-    kwargs = {}
-    for key, value in raw.items():
-        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")
+    """Build dataclass `cls` from a TOML table, refusing unknown keys, wrong types and values out of
+    range by name."""
+    hints = get_type_hints(cls, include_extras=True)
+    kwargs = _table(raw, hints, getattr(cls, "RANGES", {}), where)
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from None
 
 
+@functools.cache
+def model_fields() -> dict[str, Any]:
+    """The keys a [model] table may hold, with their types: TeleFLMConfig's own fields."""
+    from teleflm.model import TeleFLMConfig
+
+    hints = get_type_hints(TeleFLMConfig.__init__)
+    names = [p for p in inspect.signature(TeleFLMConfig.__init__).parameters if p not in ("self", "kwargs")]
+    # `int | None` takes an int in TOML (which has no null).
+    return {
+        name: next((a for a in get_args(hints[name]) if a is not type(None)), hints[name]) for name in names
+    }
+
+
+def _table(raw, hints: dict[str, Any], ranges: dict[str, Range], where: str) -> dict:
+    """The checked values of a TOML table whose keys have the types `hints` and the `ranges`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(hints)}")
+    values = {}
+    for key, value in raw.items():
+        values[key] = value = _coerce(hints[key], value, f"{where}.{key}")
+        if key in ranges and value not in ranges[key]:
+            raise ConfigError(f"{where}.{key} = {value!r} is out of range: it must be {ranges[key]}")
+    return values
+
+
 def _coerce(hint, value, where: str):
     origin = get_origin(hint)
+    if hint == ModelTable:
+        return _table(value, model_fields(), MODEL_RANGES, where)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
     if origin is list:
@@ -170,7 +284,7 @@ def _coerce(hint, value, where: str):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
+    if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {value!r}")
         return value
@@ -226,9 +340,6 @@ def validate(cfg: TrainConfig, where: str = "config", world_size: int | None = N
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: [model]: {e}") from None
     p, b, d = cfg.parallel, cfg.batch, cfg.data
-    for name in ("dp_replicate", "tp", "pp"):
-        if getattr(p, name) < 1:
-            raise ConfigError(f"{where}: parallel.{name} must be >= 1")
     if p.pp_schedule not in ("1F1B", "GPipe"):
         raise ConfigError(f"{where}: parallel.pp_schedule must be '1F1B' or 'GPipe', got {p.pp_schedule!r}")
     if p.mixed_precision not in ("bf16", "fp32"):

@@ -7,7 +7,7 @@ import io
 import tokenize
 import typing
 
-from teleflm.train.config import TrainConfig
+from teleflm.train.config import MODEL_RANGES, TrainConfig, model_fields
 
 
 def field_comments(cls) -> dict[str, str]:
@@ -31,7 +31,7 @@ def field_comments(cls) -> dict[str, str]:
 def type_name(hint) -> str:
     if typing.get_origin(hint) is list:
         return f"list of {type_name(typing.get_args(hint)[0])}"
-    if typing.get_origin(hint) is dict:
+    if typing.get_origin(hint) is dict or hint is dict:
         return "table"
     return getattr(hint, "__name__", str(hint))
 
@@ -45,16 +45,38 @@ def default_text(f: dataclasses.Field) -> str:
     return "required"
 
 
+HEADER = ["| key | type | default | range | meaning |", "|---|---|---|---|---|"]
+
+
 def section_table(cls) -> str:
     hints = typing.get_type_hints(cls)
     comments = field_comments(cls)
-    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    ranges = getattr(cls, "RANGES", {})
+    rows = list(HEADER)
     for f in dataclasses.fields(cls):
         rows.append(
-            f"| `{f.name}` | {type_name(hints[f.name])} | {default_text(f)} | {comments.get(f.name, '')} |"
+            f"| `{f.name}` | {type_name(hints[f.name])} | {default_text(f)} | {ranges.get(f.name, '')} | "
+            f"{comments.get(f.name, '')} |"
         )
     doc = inspect.getdoc(cls) or ""
     return (doc + "\n\n" if doc and not doc.startswith(cls.__name__ + "(") else "") + "\n".join(rows)
+
+
+def model_table() -> str:
+    """The [model] keys: TeleFLMConfig's fields, with its defaults."""
+    from teleflm.model import TeleFLMConfig
+
+    defaults = inspect.signature(TeleFLMConfig.__init__).parameters
+    rows = [
+        "The official Tele-FLM `config.json` fields (`TeleFLMConfig`, see docs/model.md); no other key.",
+        "",
+        "| key | type | default | range |",
+        "|---|---|---|---|",
+    ]
+    for name, hint in model_fields().items():
+        default = f"`{defaults[name].default!r}`".replace("'", '"')
+        rows.append(f"| `{name}` | {type_name(hint)} | {default} | {MODEL_RANGES.get(name, '')} |")
+    return "\n".join(rows)
 
 
 def reference() -> str:
@@ -67,8 +89,7 @@ def reference() -> str:
         "",
         "## Top level",
         "",
-        "| key | type | default | meaning |",
-        "|---|---|---|---|",
+        *HEADER,
     ]
     comments = field_comments(TrainConfig)
     sections = []
@@ -80,17 +101,13 @@ def reference() -> str:
             sections.append((f.name, None))
         else:
             parts.append(
-                f"| `{f.name}` | {type_name(hint)} | {default_text(f)} | {comments.get(f.name, '')} |"
+                f"| `{f.name}` | {type_name(hint)} | {default_text(f)} | "
+                f"{TrainConfig.RANGES.get(f.name, '')} | {comments.get(f.name, '')} |"
             )
     for name, cls in sections:
         parts += ["", f"## [{name}]", ""]
         if cls is None:
-            parts.append(
-                "The official Tele-FLM `config.json` fields (`TeleFLMConfig`): `vocab_size`, `hidden_size`, "
-                "`intermediate_size`, `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`, "
-                "`max_position_embeddings`, `rms_norm_eps`, `rope_theta`, `rope_scaling`, `use_mup`, "
-                "`mup_scale_factor`, `input_mult`, `output_mult`, ... (see docs/model.md)."
-            )
+            parts.append(model_table())
         else:
             parts.append(section_table(cls))
             for sub in dataclasses.fields(cls):

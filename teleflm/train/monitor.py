@@ -2,8 +2,27 @@
 events (spikes, rollbacks, checkpoints) in their own JSONL, and a loss-curve PNG."""
 
 import json
+import os
 import time
 from pathlib import Path
+
+
+def keep_history(metrics: Path, start_step: int) -> list[dict]:
+    """A resumed run's records so far: metrics.jsonl is rewritten without the rows an earlier attempt
+    logged past the checkpoint it resumes from (they are redone), so the file holds one history."""
+    lines, records = [], []
+    for line in metrics.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line of an attempt killed mid-write
+            continue
+        if record["step"] <= start_step:
+            lines.append(line.rstrip("\n") + "\n")
+            records.append(record)
+    tmp = metrics.with_name(metrics.name + ".tmp")
+    tmp.write_text("".join(lines))
+    os.replace(tmp, metrics)
+    return records
 
 
 class Monitor:
@@ -19,16 +38,16 @@ class Monitor:
         from tqdm import tqdm
 
         out.mkdir(parents=True, exist_ok=True)
-        self.metrics = (out / "metrics.jsonl").open("a")
+        metrics = out / "metrics.jsonl"
+        if metrics.is_file():
+            self.history = keep_history(metrics, start_step)
+        self.metrics = metrics.open("a")
         self.events = (out / "events.jsonl").open("a")
-        self.tb = SummaryWriter(str(out / "tensorboard"))
+        # purge_step hides what an earlier attempt logged past the checkpoint, as keep_history drops it.
+        self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         self.bar = tqdm(
             total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not progress_bar
         )
-        if (out / "metrics.jsonl").stat().st_size:
-            # A resumed run: keep the curve so far, minus steps that will be redone.
-            with (out / "metrics.jsonl").open() as f:
-                self.history = [r for r in map(json.loads, f) if r["step"] <= start_step]
 
     def log(self, step: int, record: dict) -> None:
         if not self.enabled:

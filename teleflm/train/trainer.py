@@ -10,6 +10,7 @@ import contextlib
 import os
 import resource
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -292,7 +293,7 @@ class Trainer:
         return path
 
     def restore(self, path: Path, restore_stream: bool = True) -> None:
-        state = checkpoint.load(path, self.module, self.optimizer)
+        state = checkpoint.load(path, self.module, self.optimizer, self.model_config)
         self.step, self.tokens = state["step"], state["tokens"]
         if "spike_guard" in state:  # checkpoints before the windowed guard start it afresh
             self.guard.load_state_dict(state["spike_guard"])
@@ -302,6 +303,27 @@ class Trainer:
         self.growth_masks = growth.install_masks(self.growth_masks, state, self.module, *tp)
         if restore_stream:
             self.stream.load_state_dict(state["stream"])
+
+    def restore_latest(self, restore_stream: bool = True) -> tuple[Path | None, list[tuple[Path, str]]]:
+        """Restore the newest checkpoint that loads: (its path or None, [(set-aside path, why)]).
+        Checkpoints newer than it that fail to load are set aside, never deleted; when none loads,
+        a CheckpointError names them all and nothing is moved."""
+        failed = []
+        for path in checkpoint.complete_checkpoints(self.checkpoint_root):
+            try:
+                self.restore(path, restore_stream)
+            except checkpoint.CheckpointError as e:
+                failed.append((path, str(e)))
+                continue
+            set_aside = [(checkpoint.set_aside(bad), why) for bad, why in failed]
+            for bad, why in set_aside:
+                warnings.warn(
+                    f"{why}; resuming from {path} instead and keeping that one as {bad}", stacklevel=2
+                )
+            return path, set_aside
+        if failed:
+            raise checkpoint.CheckpointError("; ".join(why for _, why in failed) + ": no checkpoint loads")
+        return None, []
 
     def grow_checkpoint(self) -> Path:
         """Stage boundary: the checkpoint of this step (written unless it exists) is grown by rank 0,
@@ -352,10 +374,10 @@ class Trainer:
     def run(self) -> dict:
         c = self.cfg
         total_steps = c.total_steps()
-        latest = checkpoint.latest_checkpoint(self.checkpoint_root)
-        if latest is not None:
-            self.restore(latest)
+        latest, set_aside = self.restore_latest()
         monitor = Monitor(self.out, total_steps, self.step, self.rank == 0, c.logging.progress_bar)
+        for path, why in set_aside:
+            monitor.event(self.step, "unloadable_checkpoint", set_aside_as=str(path), error=why)
         if latest is not None:
             monitor.event(self.step, "resumed", checkpoint=str(latest))
         last_loss, final_eval, grown = float("nan"), {}, None
@@ -439,10 +461,11 @@ class Trainer:
                 f"stability guard: {kind} at step {self.step} (loss {loss:.4g}, grad norm {norm:.4g})"
             )
         if action == "rollback":
-            latest = checkpoint.latest_checkpoint(self.checkpoint_root)
+            # Weights and optimizer go back; the data stream stays past the offending batch.
+            latest, set_aside = self.restore_latest(restore_stream=False)
+            for path, why in set_aside:
+                monitor.event(self.step, "unloadable_checkpoint", set_aside_as=str(path), error=why)
             if latest is not None:
-                # Weights and optimizer go back; the data stream stays past the offending batch.
-                self.restore(latest, restore_stream=False)
                 monitor.event(self.step, "rolled_back", checkpoint=str(latest))
 
     def export(self) -> Path | None:

@@ -3,6 +3,7 @@
 import torch
 
 from teleflm.cli.main import main
+from teleflm.model import TeleFLMForCausalLM
 from teleflm.model.io import export_hf, load_pretrained
 from tests.model.reference import random_model
 
@@ -77,3 +78,32 @@ def test_folder_without_tokenizer(tmp_path, capsys):
     folder = export_hf(random_model(), tmp_path / "export")
     assert generate(folder) == 2
     assert f"{folder}: no tokenizer in the model folder (pass --tokenizer DIR)" in capsys.readouterr().err
+
+
+def test_generation_stays_inside_the_context(tmp_path, sentencepiece_dir, capsys, monkeypatch):
+    """On a 128-position model: --max-new-tokens past the context is cut (with a note), a prompt
+    longer than the context and an empty prompt are refused. Before, the first two ran past the
+    positions (garbage) and the empty prompt crashed in a reshape."""
+    model = random_model(vocab_size=2048, max_position_embeddings=128)
+    folder = export_hf(model, tmp_path / "export", tokenizer_dir=sentencepiece_dir)
+    _, tokenizer = load_pretrained(folder, device="cpu")
+    prompt_tokens = len(tokenizer(PROMPT)["input_ids"])
+    lengths, generate_ids = [], TeleFLMForCausalLM.generate
+
+    def measured(self, *args, **kwargs):
+        ids = generate_ids(self, *args, **kwargs)
+        lengths.append(ids.shape[1])
+        return ids
+
+    monkeypatch.setattr(TeleFLMForCausalLM, "generate", measured)
+    assert generate(folder, "--max-new-tokens", "1000") == 0
+    err = capsys.readouterr().err
+    assert f"at most {128 - prompt_tokens} new tokens" in err
+    assert "--max-new-tokens 1000 does not fit the model's context of 128 tokens" in err
+    assert lengths and lengths[0] <= 128
+
+    base = ["generate", "--model", str(folder), "--dtype", "fp32"]
+    assert main([*base, "--prompt", PROMPT * 60]) == 2
+    assert "the model's context is 128 tokens, so nothing can follow it" in capsys.readouterr().err
+    assert main([*base, "--prompt", ""]) == 2
+    assert "the prompt is empty (no tokens)" in capsys.readouterr().err

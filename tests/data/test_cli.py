@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from teleflm.cli.main import main
 from teleflm.data.shards import open_shards
 from teleflm.data.tokenizer import tokenizer_hash
@@ -51,3 +53,38 @@ def test_user_errors_are_one_line(tmp_path, capsys):
         == 2
     )
     assert "matches no file" in capsys.readouterr().err
+
+
+def test_tokenizer_train_says_what_it_built_and_refuses_empty_input(tmp_path, texts, capsys):
+    """Before, an empty file gave "tokenizer of 80000 entries" and wrote 263, and 1 MB of random
+    bytes trained silently."""
+    import random
+
+    (tmp_path / "empty.txt").write_text("")
+    command = ["tokenizer", "train", "--vocab-size", "80000"]
+    assert main([*command, "--input", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "t0")]) == 2
+    assert f"{tmp_path / 'empty.txt'}: no text to train a tokenizer on" in capsys.readouterr().err
+    assert not (tmp_path / "t0").exists()
+
+    (tmp_path / "small.txt").write_text(texts["en"][:20_000])
+    with pytest.warns(UserWarning, match=r"small\.txt: the tokenizer has \d+ entries, not the 80000 asked"):
+        assert main([*command, "--input", str(tmp_path / "small.txt"), "--out", str(tmp_path / "t1")]) == 0
+    size = len(json.loads((tmp_path / "t1" / "tokenizer.json").read_text())["model"]["vocab"])
+    assert f"tokenizer of {size} entries from 1 file(s)" in capsys.readouterr().out and size < 80_000
+
+    (tmp_path / "noise.bin").write_bytes(random.Random(0).randbytes(1 << 20))
+    with pytest.warns(UserWarning, match=r"noise\.bin: \d+% of the characters are invalid UTF-8"):
+        assert (
+            main(
+                [
+                    *command[:2],
+                    "--vocab-size",
+                    "400",
+                    "--input",
+                    str(tmp_path / "noise.bin"),
+                    "--out",
+                    str(tmp_path / "t2"),
+                ]
+            )
+            == 0
+        )

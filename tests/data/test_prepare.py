@@ -179,6 +179,14 @@ def test_bad_configs_are_refused_naming_file_and_key(tmp_path, tokenizer_dir):
         + '[[domains]]\nname = "d"\ninputs = ["x"]\nepochs = "two"\n': r"epochs = 'two' should be a float",
         base + '[[domains]]\nname = "d"\ninputs = ["x"]\ndoc_split = "para"\n': "doc_split must be one of",
         base + '[[domains]]\nname = "../d"\ninputs = ["x"]\n': "must be a plain folder name",
+        base
+        + '[[domains]]\nname = "d"\ninputs = ["x"]\nepochs = 0\n': "proportion and epochs must be positive",
+        base
+        + '[[domains]]\nname = "d"\ninputs = ["x"]\nproportion = -0.5\n': "proportion and epochs must be positive",
+        base + '[[domains]]\nname = "d"\ninputs = ["x"]\n' * 2: r"domain names repeat: \['d', 'd'\]",
+        base.replace("\n", "\nheldout_fraction = 1.5\n", 1)
+        + '[[domains]]\nname = "d"\ninputs = ["x"]\n': r"heldout_fraction must be in \[0, 1\), got 1\.5",
+        base + "[[domains]\n": r"Expected ']]' at the end of an array declaration \(at line 3",
         base: r"missing key\(s\) \['domains'\]",
         'out = "s"\n[[domains]]\nname = "d"\ninputs = ["x"]\n': r"missing key\(s\) \['tokenizer'\]",
     }

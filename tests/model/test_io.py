@@ -313,6 +313,23 @@ def test_empty_target_folder_is_used(tmp_path):
     assert (out / "config.json").is_file() and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=oct)
+def test_export_gets_the_umask_like_any_other_output(tmp_path, sentencepiece_dir, umask):
+    """Before, the folder was 0700 (tempfile.mkdtemp) and model.safetensors 0600 (safetensors)."""
+    import os
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        out = export_hf(random_model(vocab_size=2048), tmp_path / "export", tokenizer_dir=sentencepiece_dir)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert "model.safetensors" in modes and "tokenizer.json" in modes
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+
+
 def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
     def fail(*args):
         raise OSError("disk full")

@@ -8,11 +8,24 @@ from teleflm.cli.main import main
 
 @pytest.fixture
 def ran(monkeypatch):
-    """What `teleflm serve` hands to uvicorn.run, instead of serving."""
+    """(app, {"host", "port"}) that `teleflm serve` would serve, recorded instead of serving; the
+    command's socket is bound on a free port of the host instead of the one asked for."""
     import uvicorn
 
-    calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
+    from teleflm.cli import serve
+
+    calls, bind = [], serve.bind
+
+    def bind_free_port(host, port):
+        calls.append((None, {"host": host, "port": port}))
+        return bind(host, 0)
+
+    def record(server, sockets):
+        calls[-1] = (server.config.app, calls[-1][1])
+        sockets[0].close()
+
+    monkeypatch.setattr(serve, "bind", bind_free_port)
+    monkeypatch.setattr(uvicorn.Server, "run", record)
     return calls
 
 
@@ -46,3 +59,19 @@ def test_warns_when_reachable_without_a_key(export_dir, ran, capsys):
 def test_refuses_an_empty_batch(export_dir, ran, capsys):
     assert main(["serve", "--model", str(export_dir), "--max-batch", "0"]) == 2
     assert "--max-batch must be at least 1" in capsys.readouterr().err and not ran
+
+
+def test_port_in_use_is_reported_before_the_model_loads(export_dir, monkeypatch, capsys):
+    import socket
+
+    from teleflm.cli import common
+
+    loaded = []
+    monkeypatch.setattr(common, "load_model_any", lambda *a, **k: loaded.append(a))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(export_dir), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err
+    assert loaded == []

@@ -81,6 +81,11 @@ def test_unknown_key_is_named(tmp_path):
         load_config(write(tmp_path, BASE + "[optimizer]\nx = 1\n"))
 
 
+def test_toml_syntax_error_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"c\.toml: not valid TOML: .*\(at line 9, column 6\)"):
+        load_config(write(tmp_path, BASE.replace("[data]", "[data")))
+
+
 def test_wrong_type_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"batch\.micro_batch_size: expected int"):
         load_config(write(tmp_path, BASE), ["batch.micro_batch_size='two'"])
@@ -118,3 +123,92 @@ def test_config_reference_is_current():
     assert path.read_text() == reference(), (
         "docs/config.md is stale: python -m teleflm.train.config_reference > docs/config.md"
     )
+
+
+def test_model_table_typo_is_named(tmp_path):
+    """A typo in [model] would otherwise train the default shape (32 layers) for weeks."""
+    typo = BASE.replace("num_hidden_layers = 2", "num_hiden_layers = 2")
+    with pytest.raises(ConfigError, match=r"c\.toml\.model: unknown key\(s\) \['num_hiden_layers'\]"):
+        load_config(write(tmp_path, typo))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['hiden_size'\]"):
+        load_config(write(tmp_path, BASE), ["model.hiden_size=128"])
+    with pytest.raises(ConfigError, match=r"c\.toml\.model\.hidden_size: expected int, got '64'"):
+        load_config(write(tmp_path, BASE), ["model.hidden_size='64'"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("mup.lr=0.0", r"mup\.lr = 0\.0 is out of range: it must be > 0"),
+        ("mup.matrix_lr=-1e-3", r"mup\.matrix_lr = -0\.001 is out of range: it must be > 0"),
+        ("batch.micro_batch_size=0", r"batch\.micro_batch_size = 0 is out of range: it must be >= 1"),
+        ("schedule.warmup_steps=-5", r"schedule\.warmup_steps = -5 is out of range: it must be >= 0"),
+        ("optim.beta2=1.0", r"optim\.beta2 = 1\.0 is out of range: it must be >= 0 and < 1"),
+        ("parallel.dp_shard=0", r"parallel\.dp_shard = 0 is out of range: it must be >= 1 or -1"),
+        ("checkpoint.keep_last=0", r"checkpoint\.keep_last = 0 is out of range"),
+        ("stability.window=1", r"stability\.window = 1 is out of range: it must be >= 2"),
+        ("model.num_attention_heads=0", r"model\.num_attention_heads = 0 is out of range: it must be >= 1"),
+        ("model.rms_norm_eps=0", r"model\.rms_norm_eps = 0\.0 is out of range: it must be > 0"),
+        ("data.mixture=[{name='en', proportion=-1.0}]", r"data\.mixture\[0\]\.proportion = -1\.0"),
+    ],
+)
+def test_values_out_of_range_are_refused(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, BASE), [override])
+
+
+def config_tables():
+    """Every dataclass a config is built from (pre-training and fine-tuning)."""
+    import dataclasses
+    import typing
+
+    from teleflm.sft.config import SFTSection
+    from teleflm.train.config import TrainConfig
+
+    found, todo = [], [TrainConfig, SFTSection]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        for hint in typing.get_type_hints(cls).values():
+            for inner in (hint, *typing.get_args(hint)):
+                if dataclasses.is_dataclass(inner) and inner not in found + todo:
+                    todo.append(inner)
+    return found
+
+
+def test_every_numeric_key_has_a_range():
+    """A new numeric key cannot slip in without a rule; defaults lie inside their ranges (0 tokens
+    means "not set" for the two keys a run must set)."""
+    import dataclasses
+    import typing
+
+    from teleflm.train.config import MODEL_RANGES, model_fields
+
+    unset = {"total_tokens", "at_tokens"}
+    for cls in config_tables():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if hints[f.name] in (int, float):
+                assert f.name in cls.RANGES, f"{cls.__name__}.{f.name} has no range"
+                if f.default is not dataclasses.MISSING and f.name not in unset:
+                    assert f.default in cls.RANGES[f.name], f"{cls.__name__}.{f.name}"
+    from teleflm.model import TeleFLMConfig
+
+    defaults = TeleFLMConfig()
+    for name, hint in model_fields().items():
+        if hint in (int, float):
+            assert name in MODEL_RANGES, f"[model] {name} has no range"
+            value = getattr(defaults, name)
+            assert value is None or value in MODEL_RANGES[name], name
+
+
+def test_refused_config_leaves_no_run_folder(tmp_path, capsys):
+    """Before the fix, mup.lr = 0 created the run folder and died in set_lr with ZeroDivisionError."""
+    from teleflm.cli.main import main
+
+    out = tmp_path / "run"
+    config = write(tmp_path, f'out = "{out}"\n' + BASE)
+    for override in ("mup.lr=0.0", "batch.micro_batch_size=0", "model.hiden_size=128"):
+        assert main(["pretrain", "--config", str(config), "--set", override]) == 2
+        assert override.split("=")[0].split(".")[-1] in capsys.readouterr().err
+        assert not out.exists()

@@ -3,6 +3,7 @@ as an uninterrupted run; a checkpoint cut short mid-write is ignored."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,7 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.common import logged_losses
+from teleflm.cli.main import main
+from teleflm.data.synthetic import ArrayStream
+from teleflm.train.checkpoint import CheckpointError, load_model
+from teleflm.train.trainer import Trainer
+from tests.train.common import logged_losses, pattern_sequences, tiny_train_config
 
 RUN = Path(__file__).with_name("run_tiny.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -95,3 +100,99 @@ def test_checkpoint_cut_short_is_ignored(tmp_path):
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     resumed = [e for e in events if e["event"] == "resumed"]
     assert [e["checkpoint"] for e in resumed] == [str(ckpts / "step-00000005")]
+
+
+def train(out: Path, **sections) -> Trainer:
+    """The tiny run in this process (10 steps, checkpoints at 5 and 10); returns its trainer."""
+    sequences = pattern_sequences()
+    trainer = Trainer(tiny_train_config(out, **sections), lambda r, n: ArrayStream(sequences, r, n))
+    trainer.run()
+    return trainer
+
+
+def cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damaged", ["__0_0.distcp", "trainer.json"])
+def test_damaged_newest_checkpoint_is_named_set_aside_and_resume_falls_back(tmp_path, damaged, capsys):
+    out = tmp_path / "run"
+    train(out)
+    before = logged_losses(out)
+    ckpts = out / "checkpoints"
+    newest = ckpts / "step-00000010"
+    cut_in_half(newest / damaged)
+    cut = (newest / damaged).stat().st_size
+    with pytest.raises(CheckpointError, match=re.escape(str(newest / damaged))):
+        load_model(newest)
+    export = ["export", "--checkpoint", str(newest), "--out", str(tmp_path / "hf")]
+    assert main(export) == 2
+    assert str(newest / damaged) in capsys.readouterr().err
+
+    with pytest.warns(UserWarning, match=rf"{re.escape(damaged)}.*resuming from .*step-00000005"):
+        train(out)
+    assert logged_losses(out) == before  # steps 6..10 redone from step 5, exactly
+    kept = ckpts / "step-00000010.unloadable"
+    assert (kept / damaged).stat().st_size == cut  # kept as it was, for inspection
+    assert load_model(newest)[1]["step"] == 10  # written again by the resumed run
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert [e["set_aside_as"] for e in events if e["event"] == "unloadable_checkpoint"] == [str(kept)]
+
+
+def test_no_loadable_checkpoint_stops_and_moves_nothing(tmp_path):
+    out = tmp_path / "run"
+    train(out)
+    ckpts = out / "checkpoints"
+    for step in (5, 10):
+        cut_in_half(ckpts / f"step-{step:08d}" / "__0_0.distcp")
+    with pytest.raises(CheckpointError, match="step-00000010.*step-00000005.*no checkpoint loads"):
+        train(out)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000005", "step-00000010"]
+
+
+def test_checkpoint_of_another_shape_is_a_config_error_not_a_fallback(tmp_path):
+    out = tmp_path / "run"
+    train(out)
+    with pytest.raises(ValueError, match=r"another model shape: hidden_size 64 \(config: 128\)"):
+        train(out, model={"hidden_size": 128, "intermediate_size": 256})
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000005", "step-00000010"]
+
+
+# run_tiny.py in a process that SIGKILLs itself right after logging step 7, two steps past its step-5
+# checkpoint: the kill lands at that point, whatever the timing.
+KILL_AFTER_STEP_7 = """
+import os, runpy, signal, sys
+from teleflm.train.monitor import Monitor
+
+log = Monitor.log
+
+def log_then_die(self, step, record):
+    log(self, step, record)
+    if step == 7:
+        self.tb.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+Monitor.log = log_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_resumed_run_keeps_one_history(tmp_path):
+    """Steps 6 and 7 of the killed attempt are redone: metrics.jsonl and TensorBoard show them once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_STEP_7, str(RUN), str(out), "{}"], env=ENV, timeout=600
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [
+        *range(1, 8)
+    ]
+    run(out)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    assert [s.step for s in board.Scalars("loss")] == list(range(1, 11))
