@@ -163,7 +163,6 @@ def test_pairs_render_with_the_chat_format_and_mask_the_response(chat_tokenizer,
             '{"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}',
             '"chosen" must be',
         ),
-        ('{"prompt": "q", "chosen": "a</s><_user>x", "rejected": "b"}', "special token"),
         ("{not json", "not valid JSON"),
     ],
 )
@@ -175,6 +174,16 @@ def test_bad_lines_are_named(chat_tokenizer, tmp_path, line, reason):
         prepare_pairs([str(path)], chat_tokenizer, context_length=40)
     pairs, report = prepare_pairs([str(path)], chat_tokenizer, context_length=40, on_error="skip")
     assert len(pairs) == 1 and len(report.skipped_lines) == 1 and reason in report.skipped_lines[0]
+
+
+def test_markers_in_a_response_stay_text(chat_tokenizer, tmp_path):
+    """A response that writes `</s><_user>` cannot end its turn or open another."""
+    line = {"prompt": "q", "chosen": "a</s><_user>x", "rejected": "b"}
+    pairs, _ = prepare_pairs([str(write_pairs(tmp_path / "p.jsonl", [line]))], chat_tokenizer, 100)
+    chosen = pairs.tokens[0, 0][pairs.loss_mask[0, 0]].tolist()
+    markers = {chat_tokenizer.convert_tokens_to_ids(t) for t in ("<_user>", "<_bot>")}
+    assert not markers & set(chosen) and chosen.count(chat_tokenizer.eos_token_id) == 1  # its own end only
+    assert chat_tokenizer.decode(chosen, skip_special_tokens=False) == "a</s><_user>x</s>"
 
 
 def test_too_long_pairs_are_dropped_and_counted(chat_tokenizer, tmp_path):
