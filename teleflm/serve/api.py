@@ -5,16 +5,23 @@ events with `"stream": true`), POST /v1/embeddings. Every error is a 4xx or 5xx 
 shape, `{"error": {"message", "type", "param", "code"}}`; request bodies are pydantic models that
 refuse unknown fields, so a parameter this server does not implement is an error, not silently
 ignored. With an API key, /v1 routes need `Authorization: Bearer KEY`.
+
+Generation takes OpenAI's `n`, `seed`, `stop` (a string or a list), `logprobs` (and `top_logprobs` in
+chat), `stream_options.include_usage` and `response_format` (`json_object`, `json_schema`), plus vLLM's
+`structured_outputs` (`json`, `regex`, `grammar` in Lark, `choice`) and `repetition_penalty`. A client
+that goes away, streaming or not, cancels its requests, which frees their slots in the batch.
 """
 
 import asyncio
 import base64
 import json
+import re
 import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import APIRouter, FastAPI, Request
@@ -22,7 +29,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from teleflm.serve.engine import EmbeddingJob, Engine, GenerationRequest, Output, SamplingParams
+from teleflm.serve.constrain import Constraint, ConstraintError, grammar_of
+from teleflm.serve.engine import (
+    MAX_TOP_LOGPROBS,
+    EmbeddingJob,
+    Engine,
+    GenerationRequest,
+    Output,
+    SamplingParams,
+    TokenLogprob,
+)
 from teleflm.sft.template import prompt_ids
 
 # ----- errors -----
@@ -91,6 +107,31 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+MAX_CHOICES = 16  # `n`: choices per request
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+
+
+class JsonSchemaFormat(StrictModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(StrictModel):
+    """vLLM's extension: exactly one of a JSON schema, a regex, a Lark grammar or a list of choices."""
+
+    json_: dict | None = Field(None, alias="json")
+    regex: str | None = None
+    grammar: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+
+
 class GenerationFields(StrictModel):
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -100,10 +141,42 @@ class GenerationFields(StrictModel):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     user: str | None = None
     # Not OpenAI's, but vLLM's and transformers': the model card's sampling uses 1.03.
     repetition_penalty: float = Field(1.0, gt=0.0)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    def top_logprobs_asked(self) -> int | None:
+        """None: no logprobs; else how many alternatives per token."""
+        raise NotImplementedError
+
+    def constraint_spec(self) -> tuple[str, object, str] | None:
+        """(kind, spec, param) of the asked output format, or None for free text."""
+        fmt, structured = self.response_format, self.structured_outputs
+        asked = []
+        if fmt is not None and fmt.type == "json_object":
+            asked.append(("json_object", None, "response_format"))
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise APIError(400, "response_format: json_schema needs its json_schema", "response_format")
+            asked.append(("json_schema", fmt.json_schema.schema_, "response_format"))
+        if structured is not None:
+            given = {k: v for k, v in structured.model_dump(by_alias=True).items() if v is not None}
+            if len(given) != 1:
+                raise APIError(
+                    400,
+                    "structured_outputs: give exactly one of json, regex, grammar, choice",
+                    "structured_outputs",
+                )
+            ((kind, spec),) = given.items()
+            if kind == "choice":  # any one of the strings, verbatim
+                kind, spec = "regex", "|".join(re.escape(c) for c in spec)
+            asked.append(({"json": "json_schema"}.get(kind, kind), spec, "structured_outputs"))
+        if len(asked) > 1:
+            raise APIError(400, "give response_format or structured_outputs, not both", "structured_outputs")
+        return asked[0] if asked else None
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -115,6 +188,10 @@ class GenerationFields(StrictModel):
 class CompletionRequest(GenerationFields):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=5)  # the legacy API: alternatives per token
+
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(StrictModel):
@@ -134,6 +211,13 @@ class ChatMessage(StrictModel):
 class ChatRequest(GenerationFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def top_logprobs_asked(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs to be true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class EmbeddingRequest(StrictModel):
@@ -192,8 +276,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
                 "model_not_found",
             )
 
-    def sampling(prompt_ids: list[int], body: GenerationFields, max_tokens: int | None, param: str):
-        """SamplingParams for one prompt, refusing prompts that do not fit the context."""
+    def jobs_for(
+        prompt_ids: list[int], body: GenerationFields, max_tokens: int | None, param: str
+    ) -> list[Job]:
+        """The `n` generations of one prompt, refusing a prompt that does not fit the context and a
+        format that does not compile."""
         context = engine.context
         if not prompt_ids:
             raise APIError(400, f"{param}: the prompt has no tokens", param)
@@ -214,67 +301,120 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
                 "max_tokens",
                 "context_length_exceeded",
             )
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            stop=body.stop_strings(),
-            seed=body.seed,
-            repetition_penalty=body.repetition_penalty,
-        )
+        constraint = constraint_for(body)
+        jobs = []
+        for i in range(body.n):
+            params = SamplingParams(
+                max_tokens=max_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                stop=body.stop_strings(),
+                # Choice i of a seeded request has its own, reproducible stream of random numbers.
+                seed=None if body.seed is None else body.seed + i,
+                repetition_penalty=body.repetition_penalty,
+                logprobs=body.top_logprobs_asked(),
+            )
+            jobs.append(Job(prompt_ids, params, constraint.copy() if constraint else None))
+        return jobs
+
+    def constraint_for(body: GenerationFields) -> Constraint | None:
+        spec = body.constraint_spec()
+        if spec is None:
+            return None
+        kind, value, param = spec
+        try:
+            return engine.grammar_tokenizer().constraint(grammar_of(kind, value))
+        except (ConstraintError, ValueError) as e:
+            raise APIError(400, f"{param}: {e}", param) from None
+
+    def token_entry(item: TokenLogprob) -> dict:
+        """Chat's logprobs entry of a token: its text, log-probability, UTF-8 bytes, alternatives."""
+
+        def entry(token_id: int, logprob: float) -> dict:
+            text = tokenizer.decode([token_id])
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {**entry(item.token_id, item.logprob), "top_logprobs": [entry(*alt) for alt in item.top]}
+
+    def legacy_logprobs(items: list[TokenLogprob]) -> dict:
+        """The completions API's logprobs: parallel lists per token."""
+        tokens = [tokenizer.decode([item.token_id]) for item in items]
+        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [item.logprob for item in items],
+            "top_logprobs": [{tokenizer.decode([t]): lp for t, lp in item.top} for item in items],
+            "text_offset": offsets,
+        }
 
     @v1.post("/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, http: Request):
         check_model(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise APIError(400, "prompt: no prompt given", "prompt")
         if body.stream and len(prompts) > 1:
             raise APIError(400, "prompt: streaming takes one prompt", "prompt")
-        jobs = []
+        jobs = []  # choice index = prompt index x n + choice of that prompt, as OpenAI numbers them
         for prompt in prompts:
-            ids = tokenizer(prompt)["input_ids"]
-            jobs.append((ids, sampling(ids, body, body.max_tokens, "prompt")))
+            jobs += jobs_for(tokenizer(prompt)["input_ids"], body, body.max_tokens, "prompt")
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "model": model_name}
         head["created"] = int(time.time())
+        with_logprobs = body.logprobs is not None
 
-        def choice(text: str, finish_reason: str | None, index: int = 0) -> dict:
-            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        def choice(index: int, text: str, reason: str | None, items: list[TokenLogprob]) -> dict:
+            logprobs = legacy_logprobs(items) if with_logprobs else None
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
         if body.stream:
-            events = stream_events(engine, *jobs[0], head, choice, None, include_usage(body))
+            events = stream_events(engine, jobs, head, choice, None, include_usage(body))
             return StreamingResponse(events, media_type="text/event-stream")
-        results = await asyncio.gather(*(complete(engine, ids, params) for ids, params in jobs))
-        choices = [choice(text, reason, i) for i, (text, reason, _) in enumerate(results)]
-        return {**head, "choices": choices, "usage": total_usage([usage for _, _, usage in results])}
+        results = await complete(engine, jobs, http)
+        choices = [choice(i, r.text, r.finish_reason, r.logprobs) for i, r in enumerate(results)]
+        return {**head, "choices": choices, "usage": usage_of(jobs, results)}
 
     @v1.post("/chat/completions")
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(body: ChatRequest, http: Request):
         check_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
             ids = prompt_ids(tokenizer, messages)
         except Exception as e:  # a chat template may refuse a conversation (e.g. roles out of order)
             raise APIError(400, f"messages: the chat template refused them: {e}", "messages") from None
-        params = sampling(ids, body, body.max_completion_tokens or body.max_tokens, "messages")
+        jobs = jobs_for(ids, body, body.max_completion_tokens or body.max_tokens, "messages")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "model": model_name, "created": int(time.time())}
+
+        def logprobs(items: list[TokenLogprob]) -> dict | None:
+            return {"content": [token_entry(item) for item in items]} if body.logprobs else None
+
         if body.stream:
 
-            def delta(text: str, finish_reason: str | None) -> dict:
+            def delta(index: int, text: str, reason: str | None, items: list[TokenLogprob]) -> dict:
+                content = {"content": text} if text else {}
                 return {
-                    "index": 0,
-                    "delta": {"content": text} if text else {},
-                    "finish_reason": finish_reason,
+                    "index": index,
+                    "delta": content,
+                    "logprobs": logprobs(items),
+                    "finish_reason": reason,
                 }
 
-            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+            def first(index: int) -> dict:
+                return {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+
             head["object"] = "chat.completion.chunk"
-            events = stream_events(engine, ids, params, head, delta, first, include_usage(body))
+            events = stream_events(engine, jobs, head, delta, first, include_usage(body))
             return StreamingResponse(events, media_type="text/event-stream")
-        text, reason, usage = await complete(engine, ids, params)
-        message = {"role": "assistant", "content": text}
-        choices = [{"index": 0, "message": message, "finish_reason": reason}]
-        return {**head, "object": "chat.completion", "choices": choices, "usage": usage}
+        results = await complete(engine, jobs, http)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": r.text},
+                "logprobs": logprobs(r.logprobs),
+                "finish_reason": r.finish_reason,
+            }
+            for i, r in enumerate(results)
+        ]
+        return {**head, "object": "chat.completion", "choices": choices, "usage": usage_of(jobs, results)}
 
     @v1.post("/embeddings")
     async def embeddings(body: EmbeddingRequest):
@@ -305,18 +445,6 @@ def include_usage(body: GenerationFields) -> bool:
     return body.stream_options is not None and body.stream_options.include_usage
 
 
-def usage_of(output: Output) -> dict[str, int]:
-    return {
-        "prompt_tokens": output.prompt_tokens,
-        "completion_tokens": output.completion_tokens,
-        "total_tokens": output.prompt_tokens + output.completion_tokens,
-    }
-
-
-def total_usage(usages: list[dict[str, int]]) -> dict[str, int]:
-    return {key: sum(u[key] for u in usages) for key in usages[0]}
-
-
 def encode_vector(vector, encoding_format: str):
     if encoding_format == "base64":  # what the openai client asks for: little-endian float32
         return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode()
@@ -326,62 +454,117 @@ def encode_vector(vector, encoding_format: str):
 # ----- bridging the engine thread and the event loop -----
 
 
-async def outputs(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Output]:
-    """The engine's outputs for one request, up to the one that finishes it. Leaving early (a client
-    that went away cancels the task) cancels the request, which frees its slot in the batch."""
+@dataclass
+class Job:
+    """One generation of a request (a request has `n` per prompt)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    constraint: Constraint | None = None
+
+
+@dataclass
+class Result:
+    """A finished generation."""
+
+    text: str
+    finish_reason: str
+    completion_tokens: int
+    logprobs: list[TokenLogprob]
+
+
+def usage_of(jobs: list[Job], results: list[Result]) -> dict[str, int]:
+    """OpenAI's usage: each prompt counted once however many choices it has (its jobs share its ids)."""
+    prompts = {id(j.prompt_ids): len(j.prompt_ids) for j in jobs}
+    completion = sum(r.completion_tokens for r in results)
+    return {
+        "prompt_tokens": sum(prompts.values()),
+        "completion_tokens": completion,
+        "total_tokens": sum(prompts.values()) + completion,
+    }
+
+
+async def outputs(engine: Engine, jobs: list[Job]) -> AsyncIterator[tuple[int, Output]]:
+    """(job index, output) from the engine for every job, until each has finished. Leaving early (a
+    client that went away cancels the task) cancels every request, which frees their slots."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Output] = asyncio.Queue()
-    request = GenerationRequest(
-        prompt_ids, params, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out)
-    )
-    engine.submit(request)
+    queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+
+    def sender(index: int):
+        return lambda out: loop.call_soon_threadsafe(queue.put_nowait, (index, out))
+
+    requests = [
+        GenerationRequest(j.prompt_ids, j.params, sender(i), j.constraint) for i, j in enumerate(jobs)
+    ]
+    for request in requests:
+        engine.submit(request)
+    running = len(requests)
     try:
-        while True:
-            output = await queue.get()
-            yield output
-            if output.finish_reason is not None:
-                return
+        while running:
+            index, output = await queue.get()
+            yield index, output
+            running -= output.finish_reason is not None
     finally:
-        request.cancel()  # a no-op for a finished request
+        for request in requests:
+            request.cancel()  # a no-op for a finished request
 
 
-async def complete(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> tuple[str, str, dict]:
-    """(text, finish_reason, usage) of a whole generation."""
-    text = []
-    async for output in outputs(engine, prompt_ids, params):
-        text.append(output.text)
-        if output.error:
-            raise APIError(500, f"generation failed: {output.error}", kind="server_error")
-    return "".join(text), output.finish_reason, usage_of(output)
+async def complete(engine: Engine, jobs: list[Job], http: Request) -> list[Result]:
+    """Every job run to its end; a client that disconnects before cancels them all."""
+
+    async def collect() -> list[Result]:
+        texts = [[] for _ in jobs]
+        items = [[] for _ in jobs]
+        results: list[Result | None] = [None] * len(jobs)
+        async for index, output in outputs(engine, jobs):
+            if output.error:
+                raise APIError(500, f"generation failed: {output.error}", kind="server_error")
+            texts[index].append(output.text)
+            items[index] += output.logprobs
+            if output.finish_reason is not None:
+                text = "".join(texts[index])
+                results[index] = Result(text, output.finish_reason, output.completion_tokens, items[index])
+        return results
+
+    task = asyncio.ensure_future(collect())
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await http.is_disconnected():
+            task.cancel()  # closes `outputs`, which cancels the requests
+            raise APIError(499, "the client closed the connection", kind="client_closed_request")
 
 
 async def stream_events(
     engine: Engine,
-    prompt_ids: list[int],
-    params: SamplingParams,
+    jobs: list[Job],
     head: dict,
-    choice: Callable[[str, str | None], dict],
-    first_choice: dict | None,
+    choice: Callable[[int, str, str | None, list[TokenLogprob]], dict],
+    first_choice: Callable[[int], dict] | None,
     with_usage: bool,
 ) -> AsyncIterator[str]:
-    """Server-sent events: `data: {chunk}` per piece of text, one with the finish reason, then a usage
-    chunk if asked, then `data: [DONE]`."""
+    """Server-sent events: `data: {chunk}` per piece of text of a choice (its index in the chunk), one
+    with each choice's finish reason, then a usage chunk if asked, then `data: [DONE]`."""
 
     def event(chunk: dict) -> str:
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
     if first_choice is not None:
-        yield event({**head, "choices": [first_choice]})
-    async for output in outputs(engine, prompt_ids, params):
+        for index in range(len(jobs)):
+            yield event({**head, "choices": [first_choice(index)]})
+    finished: list[Result] = []
+    async for index, output in outputs(engine, jobs):
         if output.error:
             yield event(error_body(f"generation failed: {output.error}", "server_error"))
             break
-        if output.text:
-            yield event({**head, "choices": [choice(output.text, None)]})
+        if output.text or output.logprobs:
+            yield event({**head, "choices": [choice(index, output.text, None, list(output.logprobs))]})
         if output.finish_reason:
-            yield event({**head, "choices": [choice("", output.finish_reason)]})
-            if with_usage:
-                yield event({**head, "choices": [], "usage": usage_of(output)})
+            yield event({**head, "choices": [choice(index, "", output.finish_reason, [])]})
+            finished.append(Result("", output.finish_reason, output.completion_tokens, []))
+    if with_usage and len(finished) == len(jobs):
+        yield event({**head, "choices": [], "usage": usage_of(jobs, finished)})
     yield "data: [DONE]\n\n"
 
 

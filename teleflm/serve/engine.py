@@ -31,9 +31,23 @@ from dataclasses import asdict, dataclass
 import torch
 
 from teleflm.model.io import real_vocab_size
+from teleflm.serve.constrain import Constraint, GrammarTokenizer
 from teleflm.serve.embed import embed
 
 log = logging.getLogger(__name__)
+
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (before temperature, penalty, top_p or a
+    grammar reshape the distribution), and the most likely alternatives: (token id, log-probability)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -44,12 +58,15 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None  # None: a fresh random seed
     repetition_penalty: float = 1.0  # transformers' rule: positive logits divided, negative multiplied
+    logprobs: int | None = None  # report each token's log-probability and this many top alternatives
 
     def __post_init__(self):
         if self.max_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"need max_tokens >= 1, temperature >= 0 and top_p in (0, 1]: {self}")
         if self.repetition_penalty <= 0 or "" in self.stop:
             raise ValueError(f"need a positive repetition_penalty and non-empty stop strings: {self}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS}: {self}")
 
 
 @dataclass(frozen=True)
@@ -62,17 +79,27 @@ class Output:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens generated since the previous output
 
 
 class GenerationRequest:
     """One prompt being continued. `on_output` is called from the engine thread."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, on_output: Callable[[Output], None]):
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_output: Callable[[Output], None],
+        constraint: Constraint | None = None,
+    ):
+        """`constraint`: the grammar the output must follow (teleflm.serve.constrain), or None."""
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
         self.prompt_ids = prompt_ids
         self.params = params
         self.on_output = on_output
+        self.constraint = constraint
+        self.pending_logprobs: list[TokenLogprob] = []  # not yet sent
         self.output_ids: list[int] = []
         self.position = 0  # tokens of this request in the cache so far
         self.sent_chars = 0  # how much of the completion text was sent
@@ -193,6 +220,13 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._grammar_tokenizer: GrammarTokenizer | None = None
+
+    def grammar_tokenizer(self) -> GrammarTokenizer:
+        """For structured output; built on first use (about a second for a large vocabulary)."""
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = GrammarTokenizer(self.tokenizer, self.model.config.vocab_size)
+        return self._grammar_tokenizer
 
     # ----- from any thread -----
 
@@ -335,9 +369,25 @@ class Engine:
         return admitted
 
     def _sample(self, logits: torch.Tensor, request: GenerationRequest) -> int:
+        token = self._choose(logits, request)
+        if request.params.logprobs is not None:
+            request.pending_logprobs.append(self._logprob(logits, token, request.params.logprobs))
+        if request.constraint is not None:
+            request.constraint.accept(token)
+        return token
+
+    def _logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+        logp = torch.log_softmax(logits[: self.real_vocab].float(), dim=-1)
+        best = logp.topk(top) if top else None
+        alternatives = tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if top else ()
+        return TokenLogprob(token, float(logp[token]), alternatives)
+
+    def _choose(self, logits: torch.Tensor, request: GenerationRequest) -> int:
         params = request.params
         logits = logits.float()
         logits[self.real_vocab :] = -float("inf")  # embedding rows past the tokenizer: never emitted
+        if request.constraint is not None:
+            logits[~request.constraint.allowed().to(logits.device)] = -float("inf")
         if params.repetition_penalty != 1.0:
             seen = torch.tensor(request.prompt_ids + request.output_ids, device=logits.device).unique()
             scores = logits[seen]
@@ -363,8 +413,8 @@ class Engine:
         stops = [(text.find(s), s) for s in params.stop if s in text]
         if stops:
             self._finish(request, "stop", text[: min(stops)[0]])
-        elif request.output_ids[-1] in self.eos_ids:
-            self._finish(request, "stop", text)
+        elif request.output_ids[-1] in self.eos_ids or (request.constraint and request.constraint.finished):
+            self._finish(request, "stop", text)  # EOS, or a grammar that is complete and cannot go on
         elif len(request.output_ids) >= params.max_tokens or request.position >= self.context:
             self._finish(request, "length", text)
         else:
@@ -372,7 +422,14 @@ class Engine:
             safe = len(text.rstrip("\ufffd")) if text.endswith("\ufffd") else len(text)
             safe = min(safe, len(text) - hold)
             if safe > request.sent_chars:
-                request.on_output(Output(text[request.sent_chars : safe], None, *self._usage(request)))
+                request.on_output(
+                    Output(
+                        text[request.sent_chars : safe],
+                        None,
+                        *self._usage(request),
+                        logprobs=self._take(request),
+                    )
+                )
                 request.sent_chars = safe
 
     def _finish(
@@ -380,7 +437,19 @@ class Engine:
     ) -> None:
         request.done = True
         self.stats.finished += reason != "error"
-        request.on_output(Output(text[request.sent_chars :], reason, *self._usage(request), error=error))
+        output = Output(
+            text[request.sent_chars :],
+            reason,
+            *self._usage(request),
+            error=error,
+            logprobs=self._take(request),
+        )
+        request.on_output(output)
+
+    @staticmethod
+    def _take(request: GenerationRequest) -> tuple[TokenLogprob, ...]:
+        taken, request.pending_logprobs = tuple(request.pending_logprobs), []
+        return taken
 
     @staticmethod
     def _usage(request: GenerationRequest) -> tuple[int, int]:
