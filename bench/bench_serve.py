@@ -1,8 +1,11 @@
 """Serving throughput: 16 concurrent requests against the same 16 sent one by one, through
 `teleflm serve` (a separate process) and the official openai client; total completion tokens/s and
-the ratio, with the engine's own counters (forward passes, largest batch).
+the ratio, with the engine's own counters (forward passes, largest batch). Also the 16 concurrent
+requests with a `response_format` JSON schema (structured output's cost), and, with `--vllm-python`
+(an interpreter that has vLLM, e.g. `.vllm/bin/python` from scripts/vllm_check.sh), the same
+concurrent runs through `teleflm serve --engine vllm` on the same export.
 
-    .venv/bin/python -m bench.bench_serve [--requests 16 --max-tokens 64] [--json out.json]
+    .venv/bin/python -m bench.bench_serve [--requests 16 --max-tokens 64] [--vllm-python PATH] [--json out.json]
 """
 
 import argparse
@@ -35,6 +38,17 @@ SHAPE = dict(  # bench_generate's model
 )
 MODEL_NAME = "bench"
 SERVER_THREADS = 1
+SCHEMA = {  # bounded, so that every request can finish inside max_tokens
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 16},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+SCHEMA_TOKENS = 64  # the longest answer SCHEMA allows fits in this many tokens of the bench's tokenizer
 
 
 def build_export(root: Path) -> tuple[Path, list[str]]:
@@ -55,15 +69,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(folder: Path, port: int, max_batch: int, log: Path) -> subprocess.Popen:
+def start_server(
+    folder: Path, port: int, max_batch: int, log: Path, vllm_python: str | None = None
+) -> subprocess.Popen:
     command = [sys.executable, "-m", "teleflm.cli.main", "serve", "--model", str(folder)]
     command += ["--port", str(port), "--max-batch", str(max_batch), "--served-model-name", MODEL_NAME]
+    if vllm_python:  # vLLM on a CPU: little memory for its cache, no graph capture
+        command += ["--engine", "vllm", "--vllm-python", vllm_python, "--dtype", "fp32", "--"]
+        command += ["--enforce-eager", "--max-model-len", "1024", "--gpu-memory-utilization", "0.1"]
     # One torch thread: on a small shared CPU, two OpenMP threads spin-wait on each other and make
     # every step of a model this small several times slower.
     env = {**os.environ, "OMP_NUM_THREADS": str(SERVER_THREADS)}
     with log.open("w") as out:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
@@ -73,13 +92,25 @@ def start_server(folder: Path, port: int, max_batch: int, log: Path) -> subproce
         except httpx.TransportError:
             time.sleep(0.2)
     server.kill()
-    raise RuntimeError("the server did not start in 120 s")
+    raise RuntimeError("the server did not start in 600 s")
 
 
-async def run(client, prompts: list[str], max_tokens: int, concurrent: bool) -> tuple[float, int]:
-    """(seconds, completion tokens) for all prompts, sent together or one after another."""
+async def run(
+    client, prompts: list[str], max_tokens: int, concurrent: bool, structured: bool = False
+) -> tuple[float, int]:
+    """(seconds, completion tokens) for all prompts, sent together or one after another; with
+    `structured`, each answer must follow SCHEMA (and is checked to)."""
 
     def ask(prompt):
+        if structured:
+            response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+            return client.chat.completions.create(
+                model=MODEL_NAME,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=max(max_tokens, SCHEMA_TOKENS),
+                temperature=0,
+                response_format=response_format,
+            )
         return client.completions.create(
             model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens, temperature=0
         )
@@ -90,6 +121,11 @@ async def run(client, prompts: list[str], max_tokens: int, concurrent: bool) -> 
     else:
         responses = [await ask(p) for p in prompts]
     seconds = time.perf_counter() - started
+    if structured:
+        import jsonschema
+
+        for r in responses:
+            jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
     return seconds, sum(r.usage.completion_tokens for r in responses)
 
 
@@ -97,24 +133,32 @@ def engine_stats(port: int) -> dict:
     return httpx.get(f"http://127.0.0.1:{port}/health").json()["engine"]
 
 
-async def measure(port: int, prompts: list[str], max_tokens: int) -> dict:
+MODES = {  # name: (concurrent, structured)
+    "sequential": (False, False),
+    "concurrent": (True, False),
+    "concurrent structured": (True, True),
+}
+
+
+async def measure(port: int, prompts: list[str], max_tokens: int, modes: list[str], teleflm: bool) -> dict:
     from openai import AsyncOpenAI
 
     figures = {}
     async with AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0) as client:
         await run(client, prompts[:1], 8, concurrent=False)  # warm-up
-        for mode in ("sequential", "concurrent"):
-            before = engine_stats(port)
-            seconds, tokens = await run(client, prompts, max_tokens, concurrent=mode == "concurrent")
-            after = engine_stats(port)
+        await run(client, prompts[:1], max_tokens, concurrent=False, structured=True)  # grammar set up
+        for mode in modes:
+            before = engine_stats(port) if teleflm else None
+            seconds, tokens = await run(client, prompts, max_tokens, *MODES[mode])
             figures[mode] = {
                 "seconds": round(seconds, 3),
                 "completion_tokens": tokens,
                 "tokens_per_s": round(tokens / seconds, 1),
-                "forward_passes": after["forward_passes"] - before["forward_passes"],
-                "max_batch_seen": after["max_batch_seen"],
             }
-    figures["ratio"] = round(figures["concurrent"]["tokens_per_s"] / figures["sequential"]["tokens_per_s"], 2)
+            if teleflm:
+                after = engine_stats(port)
+                figures[mode]["forward_passes"] = after["forward_passes"] - before["forward_passes"]
+                figures[mode]["max_batch_seen"] = after["max_batch_seen"]
     return figures
 
 
@@ -124,32 +168,55 @@ def main() -> None:
     )
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--vllm-python", metavar="PATH", help="also measure vLLM through this interpreter")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
+    engines = {"teleflm": None} | ({"vllm": args.vllm_python} if args.vllm_python else {})
+    figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder, verses = build_export(Path(tmp))
         prompts = verses[: args.requests]
-        port = free_port()
-        server = start_server(folder, port, max_batch=args.requests, log=Path(tmp) / "server.log")
-        try:
-            figures = asyncio.run(measure(port, prompts, args.max_tokens))
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        for engine, vllm_python in engines.items():
+            port = free_port()
+            log = Path(tmp) / f"{engine}.log"
+            server = start_server(folder, port, args.requests, log, vllm_python)
+            modes = list(MODES) if engine == "teleflm" else ["concurrent", "concurrent structured"]
+            try:
+                figures[engine] = asyncio.run(
+                    measure(port, prompts, args.max_tokens, modes, engine == "teleflm")
+                )
+            finally:
+                server.terminate()
+                server.wait(timeout=60)
     print(
         f"model: {SHAPE}; {args.requests} requests x {args.max_tokens} tokens, greedy, fp32, "
         f"server threads {SERVER_THREADS}"
     )
-    print(f"{'mode':11} {'seconds':>8} {'tokens':>7} {'tokens/s':>9} {'passes':>7} {'max batch':>9}")
-    for mode in ("sequential", "concurrent"):
-        f = figures[mode]
-        print(
-            f"{mode:11} {f['seconds']:8.2f} {f['completion_tokens']:7d} {f['tokens_per_s']:9.1f} "
-            f"{f['forward_passes']:7d} {f['max_batch_seen']:9d}"
-        )
-    print(f"concurrent / sequential tokens/s: {figures['ratio']:.2f}x")
+    print(
+        f"{'engine':8} {'mode':22} {'seconds':>8} {'tokens':>7} {'tokens/s':>9} {'passes':>7} {'max batch':>9}"
+    )
+    for engine, rows in figures.items():
+        for mode, f in rows.items():
+            passes, batch = f.get("forward_passes", "-"), f.get("max_batch_seen", "-")
+            print(
+                f"{engine:8} {mode:22} {f['seconds']:8.2f} {f['completion_tokens']:7d} "
+                f"{f['tokens_per_s']:9.1f} {passes:>7} {batch:>9}"
+            )
+    ours = figures["teleflm"]
+    ratios = {
+        "concurrent / sequential": ours["concurrent"]["tokens_per_s"] / ours["sequential"]["tokens_per_s"],
+        "structured / free (concurrent)": ours["concurrent structured"]["tokens_per_s"]
+        / ours["concurrent"]["tokens_per_s"],
+    }
+    if "vllm" in figures:
+        for mode in ("concurrent", "concurrent structured"):
+            ratios[f"teleflm / vllm ({mode})"] = (
+                ours[mode]["tokens_per_s"] / figures["vllm"][mode]["tokens_per_s"]
+            )
+    for name, ratio in ratios.items():
+        print(f"{name}: {ratio:.2f}x")
     result = {"model": SHAPE, "requests": args.requests, "max_tokens": args.max_tokens}
-    result |= {"server_threads": SERVER_THREADS, **figures}
+    result |= {"server_threads": SERVER_THREADS, "figures": figures, "ratios": ratios}
     print(json.dumps(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

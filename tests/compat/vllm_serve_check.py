@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 import httpx
-from transformers import AutoTokenizer
+from tokenizers import Tokenizer
 
 
 def main(out: Path, port: int) -> int:
     reference = json.loads((out / "greedy.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(out / "export")
+    tokenizer = Tokenizer.from_file(str(out / "export" / "tokenizer.json"))
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     while True:  # vLLM takes a minute or so to start
