@@ -97,9 +97,9 @@ def start_server(
 
 async def run(
     client, prompts: list[str], max_tokens: int, concurrent: bool, structured: bool = False
-) -> tuple[float, int]:
-    """(seconds, completion tokens) for all prompts, sent together or one after another; with
-    `structured`, each answer must follow SCHEMA (and is checked to)."""
+) -> tuple[float, int, int | None]:
+    """(seconds, completion tokens, answers that validate against SCHEMA or None) for all prompts,
+    sent together or one after another; with `structured`, each answer is asked to follow SCHEMA."""
 
     def ask(prompt):
         if structured:
@@ -121,12 +121,20 @@ async def run(
     else:
         responses = [await ask(p) for p in prompts]
     seconds = time.perf_counter() - started
-    if structured:
-        import jsonschema
+    tokens = sum(r.usage.completion_tokens for r in responses)
+    if not structured:
+        return seconds, tokens, None
+    return seconds, tokens, sum(valid(r.choices[0].message.content) for r in responses)
 
-        for r in responses:
-            jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
-    return seconds, sum(r.usage.completion_tokens for r in responses)
+
+def valid(text: str) -> bool:
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(text), SCHEMA)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
 
 
 def engine_stats(port: int) -> dict:
@@ -149,12 +157,14 @@ async def measure(port: int, prompts: list[str], max_tokens: int, modes: list[st
         await run(client, prompts[:1], max_tokens, concurrent=False, structured=True)  # grammar set up
         for mode in modes:
             before = engine_stats(port) if teleflm else None
-            seconds, tokens = await run(client, prompts, max_tokens, *MODES[mode])
+            seconds, tokens, valid_answers = await run(client, prompts, max_tokens, *MODES[mode])
             figures[mode] = {
                 "seconds": round(seconds, 3),
                 "completion_tokens": tokens,
                 "tokens_per_s": round(tokens / seconds, 1),
             }
+            if valid_answers is not None:
+                figures[mode]["valid"] = f"{valid_answers}/{len(prompts)}"
             if teleflm:
                 after = engine_stats(port)
                 figures[mode]["forward_passes"] = after["forward_passes"] - before["forward_passes"]
@@ -192,15 +202,14 @@ def main() -> None:
         f"model: {SHAPE}; {args.requests} requests x {args.max_tokens} tokens, greedy, fp32, "
         f"server threads {SERVER_THREADS}"
     )
-    print(
-        f"{'engine':8} {'mode':22} {'seconds':>8} {'tokens':>7} {'tokens/s':>9} {'passes':>7} {'max batch':>9}"
-    )
+    header = f"{'engine':8} {'mode':22} {'seconds':>8} {'tokens':>7} {'tokens/s':>9} {'passes':>7}"
+    print(f"{header} {'max batch':>9} {'valid JSON':>10}")
     for engine, rows in figures.items():
         for mode, f in rows.items():
             passes, batch = f.get("forward_passes", "-"), f.get("max_batch_seen", "-")
             print(
                 f"{engine:8} {mode:22} {f['seconds']:8.2f} {f['completion_tokens']:7d} "
-                f"{f['tokens_per_s']:9.1f} {passes:>7} {batch:>9}"
+                f"{f['tokens_per_s']:9.1f} {passes:>7} {batch:>9} {f.get('valid', '-'):>10}"
             )
     ours = figures["teleflm"]
     ratios = {

@@ -13,6 +13,7 @@ import json
 
 import llguidance
 import llguidance.hf
+import llguidance.torch
 import torch
 
 JSON_OPTIONS = {"whitespace_flexible": False}
@@ -40,11 +41,24 @@ def grammar_of(kind: str, spec) -> str:
 
 
 class GrammarTokenizer:
-    """The tokenizer as llguidance sees it (built once per server: about a second for 80k tokens)."""
+    """The tokenizer as llguidance sees it (built once per server: about a second for 80k tokens), and
+    the executor that computes a batch's masks on its own threads."""
 
     def __init__(self, tokenizer, vocab_size: int):
         self.inner = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
         self.vocab_size = vocab_size
+        self.executor = llguidance.LLExecutor()
+        self._bits = torch.arange(32, dtype=torch.int32)
+
+    def allowed(self, constraints: list["Constraint"]) -> torch.Tensor:
+        """Bool (len(constraints), vocab_size): the tokens that keep each output inside its grammar,
+        computed for the whole batch at once."""
+        bitmask = llguidance.torch.allocate_token_bitmask(len(constraints), self.vocab_size)
+        llguidance.torch.fill_next_token_bitmask_par(
+            self.executor, [(c.matcher, i) for i, c in enumerate(constraints)], bitmask
+        )
+        bits = (bitmask[:, :, None] >> self._bits) & 1
+        return bits.flatten(1)[:, : self.vocab_size].bool()
 
     def constraint(self, grammar: str) -> "Constraint":
         matcher = llguidance.LLMatcher(self.inner, grammar)
@@ -54,19 +68,13 @@ class GrammarTokenizer:
 
 
 class Constraint:
-    """One request's grammar state: the allowed next tokens, and the tokens it has produced."""
+    """One request's grammar state (`GrammarTokenizer.allowed` gives its next tokens)."""
 
     def __init__(self, matcher, vocab_size: int):
         self.matcher, self.vocab_size = matcher, vocab_size
-        self._bits = torch.arange(32, dtype=torch.int32)
 
     def copy(self) -> "Constraint":
         return Constraint(self.matcher.deep_copy(), self.vocab_size)
-
-    def allowed(self) -> torch.Tensor:
-        """Bool (vocab_size,): True where the token keeps the output inside the grammar."""
-        words = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)
-        return ((words[:, None] >> self._bits) & 1).flatten()[: self.vocab_size].bool()
 
     def accept(self, token: int) -> None:
         if not self.matcher.consume_token(token):

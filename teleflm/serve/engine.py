@@ -336,8 +336,12 @@ class Engine:
         self.stats.forward_passes += 1
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
 
+        # The next tokens each grammar allows, computed for the whole batch at once.
+        constrained = [request.constraint for request in rows if request.constraint is not None]
+        allowed = iter(self.grammar_tokenizer().allowed(constrained).to(device) if constrained else [])
         for i, request in enumerate(rows):
-            request.output_ids.append(self._sample(logits[i], request))
+            grammar = next(allowed) if request.constraint is not None else None
+            request.output_ids.append(self._sample(logits[i], request, grammar))
             self.stats.generated_tokens += 1
             self._send_text(request)
         keep = [i for i, request in enumerate(rows) if not request.done]
@@ -368,8 +372,9 @@ class Engine:
             request.generator = torch.Generator(device=self.model.device).manual_seed(request.seed)
         return admitted
 
-    def _sample(self, logits: torch.Tensor, request: GenerationRequest) -> int:
-        token = self._choose(logits, request)
+    def _sample(self, logits: torch.Tensor, request: GenerationRequest, allowed: torch.Tensor | None) -> int:
+        """The next token of `request` from its row of logits; `allowed`: its grammar's mask."""
+        token = self._choose(logits, request, allowed)
         if request.params.logprobs is not None:
             request.pending_logprobs.append(self._logprob(logits, token, request.params.logprobs))
         if request.constraint is not None:
@@ -382,12 +387,13 @@ class Engine:
         alternatives = tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if top else ()
         return TokenLogprob(token, float(logp[token]), alternatives)
 
-    def _choose(self, logits: torch.Tensor, request: GenerationRequest) -> int:
+    def _choose(self, logits: torch.Tensor, request: GenerationRequest, allowed: torch.Tensor | None) -> int:
         params = request.params
-        logits = logits.float()
+        # A copy (for fp32 models too): the row stays as the model gave it, for the logprobs.
+        logits = logits.to(torch.float32, copy=True)
         logits[self.real_vocab :] = -float("inf")  # embedding rows past the tokenizer: never emitted
-        if request.constraint is not None:
-            logits[~request.constraint.allowed().to(logits.device)] = -float("inf")
+        if allowed is not None:
+            logits[~allowed] = -float("inf")
         if params.repetition_penalty != 1.0:
             seen = torch.tensor(request.prompt_ids + request.output_ids, device=logits.device).unique()
             scores = logits[seen]

@@ -243,3 +243,23 @@ def test_non_streaming_client_that_leaves_frees_its_slot(server, monkeypatch):
     while engine.stats.cancelled == cancelled and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.stats.cancelled == cancelled + 1 and engine.load()["running"] == 0
+
+
+def test_logprobs_stay_the_models_under_a_grammar_and_a_penalty(server, model_and_tokenizer):
+    """The grammar and the repetition penalty pick the token; its logprob is still the model's."""
+    model, tokenizer = model_and_tokenizer
+    answer = client(server).completions.create(
+        model=MODEL_NAME,
+        prompt=PROMPT,
+        max_tokens=10,
+        temperature=0,
+        logprobs=1,
+        extra_body={"structured_outputs": {"regex": "[a-z ]{10}"}, "repetition_penalty": 1.3},
+    )
+    lp = answer.choices[0].logprobs
+    ids = [i for t in lp.tokens for i in tokenizer(t, add_special_tokens=False)["input_ids"]]
+    assert tokenizer.decode(ids) == answer.choices[0].text and len(ids) == len(lp.tokens)
+    reference = reference_logprobs(model, tokenizer(PROMPT)["input_ids"], ids)
+    assert lp.token_logprobs == pytest.approx(reference[range(len(ids)), ids].tolist(), abs=1e-4)
+    # Some step chose another token than the unconstrained greedy one (its logprob is below the top).
+    assert any(lp.token_logprobs[i] < reference[i].max().item() - 1e-3 for i in range(len(ids)))
