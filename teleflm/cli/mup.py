@@ -18,14 +18,23 @@ def add_parser(sub) -> None:
     c.add_argument("--out", default="runs/mup/coord-check", help="report folder (default: %(default)s)")
     c.set_defaults(func=run_coord_check)
 
-    s = commands.add_parser("search", help="grid / random / optuna search on a muP proxy (resumable)")
+    s = commands.add_parser("search", help="grid / random / tpe search on a muP proxy, any number of workers")
     s.add_argument("--config", required=True, help="the proxy's training TOML")
     s.add_argument("--space", required=True, help="search space TOML (see docs/mup.md)")
     s.add_argument("--out", default="runs/mup/search", help="trials table, best set, report")
     s.add_argument(
         "--sequences", help="train on packed token sequences (.npy, n x (context+1)) instead of the shards"
     )
-    s.add_argument("--parallel", type=int, help="trials at once (overrides the space's `parallel`)")
+    s.add_argument("--parallel", type=int, help="worker processes here (overrides the space's `parallel`)")
+    s.add_argument(
+        "--storage",
+        metavar="URL",
+        help="Optuna RDB storage every worker reaches (default: sqlite <out>/study.db)",
+    )
+    s.add_argument("--study", default="teleflm-search", help="the study's name in the storage")
+    s.add_argument(
+        "--heartbeat", type=int, default=60, metavar="S", help="seconds between a running trial's heartbeats"
+    )
     s.set_defaults(func=run_search)
 
     t = commands.add_parser("transfer", help="write a wider config with the searched values")
@@ -55,14 +64,19 @@ def run_coord_check(args) -> int:
 
 
 def run_search(args) -> int:
+    from teleflm.mup.report import write_results
     from teleflm.mup.runs import read_toml
-    from teleflm.mup.search import load_space, search, write_results
+    from teleflm.mup.search import load_space, search
 
     raw = read_toml(args.config)
     space = load_space(args.space)
-    if args.parallel:
+    if args.parallel is not None:
+        if args.parallel < 1:
+            raise ValueError(f"--parallel must be at least 1, got {args.parallel}")
         space.parallel = args.parallel
-    records = search(raw, space, args.out, args.sequences)
+    if args.heartbeat < 1:
+        raise ValueError(f"--heartbeat must be at least 1 second, got {args.heartbeat}")
+    records = search(raw, space, args.out, args.sequences, args.storage, args.study, args.heartbeat)
     best = write_results(raw, records, Path(args.out), args.config)
     print(f"best: objective {best['objective']:.4f} {best['mup']} {best['model']}")
     print(f"wrote {Path(args.out) / 'best.toml'} and {Path(args.out) / 'search.md'}")
@@ -71,7 +85,7 @@ def run_search(args) -> int:
 
 def run_transfer(args) -> int:
     from teleflm.mup.runs import build_config, read_toml, to_toml
-    from teleflm.mup.search import transfer, transfer_report
+    from teleflm.mup.transfer import transfer, transfer_report
 
     best = read_toml(args.best)
     target = read_toml(args.target)

@@ -1,18 +1,18 @@
-"""Hyper-parameter search on a muP proxy, and transfer of the best set to a wider model.
+"""Hyper-parameter search on a muP proxy, in a study that any number of workers share.
 
 A search space (TOML) names some of the card's seven hyper-parameters with a grid of values or a
 range; the others keep the config's values or are derived from searched ones:
 
-    method = "grid"        # grid | random | optuna (optuna only if installed)
-    trials = 16            # random / optuna: how many
+    method = "grid"        # grid | random | tpe (Optuna's TPE sampler)
+    trials = 16            # random / tpe: how many
     seed = 0
-    parallel = 2           # trials run at once, each in its own process
+    parallel = 2           # worker processes started here, each running one trial at a time
     threads_per_trial = 1
 
     [params.lr]
-    values = [1e-3, 3e-3, 1e-2]    # grid (random/optuna: picks among them)
+    values = [1e-3, 3e-3, 1e-2]    # grid (random/tpe: picks among them)
     [params.std]
-    low = 1e-3                     # a range: random / optuna only
+    low = 1e-3                     # a range: random / tpe only
     high = 1e-1
     log = true
 
@@ -20,33 +20,35 @@ range; the others keep the config's values or are derived from searched ones:
     matrix_lr = "lr"               # a searched name, optionally times a number
     min_lr = "0.1 * lr"
 
-Every finished trial is appended (one JSON line, flushed) to `<out>/trials.jsonl`, so a killed search
-run again with the same --out skips what is done; `<out>/best.toml` holds the best set.
+The study lives in Optuna's RDB storage: by default a SQLite file, `<out>/study.db`; on a cluster a
+PostgreSQL or MySQL URL (`--storage`) that every worker reaches. Each worker is the same command, run
+anywhere (`--parallel` processes here, a Slurm array, torchrun ranks, plain processes on other
+machines): it takes a trial, trains the proxy, records the result, and takes the next until none is
+left. The worker that creates the study queues its planned trials (grid and random: every trial is
+known in advance), so each is claimed by exactly one worker; tpe asks Optuna's sampler for each new
+trial. A worker that dies mid-trial leaves its trial running: a worker on the same machine sees at
+once that its process is gone, a worker anywhere sees its heartbeat stop (`--heartbeat` seconds, and
+twice that of grace); either fails it and queues it again, so another worker runs it. A search started
+again with the same storage and study continues where it stopped. `<out>/best.toml` holds the best set.
 """
 
 import itertools
-import json
 import math
 import os
 import random
+import socket
+import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+import warnings
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-from teleflm.mup.runs import (
-    SEARCHED,
-    RunData,
-    base_width,
-    hyperparams_of,
-    read_toml,
-    scored_run,
-    to_toml,
-    with_hyperparams,
-)
+import optuna
 
-METHODS = ("grid", "random", "optuna")
+from teleflm.mup.runs import SEARCHED, RunData, read_toml, scored_run, with_hyperparams
+
+METHODS = ("grid", "random", "tpe")
 
 
 @dataclass
@@ -64,7 +66,7 @@ class SearchSpace:
     method: str = "grid"
     trials: int = 16
     seed: int = 0
-    parallel: int = 1
+    parallel: int = 1  # worker processes `teleflm mup search` starts here (each runs one trial at a time)
     threads_per_trial: int = 1
 
 
@@ -166,317 +168,227 @@ def planned_trials(space: SearchSpace) -> list[dict]:
     return trials
 
 
-# ----- the table of finished trials -----
+# ----- the study -----
+
+HEARTBEAT_S = 60
+# Workers here ask and tell trials themselves (one queue, per-trial heartbeats) instead of Optuna's
+# optimize loop, which is what these warn about.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used", module="optuna")
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+READY_TIMEOUT_S = 300  # how long a worker waits for the study's creator to queue the planned trials
 
 
-def read_table(path: Path) -> list[dict]:
-    """Finished trials. A last line cut off by a kill is dropped from the file, so appends stay valid."""
-    if not path.exists():
-        return []
-    text = path.read_text()
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-        path.write_text(text)
-    records = []
-    for line in text.splitlines():
+def storage_url(out: Path, storage: str | None) -> str:
+    return storage or f"sqlite:///{(out / 'study.db').resolve()}"
+
+
+def open_study(url: str, name: str, space: SearchSpace, heartbeat_s: int = HEARTBEAT_S):
+    """The study `name` in `url`, created (with its planned trials queued) by the first worker to get
+    there, loaded by the others once the queue is complete."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(
+        url,
+        heartbeat_interval=heartbeat_s,
+        grace_period=2 * heartbeat_s,
+        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=None),
+    )
+    sampler = (
+        optuna.samplers.TPESampler(seed=space.seed)
+        if space.method == "tpe"
+        else optuna.samplers.RandomSampler()
+    )
+    plan = planned_trials(space) if space.method != "tpe" else []
+    signature = {"method": space.method, "trials": space.trials, "plan": plan}
+    try:  # creating a study is atomic: one worker wins and fills the queue
+        study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, direction="minimize")
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(storage=storage, study_name=name, sampler=sampler)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while "signature" not in study.user_attrs:
+            if time.monotonic() > deadline:
+                raise ValueError(f"study {name!r} in {url} was created but never filled: delete it") from None
+            time.sleep(0.2)
+        if study.user_attrs["signature"] != signature:
+            raise ValueError(
+                f"study {name!r} in {url} holds another search (its method or planned trials differ): "
+                "use another --study or --out"
+            ) from None
+        return study
+    for index, values in enumerate(plan):
+        study.enqueue_trial(searched_params(space, values), user_attrs={"plan_index": index})
+    study.set_user_attr("signature", signature)
+    return study
+
+
+def searched_params(space: SearchSpace, values: dict) -> dict:
+    return {name: values[name] for name in space.params}
+
+
+def suggested(trial, space: SearchSpace) -> dict:
+    """The trial's searched values: a queued trial's own, else what the sampler picks."""
+    return {
+        n: trial.suggest_categorical(n, p.values)
+        if p.values is not None
+        else trial.suggest_float(n, p.low, p.high, log=p.log)
+        for n, p in space.params.items()
+    }
+
+
+def reclaim_dead_local_trials(study) -> int:
+    """Fail and queue again the running trials whose worker ran on this machine and is gone; returns
+    how many this worker reclaimed (another worker may reclaim one first: the state change is atomic)."""
+    reclaimed = 0
+    retry = optuna.storages.RetryFailedTrialCallback(max_retry=None)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker = trial.system_attrs.get("teleflm_worker")
+        if worker is None or worker["host"] != socket.gethostname() or pid_alive(worker["pid"]):
+            continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line damaged some other way: its trial simply runs again
-    return records
+            if study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL):
+                retry(study, study._storage.get_trial(trial._trial_id))
+                reclaimed += 1
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+    return reclaimed
 
 
-def append_record(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
-def write_csv(records: list[dict], path: Path) -> None:
-    names = list(SEARCHED)
-    lines = [",".join(["trial", *names, "objective", "loss", "status", "seconds"])]
-    for r in sorted(records, key=lambda r: r["trial"]):
-        values = [repr(r["values"].get(n, "")) for n in names]
-        lines.append(
-            ",".join(map(str, [r["trial"], *values, r["objective"], r["loss"], r["status"], r["seconds"]]))
-        )
-    path.write_text("\n".join(lines) + "\n")
+class Heartbeat:
+    """Records the trial's heartbeat every interval while it runs, so workers elsewhere know it lives."""
+
+    def __init__(self, study, trial_id: int, interval: int):
+        self.study, self.trial_id, self.interval = study, trial_id, interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.beat, daemon=True)
+
+    def beat(self) -> None:
+        while True:
+            self.study._storage.record_heartbeat(self.trial_id)
+            if self.stop.wait(self.interval):
+                return
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
 
 
-# ----- running trials -----
+def records(study) -> list[dict]:
+    """The finished trials' records, by trial, once each (a retried trial counts once)."""
+    done = {}
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        record = trial.user_attrs["record"]
+        done.setdefault(record["trial"], record)
+    return [done[k] for k in sorted(done)]
 
 
-def run_trial(raw: dict, trial: int, values: dict, out: str, data_path: str | None, threads: int) -> dict:
-    """One trial in a worker process: train the proxy with `values` and score it."""
+# ----- workers -----
+
+
+def claim(study, space: SearchSpace):
+    """The next trial for this worker, or None when the search has nothing left to give."""
+    reclaim_dead_local_trials(study)
+    optuna.storages.fail_stale_trials(study)
+    if space.method == "tpe":
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+        taken = {
+            t.user_attrs.get("record", {}).get("trial", t.number) for t in study.get_trials(states=states)
+        }
+        if len(taken) >= space.trials:
+            return None
+        return study.ask()
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        return None
+    trial = study.ask()  # takes the oldest queued trial; only one worker gets each
+    if "plan_index" not in trial.user_attrs:  # another worker took the last one meanwhile
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return None
+    return trial
+
+
+def run_worker(
+    raw: dict,
+    space: SearchSpace,
+    out: str,
+    url: str,
+    name: str,
+    data_path: str | None,
+    heartbeat_s: int = HEARTBEAT_S,
+    log=print,
+) -> int:
+    """Take and run trials until the study has none left; returns how many this worker ran."""
     import torch
 
-    torch.set_num_threads(threads)
-    start = time.perf_counter()
-    result = scored_run(
-        with_hyperparams(raw, values), Path(out) / "trials" / f"{trial:04d}", RunData.from_file(data_path)
-    )
-    return {"trial": trial, "values": values, **result, "seconds": round(time.perf_counter() - start, 2)}
+    torch.set_num_threads(space.threads_per_trial)
+    study = open_study(url, name, space, heartbeat_s)
+    data = RunData.from_file(data_path)
+    ran = 0
+    while (trial := claim(study, space)) is not None:
+        worker = {"host": socket.gethostname(), "pid": os.getpid()}
+        study._storage.set_trial_system_attr(trial._trial_id, "teleflm_worker", worker)
+        index = trial.user_attrs.get("plan_index", trial.number)
+        values = full_values(space, suggested(trial, space))
+        start = time.perf_counter()
+        with Heartbeat(study, trial._trial_id, heartbeat_s):
+            result = scored_run(with_hyperparams(raw, values), Path(out) / "trials" / f"{index:04d}", data)
+        record = {
+            "trial": index,
+            "values": values,
+            **result,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        trial.set_user_attr("record", record)
+        objective = record["objective"] if math.isfinite(record["objective"]) else float("inf")
+        study.tell(trial, objective, state=optuna.trial.TrialState.COMPLETE)
+        ran += 1
+        log(f"trial {index}: {record['status']} objective {record['objective']:.4f} {values}")
+    return ran
 
 
-def _matching_records(records: list[dict], plan: list[dict]) -> dict[int, dict]:
-    done = {}
-    for r in records:
-        i = r["trial"]
-        if i < len(plan) and not _same(r["values"], plan[i]):
-            raise ValueError(
-                f"trials.jsonl: trial {i} was run with {r['values']}, but this space plans {plan[i]}: "
-                "the table belongs to another search; use another --out"
-            )
-        done[i] = r
-    return done
-
-
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(math.isclose(a[k], b[k], rel_tol=1e-9) for k in a)
+def _worker_process(raw, space, out, url, name, data_path, heartbeat_s) -> None:
+    run_worker(raw, space, out, url, name, data_path, heartbeat_s)
 
 
 def search(
-    raw: dict, space: SearchSpace, out: str | Path, data_path: str | None = None, log=print
+    raw: dict,
+    space: SearchSpace,
+    out: str | Path,
+    data_path: str | None = None,
+    storage: str | None = None,
+    study_name: str = "teleflm-search",
+    heartbeat_s: int = HEARTBEAT_S,
+    log=print,
 ) -> list[dict]:
-    """Run (or resume) a search; returns every finished trial record."""
+    """Run (or join, or resume) a search with `space.parallel` workers here; returns every finished
+    trial's record."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = out / "trials.jsonl"
-    records = read_table(table)
-    if space.method == "optuna":
-        return _optuna_search(raw, space, out, data_path, records, log)
-    plan = planned_trials(space)
-    done = _matching_records(records, plan)
-    todo = [i for i in range(len(plan)) if i not in done]
-    log(f"search: {len(plan)} trials planned, {len(done)} already in {table}, {len(todo)} to run")
-    with ProcessPoolExecutor(space.parallel, mp_context=get_context("spawn")) as pool:
-        futures = {
-            pool.submit(run_trial, raw, i, plan[i], str(out), data_path, space.threads_per_trial)
-            for i in todo
-        }
-        while futures:
-            finished, futures = wait(futures, return_when=FIRST_COMPLETED)
-            for f in finished:
-                record = f.result()
-                append_record(table, record)
-                done[record["trial"]] = record
-                log(
-                    f"trial {record['trial']}: {record['status']} objective {record['objective']:.4f} {record['values']}"
-                )
-    return [done[i] for i in sorted(done)]
-
-
-def _optuna_search(raw, space, out, data_path, records, log) -> list[dict]:
-    try:
-        import optuna
-    except ImportError:
-        raise ValueError(
-            "method = 'optuna' needs optuna: pip install optuna (or use grid / random)"
-        ) from None
-    dists = {
-        n: optuna.distributions.CategoricalDistribution(p.values)
-        if p.values is not None
-        else optuna.distributions.FloatDistribution(p.low, p.high, log=p.log)
-        for n, p in space.params.items()
-    }
-    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=space.seed))
-    for r in records:  # resume: the table's trials teach the sampler
-        if r["status"] == "ok":
-            params = {n: r["values"][n] for n in dists}
-            study.add_trial(
-                optuna.trial.create_trial(params=params, distributions=dists, value=r["objective"])
-            )
-    done = list(records)
-    log(f"search: optuna, {len(done)} of {space.trials} trials already in {out / 'trials.jsonl'}")
-    with ProcessPoolExecutor(space.parallel, mp_context=get_context("spawn")) as pool:
-        while len(done) < space.trials:
-            batch = [study.ask(dists) for _ in range(min(space.parallel, space.trials - len(done)))]
-            futures = [
-                pool.submit(
-                    run_trial,
-                    raw,
-                    len(done) + k,
-                    full_values(space, t.params),
-                    str(out),
-                    data_path,
-                    space.threads_per_trial,
-                )
-                for k, t in enumerate(batch)
-            ]
-            for t, f in zip(batch, futures, strict=True):
-                record = f.result()
-                append_record(out / "trials.jsonl", record)
-                study.tell(t, record["objective"] if record["status"] == "ok" else float("inf"))
-                done.append(record)
-                log(f"trial {record['trial']}: {record['status']} objective {record['objective']:.4f}")
-    return done
-
-
-# ----- results -----
-
-
-def best_record(records: list[dict]) -> dict:
-    ok = [r for r in records if r["status"] == "ok" and math.isfinite(r["objective"])]
-    if not ok:
-        raise ValueError("no trial finished with a finite objective (every one diverged?)")
-    return min(ok, key=lambda r: r["objective"])
-
-
-def best_config(raw: dict, record: dict) -> dict:
-    """The best set as TOML tables: [mup] and [model] values and the proxy width they were found at."""
-    values = {**hyperparams_of(raw), **record["values"]}
-    return {
-        "proxy_width": base_width(raw) if raw["model"].get("use_mup") else raw["model"]["hidden_size"],
-        "use_mup": bool(raw["model"].get("use_mup", False)),
-        "objective": record["objective"],
-        "trial": record["trial"],
-        "mup": {n: values[n] for n, table in SEARCHED.items() if table == "mup"},
-        "model": {n: values[n] for n, table in SEARCHED.items() if table == "model"},
-    }
-
-
-def write_results(raw: dict, records: list[dict], out: Path, config_path: str) -> dict:
-    """best.toml, trials.csv, search.md and search.png in `out`; returns the best set."""
-    best = best_config(raw, best_record(records))
-    (out / "best.toml").write_text(
-        f"# Best of {len(records)} trials on {config_path} (teleflm mup search)\n" + to_toml(best)
-    )
-    write_csv(records, out / "trials.csv")
-    searched = [n for n in SEARCHED if len({r["values"].get(n) for r in records}) > 1]
-    _plot(records, searched, out / "search.png")
-    lines = [
-        "# muP hyper-parameter search",
-        "",
-        f"Proxy `{config_path}` (width {best['proxy_width']:g}), {len(records)} trials, objective: held-out "
-        "loss (lower is better). Full table: `trials.csv`.",
-        "",
-        "| rank | " + " | ".join(searched) + " | objective | status |",
-        "|---" * (len(searched) + 3) + "|",
-    ]
-    ranked = sorted(records, key=lambda r: (r["status"] != "ok", r["objective"]))
-    for k, r in enumerate(ranked[:20], 1):
-        cells = " | ".join(f"{r['values'][n]:.3g}" for n in searched)
-        lines.append(f"| {k} | {cells} | {r['objective']:.4f} | {r['status']} |")
-    lines += [
-        "",
-        "Best set (`best.toml`):",
-        "",
-        "```toml",
-        to_toml(best).strip(),
-        "```",
-        "",
-        "![search](search.png)",
-        "",
-    ]
-    (out / "search.md").write_text("\n".join(lines))
-    return best
-
-
-def _plot(records: list[dict], searched: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in records if r["status"] == "ok"]
-    names = searched or ["lr"]
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
-    for ax, n in zip(axes[0], names, strict=True):
-        ax.scatter([r["values"].get(n, math.nan) for r in ok], [r["objective"] for r in ok], s=12)
-        ax.set_xscale("log")
-        ax.set_xlabel(n)
-        ax.set_ylabel("objective")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def transfer(best: dict, target: dict) -> dict:
-    """The target config with the best set: under muP the searched values carry over unchanged and
-    only mup_scale_factor changes, to the target's width over the proxy's."""
-    if not best.get("use_mup", False):
-        raise ValueError("the best set was searched without muP: its values do not transfer across widths")
-    model = target.get("model", {})
-    if not model.get("use_mup", False):
-        raise ValueError("the target config has model.use_mup = false: muP transfer needs use_mup = true")
-    proxy_width = float(best["proxy_width"])
-    out = with_hyperparams(target, {**best["mup"], **best["model"]})
-    out["model"]["mup_scale_factor"] = model["hidden_size"] / proxy_width
-    return out
-
-
-def transfer_report(best: dict, transferred: dict, path: Path) -> Path:
-    """`path` (Markdown) and a PNG beside it: what each parameter class gets at the proxy and at the
-    target (effective AdamW lr, init std) and the logit scale, i.e. what muP changed and what it kept."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-
-    from teleflm.model import TeleFLMConfig, TeleFLMForCausalLM
-    from teleflm.mup import MupHyperParams, init_std, param_class, param_groups
-
-    hp = MupHyperParams(
-        **{k: v for k, v in transferred["mup"].items() if k in MupHyperParams.__dataclass_fields__}
-    )
-
-    def effective(model_fields: dict) -> dict:
-        config = TeleFLMConfig(**model_fields)
-        with torch.device("meta"):
-            model = TeleFLMForCausalLM(config)
-        lr = {g["mup_class"]: g["lr"] for g in param_groups(model, config, hp)}
-        std = {}
-        for name, _ in model.named_parameters():  # first of each class: q_proj for matrices
-            std.setdefault(param_class(name), init_std(name, config, hp))
-        return {"width": config.hidden_size, "lr": lr, "std": std, "logit_scale": config.logit_scale}
-
-    # Per-class settings depend on the width alone, so one head stands in for the proxy's heads.
-    proxy_fields = {**transferred["model"], **best["model"], "hidden_size": int(best["proxy_width"])}
-    proxy_fields.update(mup_scale_factor=1.0, num_attention_heads=1, num_key_value_heads=1)
-    at = {"proxy": effective(proxy_fields), "target": effective(transferred["model"])}
-    classes = sorted(at["target"]["lr"])
-    rows = [
-        f"| {kind} | {at['proxy']['lr'][kind]:.3g} | {at['target']['lr'][kind]:.3g} | "
-        f"{at['proxy']['std'].get(kind) or 1:.3g} | {at['target']['std'].get(kind) or 1:.3g} |"
-        for kind in classes
-    ]
-    text = "\n".join(
-        [
-            "# muP transfer",
-            "",
-            f"Proxy width {at['proxy']['width']} -> target width {at['target']['width']} "
-            f"(mup_scale_factor {transferred['model']['mup_scale_factor']:g}). The searched values are copied "
-            "unchanged; muP's rules turn them into these per-class settings:",
-            "",
-            "| class | lr at proxy | lr at target | init std at proxy | init std at target |",
-            "|---|---|---|---|---|",
-            *rows,
-            "",
-            f"Logit scale (output_mult / mup_scale_factor): {at['proxy']['logit_scale']:.4g} at the proxy, "
-            f"{at['target']['logit_scale']:.4g} at the target.",
-            "",
-            f"![transfer]({path.with_suffix('.png').name})",
-            "",
-        ]
-    )
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    for ax, key in zip(axes, ("lr", "std"), strict=True):
-        for i, side in enumerate(("proxy", "target")):
-            values = [at[side][key].get(kind) or 1.0 for kind in classes]
-            ax.bar(
-                [x + 0.4 * i for x in range(len(classes))],
-                values,
-                0.4,
-                label=f"{side} (width {at[side]['width']})",
-            )
-        ax.set_xticks([x + 0.2 for x in range(len(classes))], classes)
-        ax.set_yscale("log")
-        ax.set_title("AdamW lr" if key == "lr" else "init std")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=100)
-    plt.close(fig)
-    path.write_text(text)
-    return path
+    url = storage_url(out, storage)
+    study = open_study(url, study_name, space, heartbeat_s)  # created here, before the workers start
+    log(f"search: study {study_name!r} in {url}, {len(records(study))} trials finished so far")
+    if space.parallel == 1:
+        run_worker(raw, space, str(out), url, study_name, data_path, heartbeat_s, log)
+    else:
+        context = get_context("spawn")
+        args = (raw, space, str(out), url, study_name, data_path, heartbeat_s)
+        workers = [context.Process(target=_worker_process, args=args) for _ in range(space.parallel)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        failed = [w.exitcode for w in workers if w.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(workers)} search workers failed (exit codes {failed})")
+    return records(study)

@@ -1,6 +1,5 @@
 """Hyper-parameter search: resumable table, best set, and muP transfer to a wider config."""
 
-import json
 import signal
 import subprocess
 import sys
@@ -11,8 +10,10 @@ import numpy as np
 import pytest
 
 from teleflm.cli.main import main
+from teleflm.mup.report import write_results
 from teleflm.mup.runs import to_toml
-from teleflm.mup.search import load_space, planned_trials, read_table, search, transfer, write_results
+from teleflm.mup.search import load_space, planned_trials, search
+from teleflm.mup.transfer import transfer
 from tests.train.common import CONTEXT, pattern_sequences
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,70 +78,105 @@ def test_bad_space_is_refused(tmp_path):
         load_space(tmp_path / "s.toml")
 
 
-def test_interrupted_table_resumes_without_redoing_trials(setup):
+def quiet(_):
+    pass
+
+
+def study_trials(out: Path):
+    import optuna
+
+    return optuna.load_study(
+        storage=f"sqlite:///{(out / 'study.db').resolve()}", study_name="teleflm-search"
+    ).trials
+
+
+def test_search_records_every_trial_once_and_resumes_without_redoing(setup):
     space = load_space(setup / "space.toml")
     raw = tomllib.loads((setup / "proxy.toml").read_text())
     out = setup / "search"
-    first = search(raw, space, out, str(setup / "seqs.npy"), log=lambda _: None)
+    first = search(raw, space, out, str(setup / "seqs.npy"), log=quiet)
     assert [r["trial"] for r in first] == list(range(4))
-    # Keep two finished trials and cut the third line half-way, as a kill during a write would.
-    table = out / "trials.jsonl"
-    lines = table.read_text().splitlines(keepends=True)
-    table.write_text("".join(lines[:2]) + lines[2][:25])
+    assert [r["values"] for r in first] == planned_trials(space)
     messages = []
-    resumed = search(raw, space, out, str(setup / "seqs.npy"), log=messages.append)
-    assert "2 already in" in messages[0] and "2 to run" in messages[0]
-    assert len(read_table(table)) == 4
-    assert [json.loads(line) for line in lines[:2]] == [
-        r for r in resumed if r["trial"] in {json.loads(line)["trial"] for line in lines[:2]}
-    ]  # untouched, not re-run
-    # The loss itself is reproducible: re-run trials score as in the first search.
-    assert [r["objective"] for r in resumed] == pytest.approx([r["objective"] for r in first], rel=1e-4)
-    best = write_results(raw, resumed, out, "proxy.toml")
-    assert best["objective"] == min(r["objective"] for r in resumed)
+    again = search(raw, space, out, str(setup / "seqs.npy"), log=messages.append)
+    assert "4 trials finished so far" in messages[0] and len(messages) == 1  # nothing ran again
+    assert again == first and len(study_trials(out)) == 4
+    best = write_results(raw, again, out, "proxy.toml")
+    assert best["objective"] == min(r["objective"] for r in again)
     assert tomllib.loads((out / "best.toml").read_text())["mup"]["lr"] == best["mup"]["lr"]
     assert (out / "search.md").exists() and (out / "search.png").exists() and (out / "trials.csv").exists()
 
+    # Another space against the same study is refused, not mixed in.
+    other = load_space(setup / "space.toml")
+    other.params["lr"].values = [1e-3, 3e-2]
+    with pytest.raises(ValueError, match="holds another search"):
+        search(raw, other, out, str(setup / "seqs.npy"), log=quiet)
 
-# The search CLI in a process that SIGKILLs its own process group (itself and its trial workers) right
-# after the second trial record is on disk: the kill lands at that point, whatever the timing.
-KILL_AFTER_TWO_RECORDS = """
+
+def test_two_workers_share_one_study(setup):
+    """Two worker processes (one thread each) on one SQLite study: every planned trial runs exactly
+    once, and the search finds what one worker finds."""
+    space = load_space(setup / "space.toml")
+    raw = tomllib.loads((setup / "proxy.toml").read_text())
+    one = search(raw, space, setup / "one", str(setup / "seqs.npy"), log=quiet)
+    space.parallel = 2
+    two = search(raw, space, setup / "two", str(setup / "seqs.npy"), log=quiet)
+    trials = study_trials(setup / "two")
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert sorted(t.user_attrs["plan_index"] for t in complete) == [0, 1, 2, 3]  # none twice
+    assert len({t.system_attrs["teleflm_worker"]["pid"] for t in complete}) == 2  # both worked
+    assert [r["values"] for r in two] == [r["values"] for r in one]
+    assert [r["objective"] for r in two] == pytest.approx([r["objective"] for r in one], rel=1e-4)
+    assert min(two, key=lambda r: r["objective"])["trial"] == min(one, key=lambda r: r["objective"])["trial"]
+
+
+# A worker process that SIGKILLs itself when it starts its second trial (after claiming it): a worker
+# dead mid-trial, at that point whatever the timing.
+KILL_IN_SECOND_TRIAL = """
 import os, signal, sys
 import teleflm.mup.search as search
 
-append, written = search.append_record, []
+real, calls = search.scored_run, []
 
-def append_then_die(path, record):
-    append(path, record)
-    written.append(record)
-    if len(written) == 2:
-        os.killpg(0, signal.SIGKILL)
+def die_in_second(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
 
-search.append_record = append_then_die
+search.scored_run = die_in_second
 from teleflm.cli.main import main
 main(sys.argv[1:])
 """
 
 
-def test_killed_search_picks_up_where_it_stopped(setup):
+def test_a_worker_killed_mid_trial_is_taken_over(setup):
     out = setup / "search"
     args = ["mup", "search", "--config", str(setup / "proxy.toml"), "--space", str(setup / "space.toml")]
-    args += ["--out", str(out), "--sequences", str(setup / "seqs.npy"), "--parallel", "2"]
+    args += ["--out", str(out), "--sequences", str(setup / "seqs.npy"), "--parallel", "1"]
     proc = subprocess.run(
-        [sys.executable, "-c", KILL_AFTER_TWO_RECORDS, *args],
-        cwd=REPO,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        timeout=300,
+        [sys.executable, "-c", KILL_IN_SECOND_TRIAL, *args], cwd=REPO, stdout=subprocess.DEVNULL, timeout=300
     )
     assert proc.returncode == -signal.SIGKILL
-    done_before = read_table(out / "trials.jsonl")
-    assert len(done_before) == 2
-    assert main(args) == 0
-    records = read_table(out / "trials.jsonl")
-    assert sorted(r["trial"] for r in records) == list(range(4))  # each trial exactly once
-    assert records[:2] == done_before
+    states = [t.state.name for t in study_trials(out)]
+    assert states == ["COMPLETE", "RUNNING", "WAITING", "WAITING"]  # trial 1 held by a dead worker
+    assert main(args) == 0  # another worker: it fails the dead one's trial, queues it again, runs all
+    trials = study_trials(out)
+    complete = sorted(t.user_attrs["plan_index"] for t in trials if t.state.name == "COMPLETE")
+    assert complete == [0, 1, 2, 3]
+    assert [t.user_attrs["plan_index"] for t in trials if t.state.name == "FAIL"] == [1]
     assert (out / "best.toml").exists()
+
+
+def test_tpe_runs_its_trials(setup):
+    (setup / "tpe.toml").write_text(
+        'method = "tpe"\ntrials = 3\nseed = 1\n[params.lr]\nlow = 1e-3\nhigh = 1e-1\n[derived]\nmatrix_lr = "lr"\n'
+        'min_lr = "0.1 * lr"\n'
+    )
+    raw = tomllib.loads((setup / "proxy.toml").read_text())
+    records = search(raw, load_space(setup / "tpe.toml"), setup / "tpe", str(setup / "seqs.npy"), log=quiet)
+    assert len(records) == 3 and all(1e-3 <= r["values"]["lr"] <= 1e-1 for r in records)
+    assert all(r["values"]["matrix_lr"] == r["values"]["lr"] for r in records)
 
 
 def test_transfer_keeps_values_and_sets_the_width_multiplier(setup, tmp_path):
