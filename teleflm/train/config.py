@@ -69,6 +69,7 @@ class ParallelSection:
     activation_checkpointing: bool = False  # recompute each layer in backward
     compile: bool = False  # torch.compile each decoder layer
     mixed_precision: str = "bf16"  # or "fp32"
+    timeout_s: int = 1800  # a collective waits this long for every rank before the run fails
 
 
 @dataclass
@@ -226,7 +227,7 @@ def validate(cfg: TrainConfig, where: str = "config", world_size: int | None = N
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: [model]: {e}") from None
     p, b, d = cfg.parallel, cfg.batch, cfg.data
-    for name in ("dp_replicate", "tp", "pp"):
+    for name in ("dp_replicate", "tp", "pp", "timeout_s"):
         if getattr(p, name) < 1:
             raise ConfigError(f"{where}: parallel.{name} must be >= 1")
     if p.pp_schedule not in ("1F1B", "GPipe"):

@@ -7,6 +7,7 @@ scheduled learning rate, and checkpoints, evaluations and logs follow at their i
 """
 
 import contextlib
+import datetime
 import os
 import resource
 import time
@@ -97,10 +98,10 @@ class Trainer:
         world_size = int(os.environ.get("WORLD_SIZE", 1))
         validate(cfg, "config", world_size=world_size)
         self.device, backend = device_and_backend()
-        if world_size > 1 and not dist.is_initialized():
-            dist.init_process_group(backend)
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
         p = cfg.parallel
+        if world_size > 1 and not dist.is_initialized():
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=p.timeout_s))
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.dims = ParallelDims(p.dp_replicate, dp_shard_degree(cfg, world_size), p.tp, p.pp)
         self.mesh = build_mesh(self.dims, self.device)
         self.dp_rank = dp_rank(self.mesh, self.dims)
