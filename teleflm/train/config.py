@@ -26,7 +26,7 @@ class MupSection(MupHyperParams):
 class DomainWeightConfig:
     name: str  # a domain of the shards
     proportion: float  # share of training sequences
-    epochs: float = 1.0  # passes over the domain allowed before a warning
+    epochs: float = 1.0  # passes over the domain the run may make (checked before it starts)
 
 
 @dataclass
@@ -37,6 +37,9 @@ class DataSection:
     document_mask: bool = False  # block attention across packed documents
     seed: int = 1234  # order of documents in each epoch
     mixture: list[DomainWeightConfig] = field(default_factory=list)  # empty: the shards' own table
+    repeat_past_epochs: bool = (
+        False  # run (with a warning) even if the budget repeats a domain past its epochs
+    )
 
 
 @dataclass

@@ -174,7 +174,7 @@ class Trainer:
         expected = tokenizer_hash(d.tokenizer) if d.tokenizer else None
         self.shards = open_shards(d.shards, expected_tokenizer_hash=expected)
         mixture = [DomainWeight(m.name, m.proportion, m.epochs) for m in d.mixture] or self.shards.mixture()
-        return MixtureStream(
+        stream = MixtureStream(
             self.shards,
             mixture,
             context_length=d.context_length,
@@ -183,6 +183,8 @@ class Trainer:
             dp_size=self.dims.dp,
             document_mask=d.document_mask,
         )
+        stream.check_budget(self.run_cfg.total_steps() * self.cfg.sequences_per_step(), d.repeat_past_epochs)
+        return stream
 
     def _build_pipeline_schedule(self):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
