@@ -136,6 +136,7 @@ class Trainer:
         self.normalizer = self.sequences_per_rank * cfg.data.context_length
         self.step_targets = cfg.batch.global_batch_tokens  # targets in the global batch
         self.schedule = self._build_pipeline_schedule() if self.dims.pp > 1 else None
+        # bf16 compute: FSDP's MixedPrecisionPolicy when dp > 1, else autocast (pipeline stages too).
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
             if p.mixed_precision == "bf16" and self.dims.dp == 1
@@ -210,7 +211,10 @@ class Trainer:
             losses: list[torch.Tensor] = []
             is_first, is_last = self.pp_rank == 0, self.pp_rank == self.dims.pp - 1
             args = (inputs,) if is_first else ()
-            self.schedule.step(*args, target=targets if is_last else None, losses=losses if is_last else None)
+            with self.autocast:
+                self.schedule.step(
+                    *args, target=targets if is_last else None, losses=losses if is_last else None
+                )
             if not is_last:
                 return torch.zeros((), device=self.device)
             return torch.stack([loss.detach() for loss in losses]).sum() * self.normalizer
