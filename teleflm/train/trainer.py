@@ -285,6 +285,7 @@ class Trainer:
             "tokenizer": self.cfg.data.tokenizer,
             "growth_stage": self.growth_stage,
             "growth_masks": self.growth_masks.state_dict() if self.growth_masks is not None else None,
+            "eval": self.eval_settings(),
         }
 
     def save_checkpoint(self) -> Path:
@@ -324,34 +325,76 @@ class Trainer:
 
     # ----- evaluation -----
 
+    def eval_settings(self) -> dict:
+        """What `evaluate` scores: the first `max_windows` windows of `context_length` tokens of each
+        domain's held-out split (recorded in checkpoints: `teleflm eval bpb` scores the same)."""
+        d = self.cfg.data
+        return {
+            "context_length": d.context_length,
+            "max_windows": self.cfg.logging.eval_sequences,
+            "document_mask": d.document_mask,
+        }
+
+    def eval_logits(self, inputs: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """Logits of a batch as training computes them; under pipeline parallel the activations go
+        stage to stage (in fp32, exact for bf16 ones) and only the last stage returns logits."""
+        mask = causal_document_mask(doc_ids) if doc_ids is not None else None
+        if self.dims.pp == 1:
+            return self.module(input_ids=inputs, attention_mask=mask, use_cache=False).logits
+        first, last = self.pp_rank == 0, self.pp_rank == self.dims.pp - 1
+        if first:
+            h = inputs
+        else:
+            h = torch.empty(*inputs.shape, self.model_config.hidden_size, device=self.device)
+            dist.recv(h, dist.get_global_rank(self.pp_group, self.pp_rank - 1), group=self.pp_group)
+        out = self.module(h)
+        if last:
+            return out
+        dist.send(
+            out.float().contiguous(),
+            dist.get_global_rank(self.pp_group, self.pp_rank + 1),
+            group=self.pp_group,
+        )
+        return None
+
+    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out bits per byte per domain (and their byte-weighted mean as `val.bpb`)."""
-        if self.dims.pp > 1 or getattr(self, "shards", None) is None:
+        """Held-out bits per byte per domain with the documents and bytes scored, and the
+        byte-weighted mean over domains as `val.bpb`; the same on every rank, under every layout.
+        A domain without held-out documents reports 0 documents and no BPB."""
+        if getattr(self, "shards", None) is None:
             return {}
         from teleflm.eval.bpb import bits_per_byte
 
+        e = self.eval_settings()
+        groups = tuple(g for g in (self.dp_group, self.pp_group) if g is not None)
         self.module.eval()
         results, nll_bits, total_bytes = {}, 0.0, 0
         try:
             for domain in self.shards.domains:
                 r = bits_per_byte(
-                    lambda x: self.module(input_ids=x, use_cache=False).logits,
+                    self.eval_logits,
                     self.shards.documents(domain, "val"),
-                    self.cfg.data.context_length,
+                    e["context_length"],
                     self.real_vocab_size,
-                    max_windows=self.cfg.logging.eval_sequences,
+                    max_windows=e["max_windows"],
                     batch_size=self.cfg.batch.micro_batch_size,
                     device=self.device,
                     dp_rank=self.dp_rank,
                     dp_size=self.dims.dp,
-                    dp_group=self.dp_group,
+                    groups=groups,
+                    document_mask=e["document_mask"],
                 )
-                results[f"val.{domain}.bpb"] = r["bpb"]
-                nll_bits += r["bpb"] * r["bytes"]
-                total_bytes += r["bytes"]
+                results[f"val.{domain}.documents"] = r["documents"]
+                results[f"val.{domain}.bytes"] = r["bytes"]
+                if r["bytes"]:
+                    results[f"val.{domain}.bpb"] = r["bpb"]
+                    nll_bits += r["bpb"] * r["bytes"]
+                    total_bytes += r["bytes"]
         finally:
             self.module.train()
-        results["val.bpb"] = nll_bits / max(total_bytes, 1)
+        if total_bytes:
+            results["val.bpb"] = nll_bits / total_bytes
         return results
 
     # ----- the loop -----
