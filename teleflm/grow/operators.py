@@ -7,7 +7,6 @@ those have been widened. Function preservation is the masks' job (teleflm.grow.m
 """
 
 import re
-import zlib
 
 import torch
 
@@ -15,20 +14,28 @@ from teleflm import mup
 from teleflm.grow.plan import GrowthPlan
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_ADAM_KEY = re.compile(r"^(state|param_groups)\.(.+\.weight)\.(\w+)$")  # flattened AdamW state
+_ADAM_KEY = re.compile(r"^(state|param_groups)\.(.+\.(?:weight|bias))\.(\w+)$")  # flattened AdamW state
 
 
 def _arange(n: int) -> torch.Tensor:
     return torch.arange(n)
 
 
+def _leaf(name: str) -> str:
+    """The module of a parameter: `q_proj` of `model.layers.0.self_attn.q_proj.weight`."""
+    return name.rsplit(".", 2)[-2]
+
+
 def slot_maps(name: str, plan: GrowthPlan) -> tuple[torch.Tensor, ...]:
-    """For each dim of parameter `name`, the grown-model indices that its old entries move to."""
+    """For each dim of parameter `name`, the grown-model indices that its old entries move to (a
+    bias moves with its weight's rows)."""
+    if name.endswith(".bias"):
+        return slot_maps(name.removesuffix(".bias") + ".weight", plan)[:1]
     hidden, ffn = _arange(plan.old_hidden), _arange(plan.old_ffn)
     hd = plan.head_dim
     q_rows = torch.cat([torch.arange(p * hd, (p + 1) * hd) for p in plan.q_head_positions])
     kv_rows = _arange(plan.old_kv_heads * hd)
-    leaf = name.rsplit(".", 2)[-2] if name.endswith(".weight") else name
+    leaf = _leaf(name)
     if name.endswith("norm.weight"):
         return (hidden,)
     if leaf in ("embed_tokens", "lm_head"):
@@ -54,20 +61,12 @@ def place(old: torch.Tensor, grown: torch.Tensor, maps: tuple) -> torch.Tensor:
     return grown
 
 
-def fresh_init(name: str, shape: torch.Size, config, hp: mup.MupHyperParams, seed: int) -> torch.Tensor:
-    """A new parameter by the muP rule of the grown config, drawn from a generator seeded by its name
-    (and the growth's seed), so every process and layout grows the very same model."""
-    std = mup.init_std(name, config, hp)
-    if std is None:
-        return torch.ones(shape)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    return torch.randn(shape, generator=gen) * std
-
-
 def grown_shape(name: str, config) -> torch.Size:
+    if name.endswith(".bias"):
+        return grown_shape(name.removesuffix(".bias") + ".weight", config)[:1]
     c = config
     hd = c.head_dim
-    leaf = name.rsplit(".", 2)[-2] if name.endswith(".weight") else name
+    leaf = _leaf(name)
     if name.endswith("norm.weight"):
         return torch.Size([c.hidden_size])
     return torch.Size(
@@ -111,7 +110,7 @@ def grow_weights(
     grown = {}
     for name, old in weights.items():
         new_name = renumber(name, plan)
-        tensor = fresh_init(new_name, grown_shape(new_name, config), config, hp, seed).to(old.dtype)
+        tensor = mup.initial_value(new_name, grown_shape(new_name, config), config, hp, seed).to(old.dtype)
         if name.endswith("lm_head.weight"):
             old = old * plan.readout_rescale
         grown[new_name] = place(old, tensor, slot_maps(name, plan))
@@ -147,7 +146,7 @@ def grow_adam_state(
                 value = value * old_width_mult / new_width_mult
             elif kind == "param_groups" and is_matrix and field == "weight_decay":
                 value = value * new_width_mult / old_width_mult
-            out[kind, field] = value
+            out[kind, field] = _copy(value)  # never an alias of the source optimizer's state
         grown[renumber(name, plan)] = out
     for name, sources in new_layer_names(list(by_name), plan).items():
         grown[name] = {

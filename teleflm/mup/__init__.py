@@ -6,8 +6,10 @@ Without `use_mup` the same functions give standard parametrization: no width sca
 """
 
 import math
+import zlib
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 MATRIX = "matrix"  # hidden-to-hidden weights: q, k, v, o, gate, up, down
@@ -47,7 +49,7 @@ def param_class(name: str) -> str:
 
 
 def init_std(name: str, config, hp: MupHyperParams) -> float | None:
-    """The init std of a parameter (None for norm weights, which start at 1)."""
+    """The init std of a parameter (None for vectors: norm weights start at 1, biases at 0)."""
     kind = param_class(name)
     if kind == VECTOR:
         return None
@@ -57,6 +59,17 @@ def init_std(name: str, config, hp: MupHyperParams) -> float | None:
     if hp.scale_residual_init and name.rsplit(".", 2)[-2] in RESIDUAL_OUTPUTS:
         std /= math.sqrt(2 * config.num_hidden_layers)
     return std
+
+
+def initial_value(name: str, shape, config, hp: MupHyperParams, seed: int) -> torch.Tensor:
+    """A parameter's initial value (fp32): norm weights 1, biases 0, the rest N(0, init_std^2) from
+    a generator seeded by the parameter's name and `seed`, so every process and layout draws the
+    very same tensor (training's init and growth's new entries)."""
+    std = init_std(name, config, hp)
+    if std is None:
+        return torch.ones(shape) if name.endswith("norm.weight") else torch.zeros(shape)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=gen) * std
 
 
 def init_weights(model: nn.Module, config, hp: MupHyperParams) -> None:

@@ -7,7 +7,6 @@ so `torch.distributed.checkpoint` reshards between any two layouts.
 """
 
 import os
-import zlib
 from dataclasses import dataclass
 
 import torch
@@ -185,13 +184,7 @@ def init_weights(module: nn.Module, config, hp: mup.MupHyperParams, seed: int) -
     (one process, FSDP, TP, a pipeline stage) gets the very same values as the unsharded model.
     Each rank draws a parameter's full tensor and keeps its own shard (no communication)."""
     for name, p in module.named_parameters():
-        fqn = model_fqn(name)
-        std = mup.init_std(fqn, config, hp)
-        if std is None:
-            full = torch.ones(p.shape)
-        else:
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(fqn.encode()))
-            full = torch.randn(p.shape, generator=gen) * std
+        full = mup.initial_value(model_fqn(name), p.shape, config, hp, seed)
         if isinstance(p, DTensor):
             local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
             p.to_local().copy_(local)

@@ -82,3 +82,21 @@ def test_mup_bookkeeping_follows_the_width(old_model):
     # New entries follow the muP init of the new width: std matrix_std / sqrt(4).
     fresh = grown.model.layers[0].mlp.up_proj.weight[128:, :]
     assert fresh.std().item() == pytest.approx(HP.matrix_std / 2, rel=0.1)
+
+
+@torch.no_grad()
+def test_attention_biases_grow_with_their_weights(ids):
+    """attention_bias = true: old biases keep their slots (query heads at their planned positions),
+    new entries start at zero, and the grown model computes the old function."""
+    old = trained_like_model(small_config(attention_bias=True))
+    for name, p in old.named_parameters():
+        if name.endswith(".bias"):
+            p.normal_(0.0, 0.3)
+    target, _ = GROWTHS["width x2 + depth x2"]
+    grown, _ = grow_model(old, target)
+    assert (grown(input_ids=ids).logits - old(input_ids=ids).logits).abs().max().item() <= 1e-5
+    old_q, new_q = old.model.layers[1].self_attn.q_proj.bias, grown.model.layers[2].self_attn.q_proj.bias
+    # 4 old heads of 16 dims; 2 query heads per kv head before and after: top-left, new heads zero.
+    assert torch.equal(new_q.view(8, 16)[:4], old_q.view(4, 16)) and not new_q[64:].any()
+    o = grown.model.layers[2].self_attn.o_proj.bias
+    assert torch.equal(o[:64], old.model.layers[1].self_attn.o_proj.bias) and not o[64:].any()
