@@ -69,7 +69,10 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, keep_last
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        for old in sorted(root.glob("step-*[0-9]"))[:-keep_last]:
+        # Saves and growths cut short leave full-size `.tmp` folders that are never loaded.
+        for leftover in root.glob("step-*.tmp"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for old in sorted(root.glob("step-*"))[:-keep_last]:  # grown checkpoints too
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
