@@ -61,15 +61,27 @@ def init_std(name: str, config, hp: MupHyperParams) -> float | None:
     return std
 
 
-def initial_value(name: str, shape, config, hp: MupHyperParams, seed: int) -> torch.Tensor:
-    """A parameter's initial value (fp32): norm weights 1, biases 0, the rest N(0, init_std^2) from
-    a generator seeded by the parameter's name and `seed`, so every process and layout draws the
-    very same tensor (training's init and growth's new entries)."""
+def initial_value(
+    name: str, shape, config, hp: MupHyperParams, seed: int, rows: range | None = None
+) -> torch.Tensor:
+    """A parameter's initial value (fp32), or only `rows` of it (dim 0): norm weights 1, biases 0,
+    the rest N(0, init_std^2). Each row is drawn from its own generator, seeded by the parameter's
+    name, the row and `seed`: every process and layout gets the very same values (training's init
+    and growth's new entries), and a shard is drawn at the cost of its own rows, never the whole
+    tensor."""
+    shape = torch.Size(shape)
+    rows = range(shape[0]) if rows is None else rows
     std = init_std(name, config, hp)
     if std is None:
-        return torch.ones(shape) if name.endswith("norm.weight") else torch.zeros(shape)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    return torch.randn(shape, generator=gen) * std
+        fill = 1.0 if name.endswith("norm.weight") else 0.0
+        return torch.full((len(rows), *shape[1:]), fill)
+    out = torch.empty(len(rows), *shape[1:])
+    gen = torch.Generator()
+    base = seed * 1_000_003 + zlib.crc32(name.encode())
+    for i, row in enumerate(rows):
+        gen.manual_seed((base * 6364136223846793005 + row * 1442695040888963407 + 1) % 2**64)
+        torch.randn(shape[1:], generator=gen, out=out[i])
+    return out.mul_(std)
 
 
 def init_weights(model: nn.Module, config, hp: MupHyperParams) -> None:

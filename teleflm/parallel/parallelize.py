@@ -15,7 +15,8 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from teleflm import mup
@@ -178,18 +179,26 @@ def model_fqn(name: str) -> str:
     return name
 
 
+def local_region(p: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """(this rank's local tensor of `p`, the slices of the full tensor it holds): a DTensor's shard
+    (FSDP, TP or both), or the whole of a plain tensor."""
+    if not isinstance(p, DTensor):
+        return p, tuple(slice(0, n) for n in p.shape)
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return p.to_local(), tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+
+
 @torch.no_grad()
 def init_weights(module: nn.Module, config, hp: mup.MupHyperParams, seed: int) -> None:
-    """Initialise by the muP rules with one generator per parameter, seeded by its name: every layout
-    (one process, FSDP, TP, a pipeline stage) gets the very same values as the unsharded model.
-    Each rank draws a parameter's full tensor and keeps its own shard (no communication)."""
+    """Initialise by the muP rules, every row of a parameter from its own generator seeded by the
+    parameter's name and the row: every layout (one process, FSDP, TP, a pipeline stage) gets the
+    very same values as the unsharded model, and each rank draws only its own shard's rows (no
+    communication, no full tensor)."""
     for name, p in module.named_parameters():
-        full = mup.initial_value(model_fqn(name), p.shape, config, hp, seed)
-        if isinstance(p, DTensor):
-            local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
-            p.to_local().copy_(local)
-        else:
-            p.copy_(full)
+        local, region = local_region(p)
+        if local.numel():
+            rows = range(region[0].start, region[0].stop)
+            local.copy_(mup.initial_value(model_fqn(name), p.shape, config, hp, seed, rows)[:, *region[1:]])
     # Non-persistent buffers (RoPE frequencies) are not parameters: recompute them on the device.
     for m in module.modules():
         if isinstance(m, TeleFLMRotaryEmbedding):

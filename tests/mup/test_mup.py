@@ -164,3 +164,19 @@ def test_initial_values_norms_one_biases_zero_and_every_layout_draws_the_same():
     assert all((params[n] == 1).all() for n in params if n.endswith("norm.weight"))
     q = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(params[q], initial_value(q, params[q].shape, config, hp, seed=3))
+
+
+def test_any_rows_of_an_initial_value_are_those_rows_of_the_whole():
+    """A shard's rows drawn alone equal the same rows of the whole tensor: init and growth draw only
+    their own shard on each rank."""
+    import torch
+
+    from teleflm.mup import MupHyperParams, initial_value
+    from tests.conftest import tiny_config
+
+    config, hp = tiny_config(), MupHyperParams()
+    name = "model.layers.1.mlp.down_proj.weight"
+    whole = initial_value(name, (64, 160), config, hp, seed=5)
+    assert torch.equal(initial_value(name, (64, 160), config, hp, seed=5, rows=range(17, 40)), whole[17:40])
+    assert whole.std().item() == pytest.approx(hp.matrix_std / (2 * 2) ** 0.5, rel=0.05)  # / sqrt(2 L)
+    assert not torch.equal(initial_value(name, (64, 160), config, hp, seed=6), whole)
