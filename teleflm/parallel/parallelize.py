@@ -6,6 +6,7 @@ and FSDP2, in that order (the torchtitan order). Parameter names (FQNs) stay tho
 so `torch.distributed.checkpoint` reshards between any two layouts.
 """
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -49,6 +50,15 @@ def device_and_backend() -> tuple[torch.device, str]:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank), dist.Backend.NCCL
     return torch.device("cpu"), dist.Backend.GLOO
+
+
+def init_distributed(timeout_s: int = 1800) -> torch.device:
+    """Under torchrun (WORLD_SIZE > 1) join the process group, unless already in one, with collectives
+    that fail after `timeout_s` instead of waiting for ever; returns this process's device."""
+    device, backend = device_and_backend()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return device
 
 
 def build_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh | None:
@@ -171,6 +181,18 @@ def parallelize(module: nn.Module, mesh: DeviceMesh | None, dims: ParallelDims, 
     if dims.dp > 1:
         apply_fsdp(module, dp_mesh(mesh, dims), cfg.mixed_precision)
     return module
+
+
+def build_module(model_config, mesh: DeviceMesh | None, dims: ParallelDims, cfg, device) -> nn.Module:
+    """This rank's part of a model under a layout (cfg: the [parallel] section): built on the meta
+    device, its pipeline stage kept, parallelized, then allocated on `device` with its values
+    uninitialised (on the meta device it stays a shape: shards without memory)."""
+    with torch.device("meta"):
+        model = TeleFLMForCausalLM(model_config)
+    pp_rank = mesh["pp"].get_local_rank() if mesh is not None else 0
+    module = pipeline_split(model, pp_rank, dims.pp) if dims.pp > 1 else model
+    module = parallelize(module, mesh, dims, cfg)
+    return module.to_empty(device=device)
 
 
 def model_fqn(name: str) -> str:

@@ -56,7 +56,21 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def save(root: Path, step: int, model, optimizer, trainer_state: dict, keep_last: int) -> Path:
-    final = step_dir(root, step)
+    """Checkpoint `step-N` under `root`; then only the last `keep_last` checkpoints are kept."""
+    final = write(step_dir(root, step), model, optimizer, trainer_state)
+    if _is_rank0():
+        # Saves and growths cut short leave full-size `.tmp` folders that are never loaded.
+        for leftover in root.glob("step-*.tmp"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for old in sorted(root.glob("step-*"))[:-keep_last]:  # grown checkpoints too
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def write(final: Path, model, optimizer, trainer_state: dict) -> Path:
+    """Every rank writes its shards of model and optimizer to `<final>.tmp`; rank 0 adds
+    trainer.json and renames it to `final` once all have finished."""
     tmp = final.with_name(final.name + ".tmp")
     if _is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)
@@ -69,11 +83,6 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, keep_last
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        # Saves and growths cut short leave full-size `.tmp` folders that are never loaded.
-        for leftover in root.glob("step-*.tmp"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        for old in sorted(root.glob("step-*"))[:-keep_last]:  # grown checkpoints too
-            shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 

@@ -7,7 +7,6 @@ scheduled learning rate, and checkpoints, evaluations and logs follow at their i
 """
 
 import contextlib
-import datetime
 import os
 import resource
 import time
@@ -22,16 +21,14 @@ from torch.distributed.tensor import DTensor
 from teleflm import mup
 from teleflm.grow import schedule as growth
 from teleflm.grow.masks import advance_ramp
-from teleflm.model.modeling_teleflm import TeleFLMForCausalLM
 from teleflm.parallel.parallelize import (
     ParallelDims,
     build_mesh,
-    device_and_backend,
+    build_module,
     dp_mesh,
     dp_rank,
+    init_distributed,
     init_weights,
-    parallelize,
-    pipeline_split,
 )
 from teleflm.parallel.plan import flops_per_token
 from teleflm.train import checkpoint
@@ -84,6 +81,15 @@ def grad_norm(params: list[torch.nn.Parameter], pp_group) -> torch.Tensor:
     return square.sqrt()
 
 
+def make_optimizer(module: torch.nn.Module, model_config, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the muP parameter groups of `module` (this rank's part of the model)."""
+    return torch.optim.AdamW(
+        mup.param_groups(module, model_config, cfg.mup),
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+    )
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, stream_factory=None):
         """`stream_factory(dp_rank, dp_size)` replaces the configured data mixture: it returns an object
@@ -97,10 +103,8 @@ class Trainer:
         self.out = Path(cfg.out)
         world_size = int(os.environ.get("WORLD_SIZE", 1))
         validate(cfg, "config", world_size=world_size)
-        self.device, backend = device_and_backend()
+        self.device = init_distributed(cfg.parallel.timeout_s)
         p = cfg.parallel
-        if world_size > 1 and not dist.is_initialized():
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=p.timeout_s))
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.dims = ParallelDims(p.dp_replicate, dp_shard_degree(cfg, world_size), p.tp, p.pp)
         self.mesh = build_mesh(self.dims, self.device)
@@ -111,18 +115,10 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         self.model_config = cfg.model_config()
-        with torch.device("meta"):
-            model = TeleFLMForCausalLM(self.model_config)
-        module = pipeline_split(model, self.pp_rank, self.dims.pp) if self.dims.pp > 1 else model
-        self.module = parallelize(module, self.mesh, self.dims, p)
-        self.module.to_empty(device=self.device)
+        self.module = build_module(self.model_config, self.mesh, self.dims, p, self.device)
         init_weights(self.module, self.model_config, cfg.mup, cfg.seed)
         self.module.train()
-        self.optimizer = torch.optim.AdamW(
-            mup.param_groups(self.module, self.model_config, cfg.mup),
-            betas=(cfg.optim.beta1, cfg.optim.beta2),
-            eps=cfg.optim.eps,
-        )
+        self.optimizer = make_optimizer(self.module, self.model_config, cfg)
         self.params = [q for group in self.optimizer.param_groups for q in group["params"]]
 
         self.real_vocab_size = self._real_vocab_size()
@@ -312,16 +308,14 @@ class Trainer:
             self.stream.load_state_dict(state["stream"])
 
     def grow_checkpoint(self) -> Path:
-        """Stage boundary: the checkpoint of this step (written unless it exists) is grown by rank 0,
-        in one process, into `step-N-grown`, which the next stage's trainer resumes from."""
+        """Stage boundary: the checkpoint of this step (written unless it exists) is grown into
+        `step-N-grown`, which the next stage's trainer resumes from. This stage's model and optimizer
+        are freed first: every rank then holds only its shards of the grown ones."""
         source = checkpoint.step_dir(self.checkpoint_root, self.step)
         if not checkpoint.is_complete(source):
             source = self.save_checkpoint()
-        if self.rank == 0:
-            growth.grow_run_checkpoint(self.run_cfg, self.growth_stage, source)
-        if dist.is_initialized():
-            dist.barrier()
-        return source.with_name(source.name + "-grown")
+        self.module = self.optimizer = self.params = self.schedule = self.growth_masks = None
+        return growth.grow_run_checkpoint(self.run_cfg, self.growth_stage, source)
 
     # ----- evaluation -----
 

@@ -5,7 +5,14 @@ ramp the function moves; at its end the masks come off without a jump."""
 import pytest
 import torch
 
-from tests.grow.common import HP, grow_model, kjv_sequences, small_config, trained_like_model
+from tests.grow.common import (
+    HP,
+    WIDTH_X2_DEPTH_X2,
+    grow_model,
+    kjv_sequences,
+    small_config,
+    trained_like_model,
+)
 
 # Width grows with the heads (head_dim is fixed at hidden / heads, as in every released Tele-FLM).
 GROWTHS = {
@@ -18,16 +25,7 @@ GROWTHS = {
     "layers copied, spread": (dict(num_hidden_layers=4), {}),
     "layers copied at 0 and 3": (dict(num_hidden_layers=4), dict(layers_at=[0, 3])),
     "layers interpolated": (dict(num_hidden_layers=5), dict(layers_at=[1, 2, 4], layer_init="interpolate")),
-    "width x2 + depth x2": (
-        dict(
-            hidden_size=128,
-            intermediate_size=256,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            num_hidden_layers=4,
-        ),
-        {},
-    ),
+    "width x2 + depth x2": (WIDTH_X2_DEPTH_X2, {}),
 }
 
 
