@@ -14,7 +14,7 @@ import torch
 from bench.bench_mup import base_config, kjv_sequences
 from teleflm.mup.runs import RunData, at_width, parameter_count, scored_run
 from teleflm.scaling.fit import FitError
-from teleflm.scaling.ladder import Rung, forecast, write_report
+from teleflm.scaling.ladder import Rung, forecast, interval_text, write_report
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
             )
     target = parameter_count(at_width(base_config(args.steps), 512, head_dim=16)["model"])
     try:
-        result = forecast(rungs, float(target), "width 512")
+        result = forecast(rungs, float(target), "width 512", "held-out loss (nats per token)")
     except FitError as e:
         print(f"no prediction: {e}")
         return
@@ -53,13 +53,11 @@ def main() -> None:
         f"fit on all rungs: L = {result.target.law.a:.4g} N^{result.target.law.b:.4f} + {result.target.law.c:.4f}"
     )
     print(
-        f"held-out largest rung (width {widths[-1]}): predicted {h.loss:.4f} [{h.low:.4f}, {h.high:.4f}], "
+        f"held-out largest rung (width {widths[-1]}): predicted {h.loss:.4f} ({interval_text(h)}), "
         f"measured {rungs[-1].loss:.4f}, error {result.held_out_error:+.2%} "
         f"({'within' if abs(result.held_out_error) <= 0.02 else 'outside'} 2%)"
     )
-    print(
-        f"forecast width 512 (N = {target:,}): {result.target.loss:.4f} [{result.target.low:.4f}, {result.target.high:.4f}]"
-    )
+    print(f"forecast width 512 (N = {target:,}): {result.target.loss:.4f} ({interval_text(result.target)})")
     print(f"report: {write_report(result, Path(args.report), 'bench_predict', 'non-embedding')}")
 
 

@@ -13,7 +13,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn, args, queue) -> None:
+def _worker(rank: int, world_size: int, port: int, fn, args, queue, init: bool) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -27,7 +27,8 @@ def _worker(rank: int, world_size: int, port: int, fn, args, queue) -> None:
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if init:
+            dist.init_process_group("gloo", rank=rank, world_size=world_size)
         queue.put((rank, "ok", fn(*args)))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
@@ -36,14 +37,16 @@ def _worker(rank: int, world_size: int, port: int, fn, args, queue) -> None:
             dist.destroy_process_group()
 
 
-def run_ranks(world_size: int, fn, *args, timeout: float = 300) -> list:
-    """Call `fn(*args)` on every rank of a fresh gloo process group; return the ranks' results in
-    rank order, or raise with the failing rank's traceback."""
+def run_ranks(world_size: int, fn, *args, timeout: float = 300, init: bool = True) -> list:
+    """Call `fn(*args)` on every rank of a fresh gloo process group (with `init=False`, in torchrun's
+    environment before any group: `fn` makes it); return the ranks' results in rank order, or raise
+    with the failing rank's traceback."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, init))
+        for r in range(world_size)
     ]
     for p in procs:
         p.start()

@@ -1,4 +1,5 @@
-"""`teleflm data prepare` (raw text -> token shards) and `teleflm data inspect` (what a shards folder holds)."""
+"""`teleflm data prepare` (raw text -> token shards), `teleflm data inspect` (what a shards folder holds)
+and `teleflm data verify` (every file's sha256 against the manifest)."""
 
 from pathlib import Path
 
@@ -21,11 +22,12 @@ def add_parser(sub) -> None:
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(func=run_prepare)
 
-    inspect = actions.add_parser("inspect", help="verify a shards folder and print its domains")
-    inspect.add_argument("shards", type=Path)
-    inspect.add_argument("--tokenizer", type=Path, help="refuse shards made by another tokenizer")
-    inspect.add_argument("--no-verify", action="store_true", help="check sizes only, not checksums")
-    inspect.set_defaults(func=run_inspect)
+    inspect = actions.add_parser("inspect", help="print a shards folder's domains (file sizes checked)")
+    verify = actions.add_parser("verify", help="hash every shard file against the manifest (reads all data)")
+    for p, func in ((inspect, run_inspect), (verify, run_verify)):
+        p.add_argument("shards", type=Path)
+        p.add_argument("--tokenizer", type=Path, help="refuse shards made by another tokenizer")
+        p.set_defaults(func=func)
 
 
 def run_prepare(args) -> int:
@@ -43,12 +45,25 @@ def run_prepare(args) -> int:
     return 0
 
 
-def run_inspect(args) -> int:
+def _open(args):
     from teleflm.data.shards import open_shards
     from teleflm.data.tokenizer import tokenizer_hash
 
     expected = tokenizer_hash(args.tokenizer) if args.tokenizer else None
-    shards = open_shards(args.shards, expected_tokenizer_hash=expected, verify=not args.no_verify)
+    return open_shards(args.shards, expected_tokenizer_hash=expected)
+
+
+def run_verify(args) -> int:
+    from teleflm.data.shards import verify_shards
+
+    shards = _open(args)
+    verify_shards(shards)
+    print(f"{args.shards}: every file matches its sha256 in the manifest")
+    return 0
+
+
+def run_inspect(args) -> int:
+    shards = _open(args)
     m = shards.manifest
     print(
         f"{args.shards}: tokenizer sha256 {m['tokenizer_hash']}, {m['dtype']}, vocabulary {m['vocab_size']}"

@@ -129,7 +129,7 @@ def run(args) -> int:
     )
     trainer = Trainer(cfg)
     result = trainer.run()
-    model_bpb = {k.split(".")[1]: v for k, v in result.items() if k.startswith("val.") and k.count(".") == 2}
+    model_bpb = {k.split(".")[1]: v for k, v in result.items() if k.count(".") == 2 and k.endswith(".bpb")}
 
     stage("5/6 bits per byte on held-out text, beside xz -9 and gzip -9")
     figures = held_out_figures(trainer, model_bpb)

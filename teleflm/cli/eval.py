@@ -1,6 +1,7 @@
 """`teleflm eval bpb`: held-out bits per byte per domain of a checkpoint or an export;
 `teleflm eval harness`: lm-evaluation-harness on local tasks, with BPB in the same report."""
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -16,10 +17,21 @@ def add_parser(sub) -> None:
     bpb.add_argument("--data", required=True, help="shards folder made by `teleflm data prepare`")
     bpb.add_argument("--split", default="val")
     bpb.add_argument(
-        "--context-length", type=int, default=0, help="default: the model's max positions, at most 1024"
+        "--context-length",
+        type=int,
+        default=0,
+        help="default: a checkpoint's training context, else the model's max positions, at most 1024",
     )
     bpb.add_argument(
-        "--max-windows", type=int, default=64, help="windows of context-length tokens per domain"
+        "--max-windows",
+        type=int,
+        default=0,
+        help="windows of context-length tokens per domain (default: a checkpoint's eval_sequences, else 64)",
+    )
+    bpb.add_argument(
+        "--document-mask",
+        action=argparse.BooleanOptionalAction,
+        help="attend within documents only (default: as a checkpoint's run trained, else off)",
     )
     bpb.add_argument("--batch-size", type=int, default=8)
     bpb.add_argument("--json", type=Path, help="also write the results here")
@@ -45,45 +57,81 @@ def add_parser(sub) -> None:
     harness.set_defaults(func=run_harness)
 
 
+def eval_defaults(model_path, model) -> dict:
+    """What a run's own evaluation scored (a checkpoint records it), else context = the model's max
+    positions (at most 1024), 64 windows, no document mask."""
+    from teleflm.train.checkpoint import TRAINER_STATE
+
+    state = Path(model_path) / TRAINER_STATE
+    recorded = json.loads(state.read_text()).get("eval") if state.is_file() else None
+    fallback = {
+        "context_length": min(model.config.max_position_embeddings, 1024),
+        "max_windows": 64,
+        "document_mask": False,
+    }
+    return recorded or fallback
+
+
 def bpb_by_domain(
-    model_path, data, split="val", context_length=0, max_windows=64, batch_size=8
+    model_path, data, split="val", context_length=0, max_windows=0, batch_size=8, document_mask=None
 ) -> tuple[dict, float]:
-    """(per-domain BPB results, byte-weighted BPB over all domains), printed as they come."""
+    """(per-domain BPB results, byte-weighted BPB over all domains), printed as they come with the
+    documents and bytes scored: the first documents of each domain's split that fill the windows."""
     from teleflm.cli.common import load_model_any
     from teleflm.data.shards import open_shards
     from teleflm.data.tokenizer import load_tokenizer, tokenizer_hash
     from teleflm.eval.bpb import bits_per_byte
+    from teleflm.train.trainer import causal_document_mask
 
     model, _, tokenizer_dir = load_model_any(model_path)
     if tokenizer_dir is None:
         raise ValueError(f"{model_path} names no tokenizer: BPB needs the one the shards were made with")
     shards = open_shards(data, expected_tokenizer_hash=tokenizer_hash(tokenizer_dir))
-    device = model.device
-    context = context_length or min(model.config.max_position_embeddings, 1024)
+    defaults = eval_defaults(model_path, model)
+    context = context_length or defaults["context_length"]
+    windows = max_windows or defaults["max_windows"]
+    masked = defaults["document_mask"] if document_mask is None else document_mask
     real_vocab = len(load_tokenizer(tokenizer_dir))
+
+    def logits(x, doc_ids):
+        mask = causal_document_mask(doc_ids) if doc_ids is not None else None
+        return model(input_ids=x, attention_mask=mask, use_cache=False).logits
+
+    print(f"{split} split: the first documents of each domain filling {windows} windows of {context} tokens")
     results, bits, n_bytes = {}, 0.0, 0
     for domain in shards.domains:
         r = bits_per_byte(
-            lambda x: model(input_ids=x, use_cache=False).logits,
+            logits,
             shards.documents(domain, split),
             context,
             real_vocab,
-            max_windows=max_windows,
+            max_windows=windows,
             batch_size=batch_size,
-            device=device,
+            device=model.device,
+            document_mask=masked,
         )
         results[domain] = r
-        bits += r["bpb"] * r["bytes"]
-        n_bytes += r["bytes"]
-        print(f"{domain:24s} {r['bpb']:.4f} bits/byte  ({r['tokens']} tokens, {r['bytes']} bytes)")
-    overall = bits / max(n_bytes, 1)
-    print(f"{'all':24s} {overall:.4f} bits/byte")
+        if r["bytes"]:
+            bits += r["bpb"] * r["bytes"]
+            n_bytes += r["bytes"]
+        print(
+            f"{domain:24s} {r['bpb']:.4f} bits/byte  ({r['documents']} documents, {r['tokens']} tokens, "
+            f"{r['bytes']} bytes)"
+        )
+    overall = bits / n_bytes if n_bytes else math.nan
+    print(f"{'all':24s} {overall:.4f} bits/byte  ({n_bytes} bytes)")
     return results, overall
 
 
 def run_bpb(args) -> int:
     results, overall = bpb_by_domain(
-        args.model, args.data, args.split, args.context_length, args.max_windows, args.batch_size
+        args.model,
+        args.data,
+        args.split,
+        args.context_length,
+        args.max_windows,
+        args.batch_size,
+        args.document_mask,
     )
     if args.json:
         args.json.write_text(json.dumps({"domains": results, "bpb": overall}, indent=1))

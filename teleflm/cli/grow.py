@@ -1,5 +1,6 @@
 """`teleflm grow --from CKPT --to CONFIG [--ramp-steps N]`: grow a training checkpoint (MSG) into a new
-one that `teleflm pretrain --config CONFIG` resumes from."""
+one that `teleflm pretrain --config CONFIG` resumes from; in one process, or sharded over the ranks of
+`torchrun --nproc-per-node N -m teleflm.cli.main grow ...`."""
 
 from pathlib import Path
 
@@ -31,19 +32,23 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    import torch.distributed as dist
+
     from teleflm.grow.checkpoint import grow_checkpoint, plan_for_checkpoint
+    from teleflm.parallel.parallelize import init_distributed
     from teleflm.train.config import load_config
 
     cfg = load_config(args.config)
+    init_distributed(cfg.parallel.timeout_s)
     source = Path(args.source)
     target = Path(args.out) if args.out else Path(cfg.out) / "checkpoints" / f"{source.name}-grown"
     # Validate before anything is written (grow_checkpoint checks again, with the tensors).
     new_config, plan = plan_for_checkpoint(source, cfg.model, args.layers_at, args.layer_init)
     if target.exists():
         raise FileExistsError(f"{target} exists; remove it or choose another --out")
-    grow_checkpoint(
-        source, target, cfg.model, cfg.mup, args.ramp_steps, args.layers_at, args.layer_init, seed=cfg.seed
-    )
+    grow_checkpoint(source, target, cfg, args.ramp_steps, args.layers_at, args.layer_init, seed=cfg.seed)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0
     print(
         f"grew {source} -> {target}: hidden {plan.old_hidden}->{plan.new_hidden}, "
         f"ffn {plan.old_ffn}->{plan.new_ffn}, heads {plan.old_heads}->{plan.new_heads} "

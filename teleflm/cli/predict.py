@@ -20,6 +20,7 @@ def run(args) -> int:
         describe,
         forecast,
         load_ladder,
+        metric_name,
         run_ladder,
         target_params,
         write_report,
@@ -34,7 +35,7 @@ def run(args) -> int:
     ):
         print("warning: the target's depth differs from the ladder's; muScaling varies width only")
     rungs = run_ladder(spec)
-    result = forecast(rungs, n_target, Path(args.target).stem)
+    result = forecast(rungs, n_target, Path(args.target).stem, metric_name(spec))
     what = "non-embedding" if spec.non_embedding else "total"
     report = write_report(result, Path(args.report) if args.report else spec.out, args.ladder, what)
     print(describe(result))

@@ -153,10 +153,11 @@ def read_manifest(root: Path) -> dict:
     return manifest
 
 
-def open_shards(root: str | Path, expected_tokenizer_hash: str | None = None, verify: bool = True) -> Shards:
+def open_shards(root: str | Path, expected_tokenizer_hash: str | None = None) -> Shards:
     """Open a shards folder made by `teleflm data prepare`. Refuses an unfinished one and shards of
-    another tokenizer than `expected_tokenizer_hash`; checks every file's size (a truncated file is
-    refused) and, when `verify`, its sha256 (an altered one is refused)."""
+    another tokenizer than `expected_tokenizer_hash`, and checks that every file exists with the size
+    the manifest records (a truncated file is refused). Checksums are not read here: hashing terabytes
+    at every start would take hours; `verify_shards` (`teleflm data verify`) does it on demand."""
     root = Path(root)
     manifest = read_manifest(root)
     if not manifest.get("complete"):
@@ -168,20 +169,30 @@ def open_shards(root: str | Path, expected_tokenizer_hash: str | None = None, ve
             f"{root} was made with another tokenizer: its tokenizer.json sha256 is {manifest['tokenizer_hash']}, "
             f"the configured tokenizer's is {expected_tokenizer_hash}; re-run `teleflm data prepare` with it"
         )
+    for path, info, kind in _shard_files(root, manifest):
+        if not path.is_file():
+            raise ShardError(f"shard {path} is missing")
+        if path.stat().st_size != info["sizes"][kind]:
+            raise ShardError(
+                f"shard {path} has {path.stat().st_size} bytes, the manifest says {info['sizes'][kind]}: "
+                "truncated or altered"
+            )
+    return Shards(root, manifest)
+
+
+def _shard_files(root: Path, manifest: dict) -> Iterator[tuple[Path, dict, str]]:
+    """(path, manifest entry of its split, kind) of every file the manifest lists."""
     for domain, entry in manifest["domains"].items():
         for split in SPLITS:
-            info = entry["splits"][split]
             for kind in KINDS:
-                path = root / domain / f"{split}.{kind}"
-                if not path.is_file():
-                    raise ShardError(f"shard {path} is missing")
-                if path.stat().st_size != info["sizes"][kind]:
-                    raise ShardError(
-                        f"shard {path} has {path.stat().st_size} bytes, the manifest says {info['sizes'][kind]}: "
-                        "truncated or altered"
-                    )
-                if verify and file_sha256(path) != info["sha256"][kind]:
-                    raise ShardError(
-                        f"shard {path}: checksum mismatch with {root / MANIFEST}: the file was altered or damaged"
-                    )
-    return Shards(root, manifest)
+                yield root / domain / f"{split}.{kind}", entry["splits"][split], kind
+
+
+def verify_shards(shards: Shards) -> None:
+    """Hash every file of an opened shards folder against its manifest (a full read of the data);
+    raises ShardError naming the first altered file."""
+    for path, info, kind in _shard_files(shards.root, shards.manifest):
+        if file_sha256(path) != info["sha256"][kind]:
+            raise ShardError(
+                f"shard {path}: checksum mismatch with {shards.root / MANIFEST}: the file was altered or damaged"
+            )

@@ -25,3 +25,34 @@ class ArrayStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.consumed = state["consumed"]
+
+
+def write_synthetic_shards(
+    root, domains: dict[str, int], mean_tokens: int = 8, vocab_size: int = 1000, seed: int = 0
+):
+    """A complete shards folder of random documents, `domains[name]` of them per domain (train split;
+    val gets a tenth as many), lengths 1 .. 2 * mean_tokens - 1: a corpus of any size for tests and
+    benchmarks of the stream, written in bounded memory. Returns the opened Shards."""
+    import json
+    from pathlib import Path
+
+    from teleflm.data.shards import FORMAT_VERSION, MANIFEST, SPLITS, SplitWriter, open_shards, token_dtype
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    dtype = token_dtype(vocab_size)
+    manifest = {"format": FORMAT_VERSION, "tokenizer_hash": "synthetic", "vocab_size": vocab_size}
+    manifest |= {"dtype": dtype.name, "domains": {}, "complete": True}
+    for name, n_docs in domains.items():
+        (root / name).mkdir(parents=True)
+        splits = {}
+        for split, n in zip(SPLITS, (n_docs, n_docs // 10), strict=True):
+            writer = SplitWriter(root / name, split, dtype)
+            for start in range(0, n, 1 << 20):
+                lengths = rng.integers(1, 2 * mean_tokens, min(1 << 20, n - start))
+                tokens = rng.integers(4, vocab_size, int(lengths.sum()))
+                writer.add(tokens, lengths, lengths * 4)
+            splits[split] = writer.close()
+        manifest["domains"][name] = {"proportion": 1.0, "epochs": 1.0, "splits": splits}
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    return open_shards(root)

@@ -2,7 +2,9 @@
 
 Documents are laid end to end, each preceded by `</s>`, and cut into windows of `context_length`
 predictions; every document token is predicted (the `</s>` separators are inputs, never targets), and
-padded vocabulary ids get no probability mass. Work is split over data-parallel ranks and summed.
+padded vocabulary ids get no probability mass. With `document_mask` a token attends only to its own
+document, as in training with `data.document_mask`. Work is split over data-parallel ranks and summed;
+under pipeline parallel only the last stage has logits, and the sums reach every stage.
 """
 
 import math
@@ -18,9 +20,10 @@ EOS = 2
 
 def eval_windows(documents: Iterable[tuple[np.ndarray, int]], context_length: int, max_windows: int):
     """(inputs+targets windows [n, T+1], target mask [n, T], utf-8 bytes of the documents covered,
-    number of documents covered).
+    number of documents covered): the first documents of the split, in order.
 
-    Documents are taken whole until `max_windows` windows are full; the last partial window is kept."""
+    Documents are taken whole until `max_windows` windows are full; the last partial window is kept.
+    No documents (an empty held-out split): no windows."""
     tokens, mask, n_bytes, n_docs = [], [], 0, 0
     budget = max_windows * context_length + 1
     for doc, doc_bytes in documents:
@@ -34,7 +37,7 @@ def eval_windows(documents: Iterable[tuple[np.ndarray, int]], context_length: in
         n_docs += 1
     stream = np.asarray(tokens, dtype=np.int64)
     targets = np.asarray(mask[1:], dtype=bool)
-    n = max(1, math.ceil((len(stream) - 1) / context_length))
+    n = math.ceil((len(stream) - 1) / context_length) if n_docs else 0
     windows = np.full((n, context_length + 1), EOS, dtype=np.int64)
     window_mask = np.zeros((n, context_length), dtype=bool)
     for i in range(n):
@@ -46,7 +49,7 @@ def eval_windows(documents: Iterable[tuple[np.ndarray, int]], context_length: in
 
 @torch.no_grad()
 def bits_per_byte(
-    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    logits_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor | None],
     documents: Iterable[tuple[np.ndarray, int]],
     context_length: int,
     real_vocab_size: int,
@@ -55,10 +58,16 @@ def bits_per_byte(
     device: torch.device | str = "cpu",
     dp_rank: int = 0,
     dp_size: int = 1,
-    dp_group=None,
+    groups: tuple = (),
+    document_mask: bool = False,
 ) -> dict:
-    """Held-out bits per byte of one domain. With dp_size > 1 every rank of the group must call this
-    with the same documents; each evaluates its share and the sums are all-reduced."""
+    """Held-out bits per byte of one domain. `logits_fn(inputs, doc_ids)` gives the logits (None on a
+    pipeline stage without them); doc_ids is each input token's document within its row with
+    `document_mask`, else None. With dp_size > 1 every rank of the group must call this with the same
+    documents; each evaluates its share, and the sums are all-reduced over each of `groups` in turn
+    (data-parallel, then pipeline)."""
+    from teleflm.data.mixture import document_ids
+
     windows, mask, n_bytes, n_docs = eval_windows(documents, context_length, max_windows)
     mine = np.arange(dp_rank, len(windows), dp_size)
     # Same number of forward passes on every rank (FSDP gathers in lockstep): pad with empty batches.
@@ -69,16 +78,21 @@ def bits_per_byte(
         idx = mine[b * batch_size : (b + 1) * batch_size]
         batch = torch.from_numpy(windows[idx] if len(idx) else windows[:1]).to(device)
         weight = torch.from_numpy(mask[idx] if len(idx) else np.zeros_like(mask[:1])).to(device)
-        logits = logits_fn(batch[:, :-1])[..., :real_vocab_size].float()
+        inputs = batch[:, :-1]
+        doc_ids = torch.from_numpy(document_ids(inputs.cpu().numpy())).to(device) if document_mask else None
+        logits = logits_fn(inputs, doc_ids)
+        if logits is None:
+            continue
+        logits = logits[..., :real_vocab_size].float()
         losses = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
         nll += (losses * weight.flatten()).sum().double()
         count += weight.sum().double()
-    if dp_size > 1:
-        dist.all_reduce(nll, group=dp_group)
-        dist.all_reduce(count, group=dp_group)
+    for group in groups:
+        dist.all_reduce(nll, group=group)
+        dist.all_reduce(count, group=group)
     nll_nats, tokens = nll.item(), int(count.item())
     return {
-        "bpb": nll_nats / (math.log(2) * max(n_bytes, 1)),
+        "bpb": nll_nats / (math.log(2) * n_bytes) if n_bytes else math.nan,
         "nll_per_token": nll_nats / max(tokens, 1),
         "tokens": tokens,
         "bytes": n_bytes,

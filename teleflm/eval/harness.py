@@ -3,8 +3,9 @@
 Tasks are plain YAML files (lm-eval's task format, without `!function` tags) whose
 `dataset_kwargs.data_files` name local JSON/JSONL files relative to the YAML; they are read here,
 their data paths resolved, and handed to `lm_eval.simple_evaluate` as configs. The model is lm-eval's
-own `hf` model on a Hugging Face folder (our export), loaded the way users load it:
-`trust_remote_code=True`. Nothing is fetched from a hub: the offline switches are set before lm-eval
+own `hf` model on a Hugging Face folder (our export), loaded the way users load it
+(`trust_remote_code=True`), with the logits of padded vocabulary ids (embedding rows past the
+tokenizer) at -inf, so that no score gives them probability mass. Nothing is fetched from a hub: the offline switches are set before lm-eval
 and datasets are imported. teleflm/eval/tasks/ ships two tasks built from the embedded sample.
 """
 
@@ -40,6 +41,26 @@ def task_configs(include: list[str | Path] = ()) -> dict[str, dict]:
     return configs
 
 
+def masked_export(model_dir: str | Path, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer) of an export, the model's logits at padded vocabulary ids set to -inf."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, trust_remote_code=True, dtype=getattr(torch, dtype)
+    ).to(device)
+    real = len(tokenizer)
+    if real < model.config.vocab_size:
+
+        def mask_padded(module, args, output):
+            output.logits[..., real:] = -torch.inf
+            return output
+
+        model.register_forward_hook(mask_padded)
+    return model.eval(), tokenizer
+
+
 def run_harness(
     model_dir: str | Path,
     tasks: list[str],
@@ -68,12 +89,12 @@ def run_harness(
         raise FileNotFoundError(
             f"{model_dir}: not a Hugging Face folder (the harness needs an export: `teleflm export`)"
         )
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = masked_export(model_dir, dtype, device)
     results = lm_eval.simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(model_dir), "trust_remote_code": True, "dtype": dtype},
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
         tasks=[available[t] for t in tasks],
-        batch_size=batch_size,
-        device=device,
         limit=limit,
         log_samples=False,
         bootstrap_iters=1000,

@@ -3,7 +3,7 @@
 Stage 0 is `[model]` and `[parallel]`; stage k applies the model shape and parallel overrides of the
 first k `[[growth]]` entries. A run knows its stage from its latest checkpoint (`growth_stage` in
 trainer.json), so a resume lands in the right shape and layout. At a stage boundary the trainer
-checkpoints, grows that checkpoint into `step-N-grown` (rank 0, one process) and rebuilds.
+checkpoints, grows that checkpoint into `step-N-grown` (every rank its own shards) and rebuilds.
 """
 
 import contextlib
@@ -56,14 +56,13 @@ def growth_due(cfg: TrainConfig, stage: int, tokens: int) -> bool:
 
 
 def grow_run_checkpoint(cfg: TrainConfig, stage: int, source: Path) -> Path:
-    """Grow the run's checkpoint `source` by growth[stage] into `<source>-grown` (stage + 1)."""
+    """Grow the run's checkpoint `source` by growth[stage] into `<source>-grown` (stage + 1), sharded
+    over every rank (call it on all of them)."""
     g = cfg.growth[stage]
-    target_model = stage_config(cfg, stage + 1).model
-    path, _ = grow_checkpoint(
+    path, _, _ = grow_checkpoint(
         source,
         source.with_name(source.name + "-grown"),
-        {f: target_model[f] for f in SHAPE_FIELDS},
-        cfg.mup,
+        stage_config(cfg, stage + 1),
         g.ramp_steps,
         g.layers_at,
         g.layer_init,

@@ -435,10 +435,13 @@ def export_hf(
         pad_token_id = config.pad_token_id
         if pad_token_id is None and tokenizer is not None:
             pad_token_id = tokenizer.pad_token_id
+        # Padded embedding rows (past the tokenizer) are never generated, whoever calls `generate`.
+        padded = list(range(len(tokenizer), config.vocab_size)) if tokenizer is not None else []
         generation = GenerationConfig(
             bos_token_id=config.bos_token_id,
             eos_token_id=config.eos_token_id,
             pad_token_id=config.eos_token_id if pad_token_id is None else pad_token_id,
+            suppress_tokens=padded or None,
         )
         generation.save_pretrained(staging)
 

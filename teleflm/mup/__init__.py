@@ -6,8 +6,10 @@ Without `use_mup` the same functions give standard parametrization: no width sca
 """
 
 import math
+import zlib
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 MATRIX = "matrix"  # hidden-to-hidden weights: q, k, v, o, gate, up, down
@@ -47,7 +49,7 @@ def param_class(name: str) -> str:
 
 
 def init_std(name: str, config, hp: MupHyperParams) -> float | None:
-    """The init std of a parameter (None for norm weights, which start at 1)."""
+    """The init std of a parameter (None for vectors: norm weights start at 1, biases at 0)."""
     kind = param_class(name)
     if kind == VECTOR:
         return None
@@ -57,6 +59,29 @@ def init_std(name: str, config, hp: MupHyperParams) -> float | None:
     if hp.scale_residual_init and name.rsplit(".", 2)[-2] in RESIDUAL_OUTPUTS:
         std /= math.sqrt(2 * config.num_hidden_layers)
     return std
+
+
+def initial_value(
+    name: str, shape, config, hp: MupHyperParams, seed: int, rows: range | None = None
+) -> torch.Tensor:
+    """A parameter's initial value (fp32), or only `rows` of it (dim 0): norm weights 1, biases 0,
+    the rest N(0, init_std^2). Each row is drawn from its own generator, seeded by the parameter's
+    name, the row and `seed`: every process and layout gets the very same values (training's init
+    and growth's new entries), and a shard is drawn at the cost of its own rows, never the whole
+    tensor."""
+    shape = torch.Size(shape)
+    rows = range(shape[0]) if rows is None else rows
+    std = init_std(name, config, hp)
+    if std is None:
+        fill = 1.0 if name.endswith("norm.weight") else 0.0
+        return torch.full((len(rows), *shape[1:]), fill)
+    out = torch.empty(len(rows), *shape[1:])
+    gen = torch.Generator()
+    base = seed * 1_000_003 + zlib.crc32(name.encode())
+    for i, row in enumerate(rows):
+        gen.manual_seed((base * 6364136223846793005 + row * 1442695040888963407 + 1) % 2**64)
+        torch.randn(shape[1:], generator=gen, out=out[i])
+    return out.mul_(std)
 
 
 def init_weights(model: nn.Module, config, hp: MupHyperParams) -> None:

@@ -150,13 +150,14 @@ def short_run_config(raw: dict, out: Path) -> dict:
 
 
 @torch.no_grad()
-def heldout_loss(model, sequences: np.ndarray, batch_size: int = 8) -> float:
-    """Mean next-token NLL (nats) of `model` over held-out packed sequences."""
+def heldout_loss(model, sequences: np.ndarray, real_vocab_size: int, batch_size: int = 8) -> float:
+    """Mean next-token NLL (nats) of `model` over held-out packed sequences, over the tokenizer's
+    `real_vocab_size` ids (padded embedding rows get no mass)."""
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(sequences), batch_size):
         tokens = torch.from_numpy(sequences[start : start + batch_size].astype(np.int64))
-        logits = model(input_ids=tokens[:, :-1], use_cache=False).logits
+        logits = model(input_ids=tokens[:, :-1], use_cache=False).logits[..., :real_vocab_size]
         total += F.cross_entropy(
             logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum"
         ).item()
@@ -188,9 +189,16 @@ def scored_run(raw: dict, out: Path, data: RunData, keep_checkpoints: bool = Fal
             "step": trainer.step,
         }
     if data.heldout is not None:
-        objective = heldout_loss(trainer.module, data.heldout, cfg.batch.micro_batch_size)
-    else:
-        objective = result.get("val.bpb", result["loss"])
+        objective = heldout_loss(
+            trainer.module, data.heldout, trainer.real_vocab_size, cfg.batch.micro_batch_size
+        )
+    elif "val.bpb" in result:
+        objective = result["val.bpb"]
+    else:  # ranking by training loss instead would reward memorising the training data
+        raise ValueError(
+            f"{out}: the run has no held-out bits per byte (its shards have no held-out documents?): "
+            "no objective to rank it by; prepare the shards with a held-out split or give held-out sequences"
+        )
     if not keep_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     status = "ok" if math.isfinite(objective) else "diverged"

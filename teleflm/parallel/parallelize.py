@@ -6,8 +6,8 @@ and FSDP2, in that order (the torchtitan order). Parameter names (FQNs) stay tho
 so `torch.distributed.checkpoint` reshards between any two layouts.
 """
 
+import datetime
 import os
-import zlib
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +16,8 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from teleflm import mup
@@ -49,6 +50,15 @@ def device_and_backend() -> tuple[torch.device, str]:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank), dist.Backend.NCCL
     return torch.device("cpu"), dist.Backend.GLOO
+
+
+def init_distributed(timeout_s: int = 1800) -> torch.device:
+    """Under torchrun (WORLD_SIZE > 1) join the process group, unless already in one, with collectives
+    that fail after `timeout_s` instead of waiting for ever; returns this process's device."""
+    device, backend = device_and_backend()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return device
 
 
 def build_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh | None:
@@ -173,30 +183,44 @@ def parallelize(module: nn.Module, mesh: DeviceMesh | None, dims: ParallelDims, 
     return module
 
 
+def build_module(model_config, mesh: DeviceMesh | None, dims: ParallelDims, cfg, device) -> nn.Module:
+    """This rank's part of a model under a layout (cfg: the [parallel] section): built on the meta
+    device, its pipeline stage kept, parallelized, then allocated on `device` with its values
+    uninitialised (on the meta device it stays a shape: shards without memory)."""
+    with torch.device("meta"):
+        model = TeleFLMForCausalLM(model_config)
+    pp_rank = mesh["pp"].get_local_rank() if mesh is not None else 0
+    module = pipeline_split(model, pp_rank, dims.pp) if dims.pp > 1 else model
+    module = parallelize(module, mesh, dims, cfg)
+    return module.to_empty(device=device)
+
+
 def model_fqn(name: str) -> str:
     for prefix in _WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
     return name
 
 
+def local_region(p: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """(this rank's local tensor of `p`, the slices of the full tensor it holds): a DTensor's shard
+    (FSDP, TP or both), or the whole of a plain tensor."""
+    if not isinstance(p, DTensor):
+        return p, tuple(slice(0, n) for n in p.shape)
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return p.to_local(), tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+
+
 @torch.no_grad()
 def init_weights(module: nn.Module, config, hp: mup.MupHyperParams, seed: int) -> None:
-    """Initialise by the muP rules with one generator per parameter, seeded by its name: every layout
-    (one process, FSDP, TP, a pipeline stage) gets the very same values as the unsharded model.
-    Each rank draws a parameter's full tensor and keeps its own shard (no communication)."""
+    """Initialise by the muP rules, every row of a parameter from its own generator seeded by the
+    parameter's name and the row: every layout (one process, FSDP, TP, a pipeline stage) gets the
+    very same values as the unsharded model, and each rank draws only its own shard's rows (no
+    communication, no full tensor)."""
     for name, p in module.named_parameters():
-        fqn = model_fqn(name)
-        std = mup.init_std(fqn, config, hp)
-        if std is None:
-            full = torch.ones(p.shape)
-        else:
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(fqn.encode()))
-            full = torch.randn(p.shape, generator=gen) * std
-        if isinstance(p, DTensor):
-            local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
-            p.to_local().copy_(local)
-        else:
-            p.copy_(full)
+        local, region = local_region(p)
+        if local.numel():
+            rows = range(region[0].start, region[0].stop)
+            local.copy_(mup.initial_value(model_fqn(name), p.shape, config, hp, seed, rows)[:, *region[1:]])
     # Non-persistent buffers (RoPE frequencies) are not parameters: recompute them on the device.
     for m in module.modules():
         if isinstance(m, TeleFLMRotaryEmbedding):

@@ -1,5 +1,6 @@
 """muScaling loss prediction (SPEC section 3): fit L(N) = a * N^b + c to a ladder of muP widths and
-extrapolate, with a bootstrap over ladder points for the uncertainty."""
+extrapolate, with a residual bootstrap for the uncertainty when the ladder has more rungs than the
+law has parameters."""
 
 import math
 import warnings
@@ -88,33 +89,43 @@ def fit_power_law(sizes, losses) -> PowerLaw:
 class Prediction:
     size: float
     loss: float
-    low: float  # bootstrap percentile interval
-    high: float
+    low: float | None  # residual-bootstrap percentile interval; None with 3 rungs (no residuals)
+    high: float | None
     law: PowerLaw
     bootstrap_fits: int
+
+    @property
+    def has_interval(self) -> bool:
+        return self.low is not None
 
 
 def predict(
     sizes, losses, target_size: float, samples: int = 200, level: float = 0.9, seed: int = 0
 ) -> Prediction:
-    """The fitted loss at `target_size`, with a bootstrap interval: rungs resampled with replacement,
-    resamples with fewer than three distinct rungs skipped (a three-parameter law needs three)."""
+    """The fitted loss at `target_size`, with a residual-bootstrap interval: the law refitted to its
+    own curve plus the fit's residuals drawn with replacement (scaled by sqrt(n / (n - 3)) for the
+    three fitted parameters), the interval the `level` percentiles of the refits' predictions.
+
+    Three rungs fit the three-parameter law exactly and leave no residual: no interval then (low and
+    high are None). Resampling the rungs instead, as before, keeps only the resamples holding all
+    three, which give the same fit: a 90% interval of zero width."""
     sizes, losses = check_ladder(sizes, losses)
     law = fit_power_law(sizes, losses)
+    point = float(law(target_size))
+    n = len(sizes)
+    if n <= 3:
+        return Prediction(target_size, point, None, None, law, 0)
+    fitted = law(sizes)
+    residuals = (losses - fitted) * math.sqrt(n / (n - 3))
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(samples):
-        pick = np.unique(rng.integers(0, len(sizes), len(sizes)))
-        if len(pick) < 3:
-            continue
         try:
-            values.append(float(fit_power_law(sizes[pick], losses[pick])(target_size)))
-        except FitError:
+            values.append(float(fit_power_law(sizes, fitted + rng.choice(residuals, n))(target_size)))
+        except FitError:  # a resample whose loss no longer falls with size
             continue
-    point = float(law(target_size))
-    if values:
-        tail = (1 - level) / 2 * 100
-        low, high = np.percentile(values, [tail, 100 - tail])
-    else:
-        low = high = point
+    if not values:
+        return Prediction(target_size, point, None, None, law, 0)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
     return Prediction(target_size, point, float(min(low, point)), float(max(high, point)), law, len(values))

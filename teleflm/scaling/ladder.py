@@ -114,12 +114,22 @@ def run_ladder(spec: LadderSpec, log=print) -> list[Rung]:
     return sorted(rungs, key=lambda r: r.params)
 
 
+def metric_name(spec: LadderSpec) -> str:
+    """What a rung's `loss` is: the objective its scored run returned (or what the points give)."""
+    if not spec.widths:
+        return "loss (as the ladder's points give it)"
+    if spec.sequences is not None:
+        return "held-out loss (nats per token)"
+    return "held-out bits per byte (val.bpb)"
+
+
 @dataclass
 class Forecast:
     rungs: list[Rung]
     target: Prediction
     target_name: str
     held_out: Prediction | None  # the largest rung predicted from the others (>= 4 rungs)
+    metric: str = "loss"  # what the rungs' losses measure (metric_name)
 
     @property
     def held_out_error(self) -> float | None:
@@ -129,7 +139,9 @@ class Forecast:
         return self.held_out.loss / self.rungs[-1].loss - 1
 
 
-def forecast(rungs: list[Rung], target_params: float, target_name: str = "target", seed: int = 0) -> Forecast:
+def forecast(
+    rungs: list[Rung], target_params: float, target_name: str = "target", metric: str = "loss", seed: int = 0
+) -> Forecast:
     sizes = [r.params for r in rungs]
     losses = [r.loss for r in rungs]
     check_ladder(sizes, losses)
@@ -139,7 +151,7 @@ def forecast(rungs: list[Rung], target_params: float, target_name: str = "target
         )
     target = predict(sizes, losses, target_params, seed=seed)
     held_out = predict(sizes[:-1], losses[:-1], sizes[-1], seed=seed) if len(rungs) >= 4 else None
-    return Forecast(rungs, target, target_name, held_out)
+    return Forecast(rungs, target, target_name, held_out, metric)
 
 
 def plot(result: Forecast, path: Path) -> None:
@@ -160,7 +172,7 @@ def plot(result: Forecast, path: Path) -> None:
     ax.errorbar(
         [t.size],
         [t.loss],
-        yerr=[[t.loss - t.low], [t.high - t.loss]],
+        yerr=[[t.loss - t.low], [t.high - t.loss]] if t.has_interval else None,
         fmt="*",
         color="C3",
         ms=10,
@@ -180,7 +192,7 @@ def plot(result: Forecast, path: Path) -> None:
         )
     ax.set_xscale("log")
     ax.set_xlabel("parameters N")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(result.metric)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -195,16 +207,16 @@ def write_report(result: Forecast, out: Path, ladder_path: str, what: str) -> Pa
         "# muScaling loss prediction",
         "",
         f"Ladder `{ladder_path}`: {len(result.rungs)} rungs, N = {what} parameters, "
-        f"loss = held-out loss of each rung at the same token count.",
+        f"L = {result.metric} of each rung at the same token count.",
         "",
-        "| width | N | loss |",
+        "| width | N | L |",
         "|---|---|---|",
         *[f"| {r.width or '-'} | {r.params:,.0f} | {r.loss:.4f} |" for r in result.rungs],
         "",
         f"Fit: L(N) = {t.law.a:.4g} · N^{t.law.b:.4f} + {t.law.c:.4f}",
         "",
-        f"**{result.target_name}** (N = {t.size:,.0f}): predicted loss **{t.loss:.4f}**, "
-        f"90% bootstrap interval [{t.low:.4f}, {t.high:.4f}] ({t.bootstrap_fits} refits).",
+        f"**{result.target_name}** (N = {t.size:,.0f}): predicted {result.metric} **{t.loss:.4f}**, "
+        f"{interval_text(t)}.",
         "",
     ]
     if result.held_out is not None:
@@ -227,9 +239,15 @@ def target_params(config: dict, non_embedding: bool) -> float:
     return float(parameter_count(config["model"], non_embedding))
 
 
+def interval_text(p: Prediction) -> str:
+    if not p.has_interval:
+        return "no interval: three rungs fit the three-parameter law exactly, leaving no residual to resample"
+    return f"90% residual-bootstrap interval [{p.low:.4f}, {p.high:.4f}] ({p.bootstrap_fits} refits)"
+
+
 def describe(result: Forecast) -> str:
     t = result.target
-    text = f"{result.target_name}: predicted loss {t.loss:.4f} [{t.low:.4f}, {t.high:.4f}]"
+    text = f"{result.target_name}: predicted {result.metric} {t.loss:.4f}; {interval_text(t)}"
     if result.held_out_error is not None and math.isfinite(result.held_out_error):
         text += f"; self-check on the largest rung {result.held_out_error:+.2%}"
     return text

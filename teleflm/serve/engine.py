@@ -171,6 +171,13 @@ class BatchKVCache:
                 self.keys[layer] = torch.cat([k, k.new_zeros(n, *k.shape[1:])])
                 self.values[layer] = torch.cat([v, v.new_zeros(n, *v.shape[1:])])
 
+    def rows(self, rows: list[int]) -> "BatchKVCache":
+        """A new cache with copies of these rows (this one is left as it is)."""
+        other = BatchKVCache(len(self.keys), self.mask.device)
+        other.mask, other.keys, other.values = self.mask, list(self.keys), list(self.values)
+        other.keep_rows(rows)
+        return other
+
     def keep_rows(self, rows: list[int]) -> None:
         index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         self.mask = self.mask[index]
@@ -304,35 +311,39 @@ class Engine:
             start += len(job.texts)
 
     def step(self) -> None:
-        """One decoding step for every running request, admitting waiting ones first."""
+        """One decoding step for every running request, admitting waiting ones first. A step that
+        fails is undone and each row is tried alone: the rows that fail alone finish with the error,
+        the others take their step (a batch that fails only together fails every row)."""
         self._drop_cancelled()
         admitted = self._admit()
         rows = self.running = self.running + admitted
         if not rows:
             return
-        device = self.model.device
-        width = max(len(r.fed_ids()) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        chunk_mask = torch.zeros(len(rows), width, dtype=torch.long)
-        positions = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, request in enumerate(rows):
-            fed = request.fed_ids()
-            input_ids[i, width - len(fed) :] = torch.tensor(fed)
-            chunk_mask[i, width - len(fed) :] = 1
-            positions[i, width - len(fed) :] = torch.arange(request.position, request.position + len(fed))
-            request.position += len(fed)
         self.cache.add_rows(len(admitted))
-        mask = torch.cat([self.cache.mask, chunk_mask.to(device)], dim=1)
-        with torch.no_grad():
-            logits = self.model(
-                input_ids=input_ids.to(device),
-                attention_mask=mask,
-                position_ids=positions.to(device),
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]
-        self.cache.mask = mask
+        try:
+            logits = self._forward(rows, self.cache)
+        except Exception as e:
+            if len(rows) == 1:
+                raise
+            log.warning("a batched step failed (%s: %s); trying each request alone", type(e).__name__, e)
+            failed = {}
+            for i in range(len(rows)):
+                try:
+                    self._forward([rows[i]], self.cache.rows([i]))
+                except Exception as alone:
+                    failed[i] = alone
+            if not failed:
+                raise
+            for i, error in failed.items():
+                self._finish(rows[i], "error", error=f"{type(error).__name__}: {error}")
+            keep = [i for i in range(len(rows)) if i not in failed]
+            rows = self.running = [rows[i] for i in keep]
+            self.cache.keep_rows(keep)
+            if not rows:
+                return
+            logits = self._forward(rows, self.cache)
+        for request in rows:
+            request.position += len(request.fed_ids())
         self.stats.forward_passes += 1
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
 
@@ -349,6 +360,37 @@ class Engine:
             self.running = [rows[i] for i in keep]
             self.cache.keep_rows(keep)
         self.cache.compact()
+
+    def _forward(self, rows: list[GenerationRequest], cache: "BatchKVCache") -> torch.Tensor:
+        """Last-position logits of one forward pass over `rows` with `cache` (which changes only
+        when it succeeds); the rows' positions are the caller's to advance."""
+        device = self.model.device
+        width = max(len(r.fed_ids()) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        chunk_mask = torch.zeros(len(rows), width, dtype=torch.long)
+        positions = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, request in enumerate(rows):
+            fed = request.fed_ids()
+            input_ids[i, width - len(fed) :] = torch.tensor(fed)
+            chunk_mask[i, width - len(fed) :] = 1
+            positions[i, width - len(fed) :] = torch.arange(request.position, request.position + len(fed))
+        mask = torch.cat([cache.mask, chunk_mask.to(device)], dim=1)
+        keys, values = list(cache.keys), list(cache.values)
+        try:
+            with torch.no_grad():
+                logits = self.model(
+                    input_ids=input_ids.to(device),
+                    attention_mask=mask,
+                    position_ids=positions.to(device),
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).logits[:, -1]
+        except Exception:
+            cache.keys, cache.values = keys, values  # layers that took the chunk give it back
+            raise
+        cache.mask = mask
+        return logits
 
     def _drop_cancelled(self) -> None:
         keep = [i for i, request in enumerate(self.running) if not request.cancelled]

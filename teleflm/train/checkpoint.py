@@ -137,7 +137,21 @@ def check_shape(state: dict, config, path: Path) -> None:
 
 
 def save(root: Path, step: int, model, optimizer, trainer_state: dict, keep_last: int) -> Path:
-    final = step_dir(root, step)
+    """Checkpoint `step-N` under `root`; then only the last `keep_last` checkpoints are kept."""
+    final = write(step_dir(root, step), model, optimizer, trainer_state)
+    if _is_rank0():
+        # Saves and growths cut short leave full-size `.tmp` folders that are never loaded.
+        for leftover in root.glob("step-*.tmp"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for old in sorted(root.glob("step-*"))[:-keep_last]:  # grown checkpoints too
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def write(final: Path, model, optimizer, trainer_state: dict) -> Path:
+    """Every rank writes its shards of model and optimizer to `<final>.tmp`; rank 0 adds
+    trainer.json and renames it to `final` once all have finished."""
     tmp = final.with_name(final.name + ".tmp")
     if _is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)
@@ -150,8 +164,6 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, keep_last
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        for old in sorted(root.glob("step-*[0-9]"))[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 

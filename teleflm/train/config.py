@@ -83,7 +83,7 @@ class MupSection(MupHyperParams):
 class DomainWeightConfig:
     name: str  # a domain of the shards
     proportion: float  # share of training sequences
-    epochs: float = 1.0  # passes over the domain allowed before a warning
+    epochs: float = 1.0  # passes over the domain the run may make (checked before it starts)
 
     RANGES = dict(proportion=POSITIVE, epochs=POSITIVE)
 
@@ -96,6 +96,9 @@ class DataSection:
     document_mask: bool = False  # block attention across packed documents
     seed: int = 1234  # order of documents in each epoch
     mixture: list[DomainWeightConfig] = field(default_factory=list)  # empty: the shards' own table
+    repeat_past_epochs: bool = (
+        False  # run (with a warning) even if the budget repeats a domain past its epochs
+    )
 
     RANGES = dict(context_length=AT_LEAST_ONE, seed=NON_NEGATIVE)
 
@@ -136,8 +139,15 @@ class ParallelSection:
     activation_checkpointing: bool = False  # recompute each layer in backward
     compile: bool = False  # torch.compile each decoder layer
     mixed_precision: str = "bf16"  # or "fp32"
+    timeout_s: int = 1800  # a collective waits this long for every rank before the run fails
 
-    RANGES = dict(dp_replicate=AT_LEAST_ONE, dp_shard=Range(1, also=(-1,)), tp=AT_LEAST_ONE, pp=AT_LEAST_ONE)
+    RANGES = dict(
+        dp_replicate=AT_LEAST_ONE,
+        dp_shard=Range(1, also=(-1,)),
+        tp=AT_LEAST_ONE,
+        pp=AT_LEAST_ONE,
+        timeout_s=AT_LEAST_ONE,
+    )
 
 
 @dataclass

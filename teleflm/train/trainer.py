@@ -22,16 +22,14 @@ from torch.distributed.tensor import DTensor
 from teleflm import mup
 from teleflm.grow import schedule as growth
 from teleflm.grow.masks import advance_ramp
-from teleflm.model.modeling_teleflm import TeleFLMForCausalLM
 from teleflm.parallel.parallelize import (
     ParallelDims,
     build_mesh,
-    device_and_backend,
+    build_module,
     dp_mesh,
     dp_rank,
+    init_distributed,
     init_weights,
-    parallelize,
-    pipeline_split,
 )
 from teleflm.parallel.plan import flops_per_token
 from teleflm.train import checkpoint
@@ -84,6 +82,15 @@ def grad_norm(params: list[torch.nn.Parameter], pp_group) -> torch.Tensor:
     return square.sqrt()
 
 
+def make_optimizer(module: torch.nn.Module, model_config, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the muP parameter groups of `module` (this rank's part of the model)."""
+    return torch.optim.AdamW(
+        mup.param_groups(module, model_config, cfg.mup),
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+    )
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, stream_factory=None):
         """`stream_factory(dp_rank, dp_size)` replaces the configured data mixture: it returns an object
@@ -97,11 +104,9 @@ class Trainer:
         self.out = Path(cfg.out)
         world_size = int(os.environ.get("WORLD_SIZE", 1))
         validate(cfg, "config", world_size=world_size)
-        self.device, backend = device_and_backend()
-        if world_size > 1 and not dist.is_initialized():
-            dist.init_process_group(backend)
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.device = init_distributed(cfg.parallel.timeout_s)
         p = cfg.parallel
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.dims = ParallelDims(p.dp_replicate, dp_shard_degree(cfg, world_size), p.tp, p.pp)
         self.mesh = build_mesh(self.dims, self.device)
         self.dp_rank = dp_rank(self.mesh, self.dims)
@@ -111,18 +116,10 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         self.model_config = cfg.model_config()
-        with torch.device("meta"):
-            model = TeleFLMForCausalLM(self.model_config)
-        module = pipeline_split(model, self.pp_rank, self.dims.pp) if self.dims.pp > 1 else model
-        self.module = parallelize(module, self.mesh, self.dims, p)
-        self.module.to_empty(device=self.device)
+        self.module = build_module(self.model_config, self.mesh, self.dims, p, self.device)
         init_weights(self.module, self.model_config, cfg.mup, cfg.seed)
         self.module.train()
-        self.optimizer = torch.optim.AdamW(
-            mup.param_groups(self.module, self.model_config, cfg.mup),
-            betas=(cfg.optim.beta1, cfg.optim.beta2),
-            eps=cfg.optim.eps,
-        )
+        self.optimizer = make_optimizer(self.module, self.model_config, cfg)
         self.params = [q for group in self.optimizer.param_groups for q in group["params"]]
 
         self.real_vocab_size = self._real_vocab_size()
@@ -136,6 +133,7 @@ class Trainer:
         self.normalizer = self.sequences_per_rank * cfg.data.context_length
         self.step_targets = cfg.batch.global_batch_tokens  # targets in the global batch
         self.schedule = self._build_pipeline_schedule() if self.dims.pp > 1 else None
+        # bf16 compute: FSDP's MixedPrecisionPolicy when dp > 1, else autocast (pipeline stages too).
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
             if p.mixed_precision == "bf16" and self.dims.dp == 1
@@ -174,7 +172,7 @@ class Trainer:
         expected = tokenizer_hash(d.tokenizer) if d.tokenizer else None
         self.shards = open_shards(d.shards, expected_tokenizer_hash=expected)
         mixture = [DomainWeight(m.name, m.proportion, m.epochs) for m in d.mixture] or self.shards.mixture()
-        return MixtureStream(
+        stream = MixtureStream(
             self.shards,
             mixture,
             context_length=d.context_length,
@@ -183,6 +181,8 @@ class Trainer:
             dp_size=self.dims.dp,
             document_mask=d.document_mask,
         )
+        stream.check_budget(self.run_cfg.total_steps() * self.cfg.sequences_per_step(), d.repeat_past_epochs)
+        return stream
 
     def _build_pipeline_schedule(self):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -208,7 +208,10 @@ class Trainer:
             losses: list[torch.Tensor] = []
             is_first, is_last = self.pp_rank == 0, self.pp_rank == self.dims.pp - 1
             args = (inputs,) if is_first else ()
-            self.schedule.step(*args, target=targets if is_last else None, losses=losses if is_last else None)
+            with self.autocast:
+                self.schedule.step(
+                    *args, target=targets if is_last else None, losses=losses if is_last else None
+                )
             if not is_last:
                 return torch.zeros((), device=self.device)
             return torch.stack([loss.detach() for loss in losses]).sum() * self.normalizer
@@ -279,6 +282,7 @@ class Trainer:
             "tokenizer": self.cfg.data.tokenizer,
             "growth_stage": self.growth_stage,
             "growth_masks": self.growth_masks.state_dict() if self.growth_masks is not None else None,
+            "eval": self.eval_settings(),
         }
 
     def save_checkpoint(self) -> Path:
@@ -326,47 +330,87 @@ class Trainer:
         return None, []
 
     def grow_checkpoint(self) -> Path:
-        """Stage boundary: the checkpoint of this step (written unless it exists) is grown by rank 0,
-        in one process, into `step-N-grown`, which the next stage's trainer resumes from."""
+        """Stage boundary: the checkpoint of this step (written unless it exists) is grown into
+        `step-N-grown`, which the next stage's trainer resumes from. This stage's model and optimizer
+        are freed first: every rank then holds only its shards of the grown ones."""
         source = checkpoint.step_dir(self.checkpoint_root, self.step)
         if not checkpoint.is_complete(source):
             source = self.save_checkpoint()
-        if self.rank == 0:
-            growth.grow_run_checkpoint(self.run_cfg, self.growth_stage, source)
-        if dist.is_initialized():
-            dist.barrier()
-        return source.with_name(source.name + "-grown")
+        self.module = self.optimizer = self.params = self.schedule = self.growth_masks = None
+        return growth.grow_run_checkpoint(self.run_cfg, self.growth_stage, source)
 
     # ----- evaluation -----
 
+    def eval_settings(self) -> dict:
+        """What `evaluate` scores: the first `max_windows` windows of `context_length` tokens of each
+        domain's held-out split (recorded in checkpoints: `teleflm eval bpb` scores the same)."""
+        d = self.cfg.data
+        return {
+            "context_length": d.context_length,
+            "max_windows": self.cfg.logging.eval_sequences,
+            "document_mask": d.document_mask,
+        }
+
+    def eval_logits(self, inputs: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """Logits of a batch as training computes them; under pipeline parallel the activations go
+        stage to stage (in fp32, exact for bf16 ones) and only the last stage returns logits."""
+        mask = causal_document_mask(doc_ids) if doc_ids is not None else None
+        if self.dims.pp == 1:
+            return self.module(input_ids=inputs, attention_mask=mask, use_cache=False).logits
+        first, last = self.pp_rank == 0, self.pp_rank == self.dims.pp - 1
+        if first:
+            h = inputs
+        else:
+            h = torch.empty(*inputs.shape, self.model_config.hidden_size, device=self.device)
+            dist.recv(h, dist.get_global_rank(self.pp_group, self.pp_rank - 1), group=self.pp_group)
+        out = self.module(h)
+        if last:
+            return out
+        dist.send(
+            out.float().contiguous(),
+            dist.get_global_rank(self.pp_group, self.pp_rank + 1),
+            group=self.pp_group,
+        )
+        return None
+
+    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out bits per byte per domain (and their byte-weighted mean as `val.bpb`)."""
-        if self.dims.pp > 1 or getattr(self, "shards", None) is None:
+        """Held-out bits per byte per domain with the documents and bytes scored, and the
+        byte-weighted mean over domains as `val.bpb`; the same on every rank, under every layout.
+        A domain without held-out documents reports 0 documents and no BPB."""
+        if getattr(self, "shards", None) is None:
             return {}
         from teleflm.eval.bpb import bits_per_byte
 
+        e = self.eval_settings()
+        groups = tuple(g for g in (self.dp_group, self.pp_group) if g is not None)
         self.module.eval()
         results, nll_bits, total_bytes = {}, 0.0, 0
         try:
             for domain in self.shards.domains:
                 r = bits_per_byte(
-                    lambda x: self.module(input_ids=x, use_cache=False).logits,
+                    self.eval_logits,
                     self.shards.documents(domain, "val"),
-                    self.cfg.data.context_length,
+                    e["context_length"],
                     self.real_vocab_size,
-                    max_windows=self.cfg.logging.eval_sequences,
+                    max_windows=e["max_windows"],
                     batch_size=self.cfg.batch.micro_batch_size,
                     device=self.device,
                     dp_rank=self.dp_rank,
                     dp_size=self.dims.dp,
-                    dp_group=self.dp_group,
+                    groups=groups,
+                    document_mask=e["document_mask"],
                 )
-                results[f"val.{domain}.bpb"] = r["bpb"]
-                nll_bits += r["bpb"] * r["bytes"]
-                total_bytes += r["bytes"]
+                results[f"val.{domain}.documents"] = r["documents"]
+                results[f"val.{domain}.bytes"] = r["bytes"]
+                if r["bytes"]:
+                    results[f"val.{domain}.bpb"] = r["bpb"]
+                    nll_bits += r["bpb"] * r["bytes"]
+                    total_bytes += r["bytes"]
         finally:
             self.module.train()
-        results["val.bpb"] = nll_bits / max(total_bytes, 1)
+        if total_bytes:
+            results["val.bpb"] = nll_bits / total_bytes
         return results
 
     # ----- the loop -----

@@ -6,7 +6,10 @@ import shutil
 import numpy as np
 import pytest
 
-from teleflm.data.shards import MANIFEST, ShardError, open_shards
+from teleflm.cli.main import main
+from teleflm.data import shards as shards_module
+from teleflm.data.mixture import MixtureStream
+from teleflm.data.shards import MANIFEST, ShardError, open_shards, verify_shards
 from teleflm.data.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
 
 
@@ -36,9 +39,25 @@ def test_altered_shard_is_refused_naming_the_file(copy):
     data = bytearray(tokens.read_bytes())
     data[100] ^= 0xFF
     tokens.write_bytes(bytes(data))
+    shards = open_shards(copy)  # same size: opening (every start of a run) reads no data
     with pytest.raises(ShardError, match=r"en/train\.tokens: checksum mismatch"):
-        open_shards(copy)
-    open_shards(copy, verify=False)  # same size: only the checksum can tell
+        verify_shards(shards)
+    assert main(["data", "verify", str(copy)]) == 2
+
+
+def test_opening_shards_hashes_nothing_and_verify_hashes_everything(shards_dir, monkeypatch):
+    """A run starts (and resumes, and grows) by opening its shards: at 8 TB, hashing them would take
+    hours per start on every rank."""
+    hashed = []
+    monkeypatch.setattr(shards_module, "file_sha256", lambda path: hashed.append(path) or "x")
+    shards = open_shards(shards_dir)
+    MixtureStream(shards, shards.mixture(), context_length=16, seed=0).next_sequences(4)
+    assert hashed == []
+    with pytest.raises(ShardError, match="checksum mismatch"):
+        verify_shards(shards)
+    monkeypatch.undo()
+    verify_shards(shards)
+    assert main(["data", "verify", str(shards_dir)]) == 0
 
 
 def test_truncated_or_missing_shard_is_refused(copy):
@@ -47,10 +66,10 @@ def test_truncated_or_missing_shard_is_refused(copy):
     with pytest.raises(
         ShardError, match=r"code/val\.offsets has \d+ bytes, the manifest says \d+: truncated"
     ):
-        open_shards(copy, verify=False)
+        open_shards(copy)
     offsets.unlink()
     with pytest.raises(ShardError, match=r"code/val\.offsets is missing"):
-        open_shards(copy, verify=False)
+        open_shards(copy)
 
 
 def test_shards_of_another_tokenizer_are_refused_with_both_hashes(shards_dir, tmp_path, texts):

@@ -35,7 +35,7 @@ def test_window_budget_takes_whole_documents():
 
 
 def uniform_logits(padded_vocab: int):
-    return lambda x: torch.zeros(*x.shape, padded_vocab)
+    return lambda x, _: torch.zeros(*x.shape, padded_vocab)
 
 
 def test_uniform_model_gives_log_vocab_and_masks_padding():
@@ -53,13 +53,23 @@ def _bpb_on_rank():
 
     rank, size = dist.get_rank(), dist.get_world_size()
     table = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
-    return bits_per_byte(lambda x: table[x], documents(), 8, 60, batch_size=2, dp_rank=rank, dp_size=size)
+    return bits_per_byte(
+        lambda x, _: table[x], documents(), 8, 60, batch_size=2, dp_rank=rank, dp_size=size, groups=(None,)
+    )
 
 
 def test_data_parallel_split_sums_to_single_process():
     table = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
-    single = bits_per_byte(lambda x: table[x], documents(), 8, 60, batch_size=2)
+    single = bits_per_byte(lambda x, _: table[x], documents(), 8, 60, batch_size=2)
     ranks = run_ranks(2, _bpb_on_rank)
     for r in ranks:
         assert r["tokens"] == single["tokens"]
         assert r["bpb"] == pytest.approx(single["bpb"], rel=1e-6)  # fp32 sums in another order
+
+
+def test_no_documents_give_no_windows_and_no_bpb():
+    """An empty held-out split: nothing scored (it crashed evaluation after the last checkpoint)."""
+    windows, mask, n_bytes, n_docs = eval_windows([], context_length=16, max_windows=4)
+    assert windows.shape == (0, 17) and mask.shape == (0, 16) and n_bytes == n_docs == 0
+    r = bits_per_byte(uniform_logits(64), [], context_length=16, real_vocab_size=50)
+    assert r["documents"] == r["tokens"] == r["bytes"] == 0 and math.isnan(r["bpb"])

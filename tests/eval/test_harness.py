@@ -1,6 +1,7 @@
 """`teleflm eval harness`: lm-evaluation-harness on the shipped local tasks, in a fresh process."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -67,3 +68,38 @@ def test_unknown_task_is_refused_with_the_known_ones(tiny_export, tmp_path):
         ["eval", "harness", "--model", str(tiny_export), "--tasks", "arc_easy", "--out", str(tmp_path)]
     )
     assert code == 2
+
+
+def test_padded_ids_get_no_mass_in_the_harness_nor_in_generate(tmp_path):
+    """An export whose padded embedding rows (past the tokenizer's 320 ids) would win every step: the
+    harness's model gives them -inf, and `generate` with the export's own settings never emits one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from teleflm.eval.harness import masked_export
+    from teleflm.model import TeleFLMForCausalLM
+    from teleflm.model.io import export_hf
+    from tests.conftest import tiny_config
+    from tests.sft.common import train_chat_tokenizer
+
+    real, padded = 320, 336
+    torch.manual_seed(0)
+    model = TeleFLMForCausalLM(tiny_config(vocab_size=padded, max_position_embeddings=64))
+    with torch.no_grad():
+        model.lm_head.weight[:real] = 0.0  # real ids: uniform
+        model.lm_head.weight[real:] = 5.0 * torch.randn(padded - real, model.config.hidden_size)
+    export = export_hf(model, tmp_path / "export", tokenizer_dir=train_chat_tokenizer(tmp_path / "tok"))
+    ids = torch.tensor([[5, 17, 42, 8]])
+    scored, _ = masked_export(export)
+    with torch.no_grad():
+        logits = scored(input_ids=ids).logits
+    assert torch.isinf(logits[..., real:]).all() and (logits[..., real:] < 0).all()
+    log_probs = torch.log_softmax(logits, dim=-1)[..., :real]
+    assert torch.allclose(log_probs, torch.full_like(log_probs, -math.log(real)), atol=1e-5)
+    plain = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dtype=torch.float32)
+    with torch.no_grad():
+        assert plain(input_ids=ids).logits[0, -1].argmax() >= real  # what an unsuppressed step picks
+        out = plain.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False
+        )
+    assert (out[0, ids.shape[1] :] < real).all()

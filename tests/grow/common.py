@@ -14,6 +14,10 @@ from tests.conftest import sample_text
 
 VOCAB = 384
 CONTEXT = 32
+# The growth most tests make: width x2 (heads with it, kv heads too) and depth x2 of small_config.
+WIDTH_X2_DEPTH_X2 = dict(
+    hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4
+)
 # Larger than the card's init, so that the logits are O(1) like a trained model's and 1e-5 means something.
 HP = mup.MupHyperParams(std=0.5, matrix_std=0.5)
 

@@ -5,7 +5,14 @@ ramp the function moves; at its end the masks come off without a jump."""
 import pytest
 import torch
 
-from tests.grow.common import HP, grow_model, kjv_sequences, small_config, trained_like_model
+from tests.grow.common import (
+    HP,
+    WIDTH_X2_DEPTH_X2,
+    grow_model,
+    kjv_sequences,
+    small_config,
+    trained_like_model,
+)
 
 # Width grows with the heads (head_dim is fixed at hidden / heads, as in every released Tele-FLM).
 GROWTHS = {
@@ -18,16 +25,7 @@ GROWTHS = {
     "layers copied, spread": (dict(num_hidden_layers=4), {}),
     "layers copied at 0 and 3": (dict(num_hidden_layers=4), dict(layers_at=[0, 3])),
     "layers interpolated": (dict(num_hidden_layers=5), dict(layers_at=[1, 2, 4], layer_init="interpolate")),
-    "width x2 + depth x2": (
-        dict(
-            hidden_size=128,
-            intermediate_size=256,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            num_hidden_layers=4,
-        ),
-        {},
-    ),
+    "width x2 + depth x2": (WIDTH_X2_DEPTH_X2, {}),
 }
 
 
@@ -82,3 +80,21 @@ def test_mup_bookkeeping_follows_the_width(old_model):
     # New entries follow the muP init of the new width: std matrix_std / sqrt(4).
     fresh = grown.model.layers[0].mlp.up_proj.weight[128:, :]
     assert fresh.std().item() == pytest.approx(HP.matrix_std / 2, rel=0.1)
+
+
+@torch.no_grad()
+def test_attention_biases_grow_with_their_weights(ids):
+    """attention_bias = true: old biases keep their slots (query heads at their planned positions),
+    new entries start at zero, and the grown model computes the old function."""
+    old = trained_like_model(small_config(attention_bias=True))
+    for name, p in old.named_parameters():
+        if name.endswith(".bias"):
+            p.normal_(0.0, 0.3)
+    target, _ = GROWTHS["width x2 + depth x2"]
+    grown, _ = grow_model(old, target)
+    assert (grown(input_ids=ids).logits - old(input_ids=ids).logits).abs().max().item() <= 1e-5
+    old_q, new_q = old.model.layers[1].self_attn.q_proj.bias, grown.model.layers[2].self_attn.q_proj.bias
+    # 4 old heads of 16 dims; 2 query heads per kv head before and after: top-left, new heads zero.
+    assert torch.equal(new_q.view(8, 16)[:4], old_q.view(4, 16)) and not new_q[64:].any()
+    o = grown.model.layers[2].self_attn.o_proj.bias
+    assert torch.equal(o[:64], old.model.layers[1].self_attn.o_proj.bias) and not o[64:].any()

@@ -16,18 +16,13 @@ from distributed import run_ranks  # noqa: E402
 from train.common import logged_losses, pattern_sequences, tiny_train_config  # noqa: E402
 
 from teleflm.data.synthetic import ArrayStream  # noqa: E402
+from tests.grow.common import WIDTH_X2_DEPTH_X2  # noqa: E402
 
 TOKENS_PER_STEP = 8 * 32
 GROWTH = {
     "at_tokens": 3 * TOKENS_PER_STEP,
     "ramp_steps": 4,
-    "model": {
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 4,
-    },
+    "model": WIDTH_X2_DEPTH_X2,
 }
 
 
@@ -103,6 +98,32 @@ def test_resume_in_the_middle_of_the_ramp_is_exact(grown_run, tmp_path):
     for step in range(6, 11):
         assert again[step] == straight[step], step
     assert trainer.growth_masks is None
+
+
+def test_a_crash_in_the_middle_of_growth_grows_again_and_trains_the_same(grown_run, tmp_path, monkeypatch):
+    """The run dies with the grown shards written but not yet renamed: its restart finds the source
+    checkpoint (never the `.tmp`), grows it again into the same model, and trains exactly as the run
+    that never crashed; the `.tmp` does not outlive the next save."""
+    import torch.distributed.checkpoint as dcp
+
+    _, straight, _ = grown_run
+    real_save = dcp.save
+
+    def dies_after_the_grown_shards(state, checkpoint_id, **kwargs):
+        real_save(state, checkpoint_id=checkpoint_id, **kwargs)
+        if checkpoint_id.endswith("-grown.tmp"):
+            raise RuntimeError("killed in the middle of growth")
+
+    monkeypatch.setattr(dcp, "save", dies_after_the_grown_shards)
+    with pytest.raises(RuntimeError, match="middle of growth"):
+        make_trainer(str(tmp_path), [GROWTH]).run()
+    ckpts = tmp_path / "checkpoints"
+    assert (ckpts / "step-00000003-grown.tmp" / ".metadata").is_file()
+    assert not (ckpts / "step-00000003-grown").exists()
+    monkeypatch.undo()
+    make_trainer(str(tmp_path), [GROWTH]).run()
+    assert logged_losses(tmp_path) == straight
+    assert not list(ckpts.glob("*.tmp"))
 
 
 def test_bad_schedule_is_refused_before_training(tmp_path):

@@ -138,3 +138,45 @@ def test_adamw_moves_each_class_by_its_learning_rate():
         moved = moved[moved > 0]  # embedding rows of absent tokens get no gradient
         assert moved.median().item() == pytest.approx(group["lr"], rel=0.02), group["mup_class"]
     assert {g["mup_class"]: g["lr"] for g in optimizer.param_groups}[MATRIX] == pytest.approx(4e-3 / 4)
+
+
+def test_initial_values_norms_one_biases_zero_and_every_layout_draws_the_same():
+    """Parameters without an init std: norm weights 1, biases 0 (biases were set to 1)."""
+    import torch
+
+    from teleflm.model import TeleFLMForCausalLM
+    from teleflm.mup import MupHyperParams, initial_value
+    from teleflm.parallel.parallelize import ParallelDims, init_weights, parallelize
+    from teleflm.train.config import ParallelSection
+    from tests.conftest import tiny_config
+
+    config = tiny_config(attention_bias=True)
+    hp = MupHyperParams()
+    with torch.device("meta"):
+        model = TeleFLMForCausalLM(config)
+    model = parallelize(model, None, ParallelDims(), ParallelSection(mixed_precision="fp32"))
+    model.to_empty(device="cpu")
+    init_weights(model, config, hp, seed=3)
+    params = dict(model.named_parameters())
+    biases = [n for n in params if n.endswith(".bias")]
+    assert len(biases) == 4 * config.num_hidden_layers
+    assert all(not params[n].any() for n in biases)
+    assert all((params[n] == 1).all() for n in params if n.endswith("norm.weight"))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(params[q], initial_value(q, params[q].shape, config, hp, seed=3))
+
+
+def test_any_rows_of_an_initial_value_are_those_rows_of_the_whole():
+    """A shard's rows drawn alone equal the same rows of the whole tensor: init and growth draw only
+    their own shard on each rank."""
+    import torch
+
+    from teleflm.mup import MupHyperParams, initial_value
+    from tests.conftest import tiny_config
+
+    config, hp = tiny_config(), MupHyperParams()
+    name = "model.layers.1.mlp.down_proj.weight"
+    whole = initial_value(name, (64, 160), config, hp, seed=5)
+    assert torch.equal(initial_value(name, (64, 160), config, hp, seed=5, rows=range(17, 40)), whole[17:40])
+    assert whole.std().item() == pytest.approx(hp.matrix_std / (2 * 2) ** 0.5, rel=0.05)  # / sqrt(2 L)
+    assert not torch.equal(initial_value(name, (64, 160), config, hp, seed=6), whole)

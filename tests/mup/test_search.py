@@ -201,3 +201,25 @@ def test_transfer_keeps_values_and_sets_the_width_multiplier(setup, tmp_path):
     big["model"]["use_mup"] = False
     with pytest.raises(ValueError, match="use_mup = false"):
         transfer(best, big)
+
+
+def test_held_out_loss_gives_padded_ids_no_mass():
+    import torch
+    import torch.nn.functional as F
+
+    from teleflm.model import TeleFLMForCausalLM
+    from teleflm.mup.runs import heldout_loss
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = TeleFLMForCausalLM(tiny_config(vocab_size=128))
+    with torch.no_grad():
+        model.lm_head.weight[100:] *= 50  # padded rows (past a 100-id tokenizer) with large logits
+    sequences = np.random.default_rng(0).integers(4, 100, (4, 17))
+    tokens = torch.from_numpy(sequences)
+    with torch.no_grad():
+        logits = model(input_ids=tokens[:, :-1]).logits
+    real = F.cross_entropy(logits[..., :100].flatten(0, 1), tokens[:, 1:].flatten()).item()
+    padded = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).item()
+    assert heldout_loss(model, sequences, real_vocab_size=100) == pytest.approx(real, rel=1e-6)
+    assert padded > real + 0.1

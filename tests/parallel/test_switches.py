@@ -4,6 +4,7 @@ import pytest
 
 from teleflm.data.synthetic import ArrayStream
 from teleflm.train.trainer import Trainer
+from tests.distributed import run_ranks
 from tests.train.common import logged_losses, pattern_sequences, tiny_train_config
 
 STEPS = 4
@@ -35,3 +36,17 @@ def test_bf16_tracks_fp32(fp32, tmp_path):
 @pytest.mark.slow
 def test_compile_matches_eager(fp32, tmp_path):
     assert losses(tmp_path, compile=True, activation_checkpointing=True) == pytest.approx(fp32, rel=1e-4)
+
+
+def pipeline_losses(out, mixed_precision) -> list[float]:
+    return losses(out, pp=2, dp_shard=1, mixed_precision=mixed_precision)
+
+
+def test_bf16_under_pipeline_parallel_computes_in_bf16(fp32, tmp_path):
+    """pp=2 without FSDP: bf16 gives one process's bf16 losses, not fp32's (autocast around the
+    schedule's step: it was skipped there, and the run trained in fp32). At this size bf16 moves the
+    fourth loss by a few 1e-6 of itself, far more than the order of fp32 sums (1e-7)."""
+    one_process = losses(tmp_path / "one", mixed_precision="bf16")
+    bf16 = run_ranks(2, pipeline_losses, str(tmp_path / "pp"), "bf16")[0]
+    assert abs(one_process[-1] - fp32[-1]) > 1e-6 * fp32[-1]
+    assert bf16 == pytest.approx(one_process, rel=1e-7)

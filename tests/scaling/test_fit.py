@@ -36,6 +36,24 @@ def test_bootstrap_interval_brackets_the_truth():
     assert p.low - 0.01 <= TRUE(1e9) <= p.high + 0.01
 
 
+def test_the_interval_measures_the_scatter_of_the_ladder():
+    """Its width follows the rungs' noise (resampling rungs gave zero width with 3 of them)."""
+    widths = []
+    for noise in (0.001, 0.004):
+        sizes, losses = noisy_ladder(rungs=6, noise=noise, seed=3)
+        p = predict(sizes, losses, 1e9)
+        widths.append(p.high - p.low)
+    assert 0 < widths[0] < widths[1] / 2
+
+
+def test_three_rungs_give_no_interval():
+    """Three rungs fit three parameters exactly: nothing is left to measure the uncertainty by."""
+    sizes, losses = noisy_ladder(rungs=3, noise=0.003)
+    p = predict(sizes, losses, 1e9)
+    assert not p.has_interval and p.low is None and p.high is None and p.bootstrap_fits == 0
+    assert p.loss == pytest.approx(fit_power_law(sizes, losses)(1e9))
+
+
 def test_fewer_than_three_points_refused():
     with pytest.raises(FitError, match="give at least 3 rungs"):
         fit_power_law([1e6, 1e7], [3.0, 2.8])

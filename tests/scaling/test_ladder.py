@@ -30,7 +30,8 @@ def test_trained_ladder_predicts_and_reads_finished_rungs(tmp_path, capsys):
     args = write_ladder(tmp_path, widths=[16, 24, 32, 48])
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "predicted loss" in out and "self-check on the largest rung" in out
+    assert "predicted held-out loss (nats per token)" in out and "residual-bootstrap interval" in out
+    assert "self-check on the largest rung" in out
     rungs = [json.loads((tmp_path / "ladder" / f"w{w}" / "rung.json").read_text()) for w in (16, 24, 32, 48)]
     assert all(np.isfinite(r["loss"]) and 0 < r["loss"] < np.log(96) for r in rungs)
     assert [r["params"] for r in rungs] == sorted(r["params"] for r in rungs)

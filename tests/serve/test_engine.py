@@ -116,12 +116,30 @@ def test_cancelled_request_frees_its_slot(model_and_tokenizer):
 
 
 def test_a_failing_request_fails_alone_and_the_engine_goes_on(model_and_tokenizer):
+    """A bad request joins a batch with one request mid-way and another joining with it: the batched
+    step fails, and only the bad request finishes with the error; the others get what `generate`
+    gives them alone."""
     model, tokenizer = model_and_tokenizer
     engine = Engine(model, tokenizer)
-    engine.start()
+    running = Collected(tokenizer, PROMPTS[1], max_tokens=12)
+    engine.submit(running.request)
+    for _ in range(3):
+        engine.step()
+    bad = Collected(tokenizer, "x")
+    bad.request.prompt_ids = [model.config.vocab_size + 7]  # no such embedding row
+    joining = Collected(tokenizer, PROMPTS[0], max_tokens=8)
+    engine.submit(bad.request)
+    engine.submit(joining.request)
+    run_to_end(engine)
+    assert bad.outputs[-1].finish_reason == "error" and "IndexError" in bad.outputs[-1].error
+    assert running.outputs[-1].finish_reason == "length" and joining.outputs[-1].finish_reason == "length"
+    assert running.text == greedy_reference(model, tokenizer, running.request.prompt_ids, 12)
+    assert joining.text == greedy_reference(model, tokenizer, joining.request.prompt_ids, 8)
+
+    engine.start()  # the engine thread: a request failing alone fails itself, and serving goes on
     try:
         bad = Collected(tokenizer, "x")
-        bad.request.prompt_ids = [model.config.vocab_size + 7]  # no such embedding row
+        bad.request.prompt_ids = [model.config.vocab_size + 7]
         engine.submit(bad.request)
         assert bad.finished.wait(30)
         assert bad.outputs[-1].finish_reason == "error" and "IndexError" in bad.outputs[-1].error

@@ -2,6 +2,7 @@
 with another tokenizer before any work."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,7 @@ from teleflm.data.prepare import prepare
 from teleflm.data.tokenizer import train_tokenizer
 from tests.conftest import sample_text
 from tests.data.conftest import data_toml
+from tests.distributed import run_ranks
 
 CONFIG = """
 out = "{out}"
@@ -80,14 +82,23 @@ def test_pretrain_on_prepared_shards(prepared, tmp_path, capsys):
     assert (tmp_path / "run" / "export" / "tokenizer.json").is_file()
     assert "val.bpb=" in capsys.readouterr().out
 
-    # `teleflm eval bpb` on the final checkpoint and on the export reproduces the in-loop figures.
-    for model in [tmp_path / "run" / "checkpoints" / "step-00000010", tmp_path / "run" / "export"]:
+    # `teleflm eval bpb` reproduces the in-loop figures on the same documents: by default on the final
+    # checkpoint (it records what the run scored), with the run's settings given on the export.
+    settings = ["--context-length", "64", "--max-windows", "4"]
+    for model, extra in [
+        (tmp_path / "run" / "checkpoints" / "step-00000010", []),
+        (tmp_path / "run" / "export", settings),
+    ]:
         out = tmp_path / f"{model.name}.json"
         args = ["eval", "bpb", "--model", str(model), "--data", str(prepared / "shards")]
-        assert main([*args, "--context-length", "64", "--max-windows", "4", "--json", str(out)]) == 0
+        assert main([*args, *extra, "--json", str(out)]) == 0
         figures = json.loads(out.read_text())
         assert figures["bpb"] == pytest.approx(evals[-1]["val.bpb"], rel=1e-5)
-        assert figures["domains"]["zh"]["bpb"] == pytest.approx(evals[-1]["val.zh.bpb"], rel=1e-5)
+        for domain in ("en", "zh"):
+            scored = figures["domains"][domain]
+            assert scored["bpb"] == pytest.approx(evals[-1][f"val.{domain}.bpb"], rel=1e-5)
+            assert scored["documents"] == evals[-1][f"val.{domain}.documents"] > 0
+            assert scored["bytes"] == evals[-1][f"val.{domain}.bytes"] > 0
 
 
 def test_shards_of_another_tokenizer_refused_before_work(prepared, tmp_path, capsys):
@@ -97,3 +108,72 @@ def test_shards_of_another_tokenizer_refused_before_work(prepared, tmp_path, cap
     assert main(["pretrain", "--config", str(config)]) == 2
     assert "made with another tokenizer" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def write_config(tmp_path, prepared, name="c.toml", shards="shards", **out) -> Path:
+    config = tmp_path / name
+    config.write_text(
+        CONFIG.format(
+            out=tmp_path / (out.get("out") or "run"), shards=prepared / shards, tokenizer=prepared / "tok"
+        )
+    )
+    return config
+
+
+def final_eval(config, *overrides) -> dict:
+    from teleflm.train.config import load_config
+    from teleflm.train.trainer import Trainer
+
+    return Trainer(load_config(config, list(overrides))).run()
+
+
+def test_held_out_bpb_under_pipeline_parallel_equals_one_process(prepared, tmp_path):
+    one = final_eval(write_config(tmp_path, prepared, out="one"))
+    pp = run_ranks(2, final_eval, write_config(tmp_path, prepared, "pp.toml", out="pp"), "parallel.pp=2")
+    for rank in pp:  # every stage reports the figures
+        assert rank["val.bpb"] == pytest.approx(one["val.bpb"], rel=1e-5)
+        assert rank["val.zh.documents"] == one["val.zh.documents"] > 0
+
+
+def test_evaluation_masks_documents_as_training_does(prepared, tmp_path, capsys):
+    # A wide init: logits that depend on the context, so attention across documents shows.
+    wide = ["mup.std=0.5", "mup.matrix_std=0.5", "logging.eval_sequences=16"]
+    result = final_eval(write_config(tmp_path, prepared), "data.document_mask=true", *wide)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000010"
+    args = ["eval", "bpb", "--model", str(checkpoint), "--data", str(prepared / "shards"), "--json"]
+    assert main([*args, str(tmp_path / "masked.json")]) == 0  # the run's mask, recorded in the checkpoint
+    assert main([*args, str(tmp_path / "plain.json"), "--no-document-mask"]) == 0
+    masked, plain = (json.loads((tmp_path / f).read_text())["bpb"] for f in ("masked.json", "plain.json"))
+    assert result["val.bpb"] == pytest.approx(masked, rel=1e-5)
+    assert result["val.bpb"] != pytest.approx(plain, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def no_held_out(prepared):
+    """The same text prepared without a held-out split."""
+    toml = prepared / "data.toml"
+    no_val = prepared / "data-no-val.toml"
+    no_val.write_text(
+        toml.read_text()
+        .replace('out = "shards"', 'out = "shards-no-val"')
+        .replace("heldout_fraction = 0.1", "heldout_fraction = 0.0")
+    )
+    prepare(no_val, progress=False)
+    return prepared / "shards-no-val"
+
+
+def test_an_empty_held_out_split_still_finishes_and_exports(prepared, no_held_out, tmp_path):
+    result = final_eval(write_config(tmp_path, prepared, shards=no_held_out.name))
+    assert result["step"] == 10 and "val.bpb" not in result
+    assert result["val.en.documents"] == result["val.zh.documents"] == 0
+    assert (tmp_path / "run" / "export" / "config.json").is_file()
+    # A resume after the last checkpoint evaluates again, and finishes again.
+    assert final_eval(write_config(tmp_path, prepared, shards=no_held_out.name))["step"] == 10
+
+
+def test_a_search_objective_without_held_out_data_is_an_error(prepared, no_held_out, tmp_path):
+    from teleflm.mup.runs import RunData, read_toml, scored_run
+
+    raw = read_toml(write_config(tmp_path, prepared, shards=no_held_out.name))
+    with pytest.raises(ValueError, match="no held-out bits per byte"):
+        scored_run(raw, tmp_path / "scored", RunData())

@@ -100,6 +100,8 @@ def test_checkpoint_cut_short_is_ignored(tmp_path):
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     resumed = [e for e in events if e["event"] == "resumed"]
     assert [e["checkpoint"] for e in resumed] == [str(ckpts / "step-00000005")]
+    # The next save removes what was cut short (full-size folders otherwise kept forever).
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000005", "step-00000010"]
 
 
 def train(out: Path, **sections) -> Trainer:

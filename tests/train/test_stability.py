@@ -28,7 +28,18 @@ def poisoned_stream(rank: int, size: int) -> ArrayStream:
     return ArrayStream(pattern_sequences(), rank, size, poison=poison)
 
 
-def train(tmp_path, action: str) -> Trainer:
+def without_the_bad_batch(rank: int, size: int) -> ArrayStream:
+    """The poisoned stream with the poisoned batch taken out: the run that never saw it."""
+    sequences, first = pattern_sequences(), BAD_STEP * SEQUENCES_PER_STEP
+    kept = [
+        sequences[g % len(sequences)]
+        for g in range(40 * SEQUENCES_PER_STEP)
+        if not 0 <= g - first < SEQUENCES_PER_STEP
+    ]
+    return ArrayStream(np.stack(kept), rank, size)
+
+
+def train(tmp_path, action: str, stream=poisoned_stream) -> Trainer:
     cfg = tiny_train_config(
         tmp_path,
         schedule={"total_tokens": CONTEXT * SEQUENCES_PER_STEP * 32, "warmup_steps": 2},
@@ -36,7 +47,7 @@ def train(tmp_path, action: str) -> Trainer:
         stability={"action": action, "warmup_steps": 10},
         checkpoint={"interval_steps": 10},
     )
-    trainer = Trainer(cfg, stream_factory=poisoned_stream)
+    trainer = Trainer(cfg, stream_factory=stream)
     trainer.run()
     return trainer
 
@@ -58,6 +69,15 @@ def test_planted_bad_batch_is_caught_and_run_recovers(tmp_path, action):
     # Recovered: all 32 steps done, and the loss after the event is back below where it was before.
     assert trainer.step == 32
     assert losses[32] < losses[BAD_STEP]
+
+
+def test_skip_equals_the_run_without_the_bad_batch_exactly(tmp_path):
+    """A skipped batch leaves no trace: not in the weights, the moments, the schedule or the guard."""
+    train(tmp_path / "skip", "skip")
+    train(tmp_path / "clean", "skip", stream=without_the_bad_batch)
+    assert not [e for e in events(tmp_path / "clean") if e["event"].endswith("spike")]
+    skipped, clean = logged_losses(tmp_path / "skip"), logged_losses(tmp_path / "clean")
+    assert sorted(skipped) == list(range(1, 33)) and skipped == clean
 
 
 def test_stop_action_stops(tmp_path):
