@@ -349,7 +349,7 @@ class Engine:
 
         # The next tokens each grammar allows, computed for the whole batch at once.
         constrained = [request.constraint for request in rows if request.constraint is not None]
-        allowed = iter(self.grammar_tokenizer().allowed(constrained).to(device) if constrained else [])
+        allowed = iter(self.grammar_tokenizer().allowed(constrained).to(logits.device) if constrained else [])
         for i, request in enumerate(rows):
             grammar = next(allowed) if request.constraint is not None else None
             request.output_ids.append(self._sample(logits[i], request, grammar))
