@@ -39,7 +39,7 @@ def plan_for_checkpoint(
 ) -> tuple[TeleFLMConfig, GrowthPlan]:
     """Validate a growth of a checkpoint from its trainer.json alone (no tensors read)."""
     source = Path(source)
-    state = verify(source)  # its files whole, or an error naming the file
+    state = read_state(source)
     ramp = state.get("growth_masks")
     if ramp and state["step"] - ramp["start_step"] < ramp["ramp_steps"]:
         raise GrowthError(
@@ -170,7 +170,7 @@ def grow_checkpoint(
         raise GrowthError(f"ramp_steps must be >= 1, got {ramp_steps}")
     source, target = Path(source), Path(target)
     new_config, plan = plan_for_checkpoint(source, cfg.model, layers_at, layer_init)
-    state = read_state(source)
+    state = verify(source)  # every file whole before any rank reads its parts
     device, _ = device_and_backend()
     world = dist.get_world_size() if dist.is_initialized() else 1
     # Plain FSDP over every rank: the fewest bytes per rank; the checkpoint loads into any layout.
