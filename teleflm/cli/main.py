@@ -21,6 +21,7 @@ SUBCOMMANDS = [
     "teleflm.cli.mup",
     "teleflm.cli.predict",
     "teleflm.cli.sft",
+    "teleflm.cli.dpo",
     "teleflm.cli.chat",
 ]
 

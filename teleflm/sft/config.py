@@ -1,11 +1,11 @@
-"""Configuration of a fine-tuning run: the pre-training tables plus `[sft]`.
+"""Configuration of a fine-tuning run: the pre-training tables plus `[sft]` (or `[dpo]`).
 
 A fine-tuning TOML has the pre-training tables (`out`, `seed`, `[mup]` for learning rates,
 `[data]` for `context_length`, `seed` and `document_mask`, `[optim]`, `[schedule]`, `[batch]`,
-`[parallel]`, `[checkpoint]`, `[logging]`, `[stability]`) and an `[sft]` table. It has no `[model]`
-and no `[[growth]]`: the model is the one `sft.init` holds, and `data.tokenizer` defaults to the
-tokenizer that came with it. `schedule.total_tokens` defaults to `sft.epochs` passes over the packed
-set.
+`[parallel]`, `[checkpoint]`, `[logging]`, `[stability]`) and an `[sft]` table (`teleflm sft`) or a
+`[dpo]` table (`teleflm dpo`). It has no `[model]` and no `[[growth]]`: the model is the one `init`
+holds, and `data.tokenizer` defaults to the tokenizer that came with it. `schedule.total_tokens`
+defaults to `epochs` passes over the packed set (SFT) or the training pairs (DPO).
 """
 
 import math
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from teleflm.train.config import (
     AT_LEAST_ONE,
+    FRACTION,
     POSITIVE,
     ConfigError,
     TrainConfig,
@@ -41,9 +42,21 @@ class SFTSection:
 
 
 @dataclass
+class DPOSection:
+    init: str = ""  # the model to tune, usually an SFT model: a teleflm checkpoint (step-N) or an export
+    data: list[str] = field(default_factory=list)  # preference JSONL files or globs (docs/sft.md)
+    on_error: str = "fail"  # a malformed line: "fail" stops, "skip" skips it (named by file:line either way)
+    epochs: float = 1.0  # passes over the training pairs; sets schedule.total_tokens when that is 0
+    beta: float = 0.1  # DPO's temperature: how far the policy may move from the reference
+    heldout_fraction: float = 0.1  # of the pairs, kept aside to measure preference accuracy and margin
+
+    RANGES = dict(epochs=POSITIVE, beta=POSITIVE, heldout_fraction=FRACTION)
+
+
+@dataclass
 class SFTConfig:
     train: TrainConfig
-    sft: SFTSection
+    sft: SFTSection | DPOSection
 
 
 def source_model(init: str, where: str) -> tuple[dict, str]:
@@ -64,25 +77,32 @@ def source_model(init: str, where: str) -> tuple[dict, str]:
     return {k: v for k, v in fields.items() if k in model_fields() and v is not None}, tokenizer
 
 
-def load_sft_config(path: str | Path, overrides: list[str] = ()) -> SFTConfig:
-    """Read and check a fine-tuning config; a schedule left at 0 tokens is set by `complete` once
-    the packed set's size is known."""
+def load_sft_config(path: str | Path, overrides: list[str] = (), table: str = "sft") -> SFTConfig:
+    """Read and check a fine-tuning config with an `[sft]` (or `[dpo]`) table; a schedule left at 0
+    tokens is set by `complete` once the data's size is known."""
     raw = read_raw(path, overrides)
     where = str(path)
-    for table in ("model", "growth"):
-        if table in raw:
-            raise ConfigError(f"{where}: a fine-tuning config has no [{table}]: the model is sft.init's")
-    sft = _build(SFTSection, raw.pop("sft", {}), f"{where}: [sft]")
-    if sft.on_error not in ("fail", "skip"):
-        raise ConfigError(f"{where}: sft.on_error must be 'fail' or 'skip', got {sft.on_error!r}")
-    if not sft.data:
-        raise ConfigError(f"{where}: sft.data names no chat JSONL file")
-    raw["model"], tokenizer = source_model(sft.init, where)
+    for other in ("model", "growth", *({"sft", "dpo"} - {table})):
+        if other in raw:
+            raise ConfigError(f"{where}: a `teleflm {table}` config has no [{other}]: the model is {table}.init's")
+    section = _build(DPOSection if table == "dpo" else SFTSection, raw.pop(table, {}), f"{where}: [{table}]")
+    if section.on_error not in ("fail", "skip"):
+        raise ConfigError(f"{where}: {table}.on_error must be 'fail' or 'skip', got {section.on_error!r}")
+    if not section.data:
+        raise ConfigError(f"{where}: {table}.data names no JSONL file")
+    raw["model"], tokenizer = source_model(section.init, where)
     raw.setdefault("data", {}).setdefault("tokenizer", tokenizer)
     if not raw["data"]["tokenizer"]:
-        raise ConfigError(f"{where}: {sft.init} comes with no tokenizer: set data.tokenizer")
-    # Packed conversations must not see each other (validate refuses it with pipelines: pp > 1).
-    raw["data"]["document_mask"] = sft.pack
+        raise ConfigError(f"{where}: {section.init} comes with no tokenizer: set data.tokenizer")
+    if table == "dpo":
+        if raw.get("parallel", {}).get("pp", 1) > 1:
+            raise ConfigError(f"{where}: teleflm dpo runs under dp and tp; parallel.pp must be 1")
+        micro = raw.get("batch", {}).get("micro_batch_size", 1)
+        if micro % 2:
+            raise ConfigError(f"{where}: batch.micro_batch_size ({micro}) must be even: a pair's two sides go together")
+    else:
+        # Packed conversations must not see each other (validate refuses it with pipelines: pp > 1).
+        raw["data"]["document_mask"] = section.pack
     schedule = raw.setdefault("schedule", {})
     derive_length = schedule.get("total_tokens", 0) == 0
     if derive_length:
@@ -91,11 +111,12 @@ def load_sft_config(path: str | Path, overrides: list[str] = ()) -> SFTConfig:
     validate(train, where)
     if derive_length:
         train.schedule.total_tokens = 0
-    return SFTConfig(train, sft)
+    return SFTConfig(train, section)
 
 
 def complete(cfg: SFTConfig, sequences: int) -> None:
-    """Set the schedule's length from the packed set when the config leaves it at 0."""
+    """Set the schedule's length from the data when the config leaves it at 0 (`sequences`: packed
+    rows for SFT, rows of the training pairs for DPO)."""
     t = cfg.train
     if t.schedule.total_tokens == 0:
         steps = max(1, math.ceil(cfg.sft.epochs * sequences / t.sequences_per_step()))

@@ -1,0 +1,25 @@
+"""`teleflm dpo --config C [--set section.key=value ...]`: preference tuning (DPO) on chosen/rejected
+pairs (docs/sft.md)."""
+
+from teleflm.cli.common import add_override_argument
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("dpo", help="Direct Preference Optimization on (prompt, chosen, rejected) JSONL")
+    p.add_argument("--config", required=True, help="TOML file with a [dpo] table (see configs/sft/)")
+    add_override_argument(p, "dpo.beta=0.2")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from teleflm.sft.config import load_sft_config
+    from teleflm.sft.dpo import run_dpo
+    from teleflm.train.trainer import close
+
+    cfg = load_sft_config(args.config, args.overrides, table="dpo")
+    try:
+        result = run_dpo(cfg)
+    finally:
+        close()
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    return 0
