@@ -52,7 +52,7 @@ def bpb_by_domain(
     from teleflm.cli.common import load_model_any
     from teleflm.data.shards import open_shards
     from teleflm.data.tokenizer import load_tokenizer, tokenizer_hash
-    from teleflm.eval.bpb import bits_per_byte
+    from teleflm.eval.bpb import bits_per_byte, logits_loss
 
     model, _, tokenizer_dir = load_model_any(model_path)
     if tokenizer_dir is None:
@@ -64,10 +64,9 @@ def bpb_by_domain(
     results, bits, n_bytes = {}, 0.0, 0
     for domain in shards.domains:
         r = bits_per_byte(
-            lambda x: model(input_ids=x, use_cache=False).logits,
+            logits_loss(lambda x: model(input_ids=x, use_cache=False).logits, real_vocab),
             shards.documents(domain, split),
             context,
-            real_vocab,
             max_windows=max_windows,
             batch_size=batch_size,
             device=device,

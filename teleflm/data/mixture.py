@@ -71,6 +71,13 @@ class DomainStream:
         return out
 
 
+def document_ids(tokens: np.ndarray) -> np.ndarray:
+    """int32, the shape of `tokens` [n, T]: each token's document within its row, the number of </s>
+    before it (a </s> ends its own document)."""
+    ends = np.cumsum(tokens == EOS_ID, axis=1)
+    return np.concatenate([np.zeros((len(tokens), 1), np.int64), ends[:, :-1]], axis=1).astype(np.int32)
+
+
 class MixtureStream:
     """This rank's share of the global stream of packed sequences over a mixture of domains."""
 
@@ -134,11 +141,7 @@ class MixtureStream:
             self._check_epochs(d)
         batch = {"tokens": tokens, "domain": domain}
         if self.document_mask:
-            # A token's segment is the number of </s> before it in the row (a </s> ends its own document).
-            ends = np.cumsum(tokens == EOS_ID, axis=1)
-            batch["doc_ids"] = np.concatenate([np.zeros((n, 1), np.int64), ends[:, :-1]], axis=1).astype(
-                np.int32
-            )
+            batch["doc_ids"] = document_ids(tokens)
         return batch
 
     def _epochs_used(self, d: int) -> float:

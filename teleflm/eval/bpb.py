@@ -2,7 +2,9 @@
 
 Documents are laid end to end, each preceded by `</s>`, and cut into windows of `context_length`
 predictions; every document token is predicted (the `</s>` separators are inputs, never targets), and
-padded vocabulary ids get no probability mass. Work is split over data-parallel ranks and summed.
+padded vocabulary ids get no probability mass. With `document_mask` a window's documents attend only
+within themselves, as in training with `data.document_mask`. Work is split over data-parallel ranks
+and summed.
 """
 
 import math
@@ -11,9 +13,19 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+
+from teleflm.data.mixture import document_ids
+from teleflm.train.loss import IGNORE_INDEX, token_loss_sum
 
 EOS = 2
+
+# loss_fn(inputs [n, T], targets [n, T] (IGNORE_INDEX where none), doc_ids [n, T] or None) -> summed NLL
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def logits_loss(logits_fn: Callable[[torch.Tensor], torch.Tensor], real_vocab_size: int) -> LossFn:
+    """The loss of a model given as `logits_fn(inputs) -> logits` (it attends across documents)."""
+    return lambda inputs, targets, doc_ids: token_loss_sum(logits_fn(inputs), targets, real_vocab_size)
 
 
 def eval_windows(documents: Iterable[tuple[np.ndarray, int]], context_length: int, max_windows: int):
@@ -46,10 +58,10 @@ def eval_windows(documents: Iterable[tuple[np.ndarray, int]], context_length: in
 
 @torch.no_grad()
 def bits_per_byte(
-    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    loss_fn: LossFn,
     documents: Iterable[tuple[np.ndarray, int]],
     context_length: int,
-    real_vocab_size: int,
+    document_mask: bool = False,
     max_windows: int = 64,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
@@ -67,11 +79,11 @@ def bits_per_byte(
     count = torch.zeros((), dtype=torch.float64, device=device)
     for b in range(n_batches):
         idx = mine[b * batch_size : (b + 1) * batch_size]
-        batch = torch.from_numpy(windows[idx] if len(idx) else windows[:1]).to(device)
+        rows = windows[idx] if len(idx) else windows[:1]
+        batch = torch.from_numpy(rows).to(device)
         weight = torch.from_numpy(mask[idx] if len(idx) else np.zeros_like(mask[:1])).to(device)
-        logits = logits_fn(batch[:, :-1])[..., :real_vocab_size].float()
-        losses = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
-        nll += (losses * weight.flatten()).sum().double()
+        docs = torch.from_numpy(document_ids(rows)[:, :-1]).to(device) if document_mask else None
+        nll += loss_fn(batch[:, :-1], batch[:, 1:].masked_fill(~weight, IGNORE_INDEX), docs).double()
         count += weight.sum().double()
     if dp_size > 1:
         dist.all_reduce(nll, group=dp_group)

@@ -145,10 +145,10 @@ def apply_ac(module: nn.Module) -> None:
         layers.register_module(name, checkpoint_wrapper(layer, preserve_rng_state=False))
 
 
-def apply_compile(module: nn.Module) -> None:
+def apply_compile(module: nn.Module, fullgraph: bool = True) -> None:
     """Compile each decoder layer in place (names unchanged; repeated blocks share one graph)."""
     for layer in decoder_layers(module).children():
-        layer.compile(fullgraph=True)
+        layer.compile(fullgraph=fullgraph)
 
 
 def apply_fsdp(module: nn.Module, mesh: DeviceMesh, mixed_precision: str) -> None:
@@ -160,14 +160,17 @@ def apply_fsdp(module: nn.Module, mesh: DeviceMesh, mixed_precision: str) -> Non
     fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
 
 
-def parallelize(module: nn.Module, mesh: DeviceMesh | None, dims: ParallelDims, cfg) -> nn.Module:
-    """TP, then activation checkpointing, then compile, then FSDP (cfg: the [parallel] section)."""
+def parallelize(
+    module: nn.Module, mesh: DeviceMesh | None, dims: ParallelDims, cfg, fullgraph: bool = True
+) -> nn.Module:
+    """TP, then activation checkpointing, then compile, then FSDP (cfg: the [parallel] section).
+    `fullgraph=False` lets a compiled layer break its graph (document attention on CPU slices by data)."""
     if dims.tp > 1:
         apply_tp(module, mesh["tp"])
     if cfg.activation_checkpointing:
         apply_ac(module)
     if cfg.compile:
-        apply_compile(module)
+        apply_compile(module, fullgraph)
     if dims.dp > 1:
         apply_fsdp(module, dp_mesh(mesh, dims), cfg.mixed_precision)
     return module

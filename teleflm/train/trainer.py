@@ -15,13 +15,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from torch.distributed.fsdp import register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 from teleflm import mup
 from teleflm.grow import schedule as growth
 from teleflm.grow.masks import advance_ramp
-from teleflm.model.modeling_teleflm import TeleFLMForCausalLM
 from teleflm.parallel.parallelize import (
     ParallelDims,
     build_mesh,
@@ -35,6 +34,7 @@ from teleflm.parallel.parallelize import (
 from teleflm.parallel.plan import flops_per_token
 from teleflm.train import checkpoint
 from teleflm.train.config import TrainConfig, dp_shard_degree, validate
+from teleflm.train.loss import IGNORE_INDEX, TeleFLMForTraining, token_loss_sum
 from teleflm.train.monitor import Monitor
 from teleflm.train.schedule import lr_factor
 from teleflm.train.stability import SpikeGuard
@@ -42,28 +42,6 @@ from teleflm.train.stability import SpikeGuard
 
 class SpikeStop(RuntimeError):
     """The stability guard stopped the run (action "stop", or too many events)."""
-
-
-def causal_document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(batch, 1, T, T) boolean mask: causal and within the same packed document."""
-    same = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]
-    causal = torch.ones(doc_ids.shape[1], doc_ids.shape[1], dtype=torch.bool, device=doc_ids.device).tril()
-    return same & causal
-
-
-# A target of this value is not learned (a prompt or padding token under a batch's loss_mask).
-IGNORE_INDEX = -100
-
-
-def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, real_vocab_size: int) -> torch.Tensor:
-    """Summed next-token NLL in fp32 over the tokenizer's real vocabulary (padded ids get no mass);
-    targets equal to IGNORE_INDEX add nothing."""
-    return F.cross_entropy(
-        logits[..., :real_vocab_size].flatten(0, 1).float(),
-        targets.flatten(),
-        reduction="sum",
-        ignore_index=IGNORE_INDEX,
-    )
 
 
 def grad_norm(params: list[torch.nn.Parameter], pp_group) -> torch.Tensor:
@@ -111,9 +89,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model_config = cfg.model_config()
         with torch.device("meta"):
-            model = TeleFLMForCausalLM(self.model_config)
+            model = TeleFLMForTraining(self.model_config)
         module = pipeline_split(model, self.pp_rank, self.dims.pp) if self.dims.pp > 1 else model
-        self.module = parallelize(module, self.mesh, self.dims, p)
+        self.module = parallelize(module, self.mesh, self.dims, p, fullgraph=not cfg.data.document_mask)
+        if self.dims.pp == 1:
+            register_fsdp_forward_method(self.module, "loss_sum")
         self.module.to_empty(device=self.device)
         init_weights(self.module, self.model_config, cfg.mup, cfg.seed)
         self.module.train()
@@ -218,10 +198,9 @@ class Trainer:
             rows = slice(i * mbs, (i + 1) * mbs)
             if self.dims.dp > 1:
                 self.module.set_requires_gradient_sync(i == self.micro_batches - 1)
-            mask = causal_document_mask(doc_ids[rows]) if doc_ids is not None else None
+            docs = doc_ids[rows] if doc_ids is not None else None
             with self.autocast:
-                logits = self.module(input_ids=inputs[rows], attention_mask=mask, use_cache=False).logits
-            loss = token_loss_sum(logits, targets[rows], self.real_vocab_size)
+                loss = self.module.loss_sum(inputs[rows], targets[rows], self.real_vocab_size, docs)
             (loss / self.normalizer).backward()
             total += loss.detach()
         return total
@@ -328,10 +307,10 @@ class Trainer:
         try:
             for domain in self.shards.domains:
                 r = bits_per_byte(
-                    lambda x: self.module(input_ids=x, use_cache=False).logits,
+                    lambda x, t, docs: self.module.loss_sum(x, t, self.real_vocab_size, docs),
                     self.shards.documents(domain, "val"),
                     self.cfg.data.context_length,
-                    self.real_vocab_size,
+                    document_mask=self.cfg.data.document_mask,
                     max_windows=self.cfg.logging.eval_sequences,
                     batch_size=self.cfg.batch.micro_batch_size,
                     device=self.device,
