@@ -66,7 +66,13 @@ class SlicedDocumentAttention:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         pieces = {}
         for length, places in self.by_length.items():
-            q_, k_, v_ = (torch.stack([x[row, :, s : s + length] for row, s in places]) for x in (q, k, v))
+            if len(places) == 1:  # a view, no copy
+                ((row, s),) = places
+                q_, k_, v_ = (x[row : row + 1, :, s : s + length] for x in (q, k, v))
+            else:
+                q_, k_, v_ = (
+                    torch.stack([x[row, :, s : s + length] for row, s in places]) for x in (q, k, v)
+                )
             out = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, enable_gqa=gqa)
             pieces.update(zip(places, out.unbind(0), strict=True))
         rows = [

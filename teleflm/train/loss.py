@@ -99,11 +99,18 @@ def _chunked(h, weight, targets, scale, real_vocab_size, vocab_start, group, dty
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
     lse_sum = torch.zeros((), dtype=torch.float32, device=h.device)
     target_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+    # One buffer for every chunk's fp32 logits: a fresh allocation per chunk costs its page faults.
+    buffer = (
+        torch.empty(min(chunk, n), local, dtype=torch.float32, device=h.device)
+        if dtype == torch.float32
+        else None
+    )
     for s in range(0, n, chunk):
-        x = h[s : s + chunk].to(dtype)
+        # The scale goes on the chunk's hidden states (width D), not its logits (width V): far cheaper.
+        xs = h[s : s + chunk].to(dtype) * scale
         t = targets[s : s + chunk]
         learned = t != IGNORE_INDEX
-        logits = (x @ w.T).float().mul_(scale)
+        logits = torch.mm(xs, w.T, out=buffer[: len(xs)]) if buffer is not None else (xs @ w.T).float()
         # The target's logit where this rank holds the target's row.
         rows = torch.nonzero(learned & (t >= vocab_start) & (t < vocab_start + local)).squeeze(1)
         cols = t[rows] - vocab_start
@@ -118,15 +125,16 @@ def _chunked(h, weight, targets, scale, real_vocab_size, vocab_start, group, dty
             lse = torch.logsumexp(torch.stack(gathered), dim=0)
         lse_sum += lse[learned].sum()
         if with_grad:
-            # d loss / d logits = softmax - one-hot on learned rows, then the chain through `scale`.
+            # d loss / d logits = softmax - one-hot on learned rows; the chain through `scale` is
+            # carried by xs and by grad_h's factor.
             d = e.mul_(((top - lse).exp() * learned)[:, None])
             d[rows, cols] -= 1
-            d = d.mul_(scale).to(dtype)
-            grad_h[s : s + chunk] = d @ w
+            d = d.to(dtype)
+            grad_h[s : s + chunk] = (d @ w).mul_(scale)
             if grad_w.dtype == dtype:
-                grad_w[:local].addmm_(d.T, x)
+                grad_w[:local].addmm_(d.T, xs)
             else:  # fp32 accumulation of a lower-precision product
-                grad_w[:local] += d.T @ x
+                grad_w[:local] += d.T @ xs
     if group is not None:
         dist.all_reduce(target_sum, group=group)
         if with_grad:  # each rank's vocabulary slice contributes to every token's hidden-state gradient
