@@ -14,6 +14,8 @@ import time
 
 BENCHMARKS = [
     "bench_train",
+    "bench_loss",
+    "bench_attention",
     "bench_generate",
     "bench_serve",
     "bench_data",
@@ -26,7 +28,9 @@ BENCHMARKS = [
 ]
 # `--smoke`: each benchmark at its smallest size, a few steps: proves the code runs, measures nothing.
 SMOKE_ARGS = {
-    "bench_train": ["--sizes", "1M", "--modes", "eager", "--steps", "2"],
+    "bench_train": ["--sizes", "1M", "--modes", "eager", "--steps", "2", "--rounds", "1"],
+    "bench_loss": ["--tokens", "64", "--vocab", "1024", "--repeats", "1"],
+    "bench_attention": ["--lengths", "128", "--docs", "4", "--repeats", "1"],
     "bench_generate": ["--prompt", "8", "--new", "2"],
     "bench_serve": ["--requests", "2", "--max-tokens", "2"],
     "bench_data": ["--mb", "0.05", "--vocab", "512", "--repeats", "1"],

@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
     prep.add_argument("--ngram", type=int, default=13, help="n-gram length in tokens for decontamination")
     prep.add_argument("--decontaminate-action", choices=["remove", "report"], default="remove")
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
+    prep.add_argument("--workers", type=int, default=0, help="encoding processes (default: one per core)")
     prep.set_defaults(func=run_prepare)
 
     inspect = actions.add_parser("inspect", help="print a shards folder's domains (file sizes checked)")
@@ -41,6 +42,7 @@ def run_prepare(args) -> int:
         ngram=args.ngram,
         decontaminate_action=args.decontaminate_action,
         progress=not args.quiet,
+        workers=args.workers,
     )
     return 0
 

@@ -81,7 +81,8 @@ def bpb_by_domain(
     from teleflm.data.shards import open_shards
     from teleflm.data.tokenizer import load_tokenizer, tokenizer_hash
     from teleflm.eval.bpb import bits_per_byte
-    from teleflm.train.trainer import causal_document_mask
+    from teleflm.train.attention import document_attention
+    from teleflm.train.loss import token_loss_sum
 
     model, _, tokenizer_dir = load_model_any(model_path)
     if tokenizer_dir is None:
@@ -93,18 +94,18 @@ def bpb_by_domain(
     masked = defaults["document_mask"] if document_mask is None else document_mask
     real_vocab = len(load_tokenizer(tokenizer_dir))
 
-    def logits(x, doc_ids):
-        mask = causal_document_mask(doc_ids) if doc_ids is not None else None
-        return model(input_ids=x, attention_mask=mask, use_cache=False).logits
+    def loss(x, targets, doc_ids):
+        mask = document_attention(doc_ids) if doc_ids is not None else None
+        logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits
+        return token_loss_sum(logits, targets, real_vocab)
 
     print(f"{split} split: the first documents of each domain filling {windows} windows of {context} tokens")
     results, bits, n_bytes = {}, 0.0, 0
     for domain in shards.domains:
         r = bits_per_byte(
-            logits,
+            loss,
             shards.documents(domain, split),
             context,
-            real_vocab,
             max_windows=windows,
             batch_size=batch_size,
             device=model.device,

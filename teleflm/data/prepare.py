@@ -1,9 +1,11 @@
 """`teleflm data prepare`: raw documents per domain -> token shards with a held-out split and a manifest.
 
 Streaming: documents are read in chunks of CHUNK_CHARS characters and written as they are encoded,
-so memory stays bounded whatever the corpus size. Every core: the Rust tokenizer's `encode_batch_fast`
-is multithreaded and releases the GIL, so one chunk is encoded while the next is read and the last
-written. Atomic: a domain is written in a temporary folder and renamed when complete; the manifest
+so memory stays bounded whatever the corpus size. Every core: a domain of one chunk is encoded here by
+the Rust tokenizer's multithreaded `encode_batch_fast`; longer domains go chunk by chunk to worker
+processes (one per core, each encoding single-threaded and turning its ids into a numpy array, the
+part a single process does serially), at most two chunks per worker in flight, written in order as
+they come back, so the shards are the same byte for byte however they were chunked. Atomic: a domain is written in a temporary folder and renamed when complete; the manifest
 says `complete` only after the last domain, so an interrupted run leaves nothing that reads as
 finished; a re-run skips the domains whose inputs, settings and tokenizer are unchanged.
 """
@@ -12,12 +14,14 @@ import glob
 import hashlib
 import itertools
 import json
+import multiprocessing
 import os
 import shutil
 import time
 import tomllib
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
@@ -36,7 +40,7 @@ from teleflm.data.shards import (
 from teleflm.data.sources import COMPRESSED, DOC_SPLITS, ReadStats, read_documents
 from teleflm.data.tokenizer import EOS_ID, raw_tokenizer, tokenizer_hash
 
-CHUNK_CHARS = 4 << 20  # characters encoded per batch: large enough to keep every core busy
+CHUNK_CHARS = 1 << 20  # characters per chunk of work: many per domain, so that every worker has some
 
 
 @dataclass
@@ -152,10 +156,12 @@ def prepare(
     ngram: int = DEFAULT_NGRAM,
     decontaminate_action: str = "remove",
     progress: bool = True,
+    workers: int = 0,
 ) -> dict:
     """Prepare every domain of a data config (`tokenizer` and `out` override the config's); returns
     the manifest. `decontaminate`: test-set files or globs whose n-grams (`ngram` tokens) mark
-    training documents to "remove" or "report" (`decontaminate_action`)."""
+    training documents to "remove" or "report" (`decontaminate_action`). `workers`: encoding
+    processes (0: one per core)."""
     config_path = Path(config_path)
     cfg = load_data_config(config_path)
     base = config_path.parent
@@ -190,19 +196,20 @@ def prepare(
         decontamination=decontam,
     )
     _write_json_atomic(out / MANIFEST, manifest)
-    for source in cfg.domains:
-        key = fingerprint(source, inputs[source.name], cfg, tok_hash, decontam)
-        done = manifest["domains"].get(source.name)
-        if done and done["fingerprint"] == key and _files_present(out / source.name, done):
-            print(f"{source.name}: up to date, skipped")
-            continue
-        manifest["domains"].pop(source.name, None)
-        _write_json_atomic(out / MANIFEST, manifest)  # the old entry goes before its folder does
-        entry = prepare_domain(
-            source, inputs[source.name], cfg, encoder, out, test_set, decontaminate_action, progress
-        )
-        manifest["domains"][source.name] = {"fingerprint": key, **entry}
-        _write_json_atomic(out / MANIFEST, manifest)
+    with ChunkEncoder(encoder, tokenizer, workers) as encode:
+        for source in cfg.domains:
+            key = fingerprint(source, inputs[source.name], cfg, tok_hash, decontam)
+            done = manifest["domains"].get(source.name)
+            if done and done["fingerprint"] == key and _files_present(out / source.name, done):
+                print(f"{source.name}: up to date, skipped")
+                continue
+            manifest["domains"].pop(source.name, None)
+            _write_json_atomic(out / MANIFEST, manifest)  # the old entry goes before its folder does
+            entry = prepare_domain(
+                source, inputs[source.name], cfg, encode, out, test_set, decontaminate_action, progress
+            )
+            manifest["domains"][source.name] = {"fingerprint": key, **entry}
+            _write_json_atomic(out / MANIFEST, manifest)
     # Domains no longer in the config leave the manifest and the folder.
     for name in set(manifest["domains"]) - {d.name for d in cfg.domains}:
         del manifest["domains"][name]
@@ -217,7 +224,7 @@ def prepare_domain(
     source: DomainSource,
     files: list[Path],
     cfg: DataConfig,
-    encoder,
+    encode: "ChunkEncoder",
     out: Path,
     test_set: NgramIndex | None,
     action: str,
@@ -228,7 +235,7 @@ def prepare_domain(
     from tqdm import tqdm
 
     started = time.time()
-    dtype = token_dtype(encoder.get_vocab_size())
+    dtype = encode.dtype
     tmp = out / f".{source.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -249,34 +256,20 @@ def prepare_domain(
         disable=not progress,
     )
 
-    def write(chunk: list[str], encodings) -> None:
-        nonlocal contaminated
-        ids = [e.ids for e in encodings]
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
-        n_bytes = np.fromiter((len(text.encode()) for text in chunk), dtype=np.int64, count=len(chunk))
+    for tokens, lengths, n_bytes in encode.chunks(_chunks(files, source, stats)):
         bar.update(int(n_bytes.sum()))
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        keep = np.ones(len(chunk), dtype=bool)
+        keep = np.ones(len(lengths), dtype=bool)
         if test_set is not None:
-            dirty = test_set.contaminated(tokens, offsets)
+            dirty = test_set.contaminated(tokens, np.concatenate([[0], np.cumsum(lengths)]))
             contaminated += int(dirty.sum())
             if action == "remove":
                 keep &= ~dirty
-        heldout = heldout_rng.random(len(chunk)) < cfg.heldout_fraction
+        heldout = heldout_rng.random(len(lengths)) < cfg.heldout_fraction
         for split, chosen in (("train", keep & ~heldout), ("val", keep & heldout)):
-            writers[split].add(tokens[np.repeat(chosen, lengths)], lengths[chosen], n_bytes[chosen])
-
-    # Read chunk i+1 and write chunk i-1 while chunk i is encoded on every core.
-    with ThreadPoolExecutor(max_workers=1) as encoding:
-        pending = None
-        for chunk in _chunks(files, source, stats):
-            future = encoding.submit(encoder.encode_batch_fast, chunk, add_special_tokens=False)
-            if pending:
-                write(pending[0], pending[1].result())
-            pending = (chunk, future)
-        if pending:
-            write(pending[0], pending[1].result())
+            if chosen.all():  # the usual case for train: the arrays as they came, no copies
+                writers[split].add(tokens, lengths, n_bytes)
+            else:
+                writers[split].add(tokens[np.repeat(chosen, lengths)], lengths[chosen], n_bytes[chosen])
     bar.close()
     splits = {split: w.close() for split, w in writers.items()}
     shutil.rmtree(out / source.name, ignore_errors=True)
@@ -305,6 +298,70 @@ def prepare_domain(
         "removed_documents": contaminated if action == "remove" and test_set is not None else 0,
         "seconds": round(seconds, 2),
     }
+
+
+def encode_documents(encoder, docs: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(token ids end to end in `dtype`, token count per document, UTF-8 bytes per document)."""
+    ids = [e.ids for e in encoder.encode_batch_fast(docs, add_special_tokens=False)]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+    n_bytes = np.fromiter((len(text.encode()) for text in docs), dtype=np.int64, count=len(docs))
+    return tokens, lengths, n_bytes
+
+
+_worker_encoder = None  # a worker process's tokenizer
+
+
+def _start_worker(tokenizer_dir: str) -> None:
+    global _worker_encoder
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _worker_encoder = raw_tokenizer(tokenizer_dir)
+
+
+def _encode_in_worker(docs: list[str], dtype: np.dtype):
+    return encode_documents(_worker_encoder, docs, dtype)
+
+
+class ChunkEncoder:
+    """Encodes chunks of documents, in order: a lone chunk here, longer runs on a pool of worker
+    processes (started at the first run that needs it, shared by the domains of one prepare)."""
+
+    def __init__(self, encoder, tokenizer_dir: Path, workers: int = 0):
+        self.encoder, self.tokenizer_dir = encoder, tokenizer_dir
+        self.dtype = token_dtype(encoder.get_vocab_size())
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        self.workers = workers or cores
+        self.pool = None
+
+    def __enter__(self) -> "ChunkEncoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def chunks(self, chunks):
+        """(tokens, lengths, n_bytes) of each chunk of `chunks`, in order."""
+        chunks = iter(chunks)
+        first, second = next(chunks, None), next(chunks, None)
+        if second is None:
+            if first is not None:
+                yield encode_documents(self.encoder, first, self.dtype)
+            return
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(str(self.tokenizer_dir),),
+            )
+        pending = deque()
+        for chunk in itertools.chain([first, second], chunks):
+            pending.append(self.pool.submit(_encode_in_worker, chunk, self.dtype))
+            if len(pending) >= 2 * self.workers:  # bounded memory: wait for the oldest
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _chunks(files: list[Path], source: DomainSource, stats: ReadStats):

@@ -42,7 +42,7 @@ class SplitWriter:
         self._write("offsets", np.zeros(1, dtype=np.int64))
 
     def _write(self, kind: str, array: np.ndarray) -> None:
-        data = array.tobytes()
+        data = np.ascontiguousarray(array).data  # the array's own memory, not a copy
         self.files[kind].write(data)
         self.hashes[kind].update(data)
 

@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import lzma
+import re
 import shutil
 import tempfile
 import threading
@@ -73,8 +74,9 @@ def _read_errors(path: Path):
 
 
 def _lines(path: Path, stats: ReadStats) -> Iterator[tuple[str, bool]]:
-    """(text, ends_line) pieces of the file's decoded text; a line longer than PIECE_BYTES comes in
-    several pieces, only the last with ends_line True."""
+    """(text, ends_line) pieces of the file's decoded text, each line with its "\n"; a line longer
+    than PIECE_BYTES comes in several pieces, only the last with ends_line True. Read and decoded a
+    block of PIECE_BYTES at a time and split in C: per-line reads cost more than the tokenizer."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="teleflm-count-replace")
 
     def decode(data: bytes, final: bool = False) -> str:
@@ -84,11 +86,21 @@ def _lines(path: Path, stats: ReadStats) -> Iterator[tuple[str, bool]]:
             stats.invalid_utf8[str(path)] = stats.invalid_utf8.get(str(path), 0) + replaced
         return text
 
+    tail = ""  # the start of a line not ended yet
     with _read_errors(path), open_binary(path) as raw:
-        while piece := raw.readline(PIECE_BYTES):
-            yield decode(piece), piece.endswith(b"\n")
-        if tail := decode(b"", final=True):  # a multi-byte sequence cut by the end of the file
+        while block := raw.read(PIECE_BYTES):
+            *lines, tail = _LINE_ENDS.split(tail + decode(block))
+            for line in lines:
+                yield line, True
+            if len(tail) >= PIECE_BYTES:
+                yield tail, False
+                tail = ""
+        tail += decode(b"", final=True)  # a multi-byte sequence cut by the end of the file
+        if tail:
             yield tail, True
+
+
+_LINE_ENDS = re.compile("(?<=\n)")  # splits after each "\n", keeping it with its line
 
 
 def _plain_documents(path: Path, doc_split: str, max_doc_chars: int, stats: ReadStats) -> Iterator[str]:

@@ -4,7 +4,7 @@ Documents are laid end to end, each preceded by `</s>`, and cut into windows of 
 predictions; every document token is predicted (the `</s>` separators are inputs, never targets), and
 padded vocabulary ids get no probability mass. With `document_mask` a token attends only to its own
 document, as in training with `data.document_mask`. Work is split over data-parallel ranks and summed;
-under pipeline parallel only the last stage has logits, and the sums reach every stage.
+under pipeline parallel only the last stage has a loss, and the sums reach every stage.
 """
 
 import math
@@ -13,9 +13,19 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+
+from teleflm.data.mixture import document_ids
+from teleflm.train.loss import IGNORE_INDEX, token_loss_sum
 
 EOS = 2
+# loss_fn(inputs [n, T], targets [n, T] (IGNORE_INDEX where none), doc_ids [n, T] or None) -> summed
+# NLL, or None on a pipeline stage that has no loss.
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor | None]
+
+
+def logits_loss(logits_fn: Callable[[torch.Tensor], torch.Tensor], real_vocab_size: int) -> LossFn:
+    """The loss of a model given as `logits_fn(inputs) -> logits` (it attends across documents)."""
+    return lambda inputs, targets, doc_ids: token_loss_sum(logits_fn(inputs), targets, real_vocab_size)
 
 
 def eval_windows(documents: Iterable[tuple[np.ndarray, int]], context_length: int, max_windows: int):
@@ -49,10 +59,9 @@ def eval_windows(documents: Iterable[tuple[np.ndarray, int]], context_length: in
 
 @torch.no_grad()
 def bits_per_byte(
-    logits_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor | None],
+    loss_fn: LossFn,
     documents: Iterable[tuple[np.ndarray, int]],
     context_length: int,
-    real_vocab_size: int,
     max_windows: int = 64,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
@@ -61,13 +70,10 @@ def bits_per_byte(
     groups: tuple = (),
     document_mask: bool = False,
 ) -> dict:
-    """Held-out bits per byte of one domain. `logits_fn(inputs, doc_ids)` gives the logits (None on a
-    pipeline stage without them); doc_ids is each input token's document within its row with
-    `document_mask`, else None. With dp_size > 1 every rank of the group must call this with the same
-    documents; each evaluates its share, and the sums are all-reduced over each of `groups` in turn
-    (data-parallel, then pipeline)."""
-    from teleflm.data.mixture import document_ids
-
+    """Held-out bits per byte of one domain. `loss_fn` (LossFn) gives the summed NLL of a batch; its
+    doc_ids are each input token's document within its row with `document_mask`, else None. With
+    dp_size > 1 every rank of the group must call this with the same documents; each evaluates its
+    share, and the sums are all-reduced over each of `groups` in turn (data-parallel, then pipeline)."""
     windows, mask, n_bytes, n_docs = eval_windows(documents, context_length, max_windows)
     mine = np.arange(dp_rank, len(windows), dp_size)
     # Same number of forward passes on every rank (FSDP gathers in lockstep): pad with empty batches.
@@ -80,12 +86,10 @@ def bits_per_byte(
         weight = torch.from_numpy(mask[idx] if len(idx) else np.zeros_like(mask[:1])).to(device)
         inputs = batch[:, :-1]
         doc_ids = torch.from_numpy(document_ids(inputs.cpu().numpy())).to(device) if document_mask else None
-        logits = logits_fn(inputs, doc_ids)
-        if logits is None:
+        loss = loss_fn(inputs, batch[:, 1:].masked_fill(~weight, IGNORE_INDEX), doc_ids)
+        if loss is None:
             continue
-        logits = logits[..., :real_vocab_size].float()
-        losses = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
-        nll += (losses * weight.flatten()).sum().double()
+        nll += loss.double()
         count += weight.sum().double()
     for group in groups:
         dist.all_reduce(nll, group=group)

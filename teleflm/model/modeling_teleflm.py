@@ -115,9 +115,11 @@ class TeleFLMAttention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None,
+        mask,
         cache: Cache | None = None,
     ) -> torch.Tensor:
+        """`mask`: None (causal), a boolean/additive mask for SDPA, or a function (q, k, v) -> output
+        that attends in its own way (e.g. within packed documents, where a dense mask is O(T^2))."""
         batch, seq, _ = x.shape
         # Head counts come from the weights, not the config, so that tensor parallelism (which shards
         # the projections) needs no change here.
@@ -127,15 +129,18 @@ class TeleFLMAttention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and seq > 1,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
+        if callable(mask):
+            out = mask(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=mask is None and seq > 1,
+                enable_gqa=q.shape[1] != k.shape[1],
+            )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -175,9 +180,9 @@ def attention_mask_for(
     """A boolean (batch, 1, seq, past + seq) mask, True where a query may attend, or None when plain
     causal attention over the whole sequence suffices (then SDPA runs its fused causal path).
 
-    `attention_mask` is either transformers' 2-D padding mask (1 = real token) or a ready 4-D mask
-    (bool, or additive float), e.g. one that also blocks attention across packed documents."""
-    if attention_mask is not None and attention_mask.dim() == 4:
+    `attention_mask` is either transformers' 2-D padding mask (1 = real token), a ready 4-D mask
+    (bool, or additive float), or an attention function (q, k, v) -> output, passed on as is."""
+    if callable(attention_mask) or (attention_mask is not None and attention_mask.dim() == 4):
         return attention_mask
     if attention_mask is None or bool(attention_mask.all()):
         if past == 0 or seq == 1:  # fused causal path; or one query, which may see every cached key

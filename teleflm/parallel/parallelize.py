@@ -155,10 +155,10 @@ def apply_ac(module: nn.Module) -> None:
         layers.register_module(name, checkpoint_wrapper(layer, preserve_rng_state=False))
 
 
-def apply_compile(module: nn.Module) -> None:
+def apply_compile(module: nn.Module, fullgraph: bool = True) -> None:
     """Compile each decoder layer in place (names unchanged; repeated blocks share one graph)."""
     for layer in decoder_layers(module).children():
-        layer.compile(fullgraph=True)
+        layer.compile(fullgraph=fullgraph)
 
 
 def apply_fsdp(module: nn.Module, mesh: DeviceMesh, mixed_precision: str) -> None:
@@ -170,28 +170,40 @@ def apply_fsdp(module: nn.Module, mesh: DeviceMesh, mixed_precision: str) -> Non
     fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
 
 
-def parallelize(module: nn.Module, mesh: DeviceMesh | None, dims: ParallelDims, cfg) -> nn.Module:
-    """TP, then activation checkpointing, then compile, then FSDP (cfg: the [parallel] section)."""
+def parallelize(
+    module: nn.Module, mesh: DeviceMesh | None, dims: ParallelDims, cfg, fullgraph: bool = True
+) -> nn.Module:
+    """TP, then activation checkpointing, then compile, then FSDP (cfg: the [parallel] section).
+    `fullgraph=False` lets a compiled layer break its graph (document attention on CPU slices by data)."""
     if dims.tp > 1:
         apply_tp(module, mesh["tp"])
     if cfg.activation_checkpointing:
         apply_ac(module)
     if cfg.compile:
-        apply_compile(module)
+        apply_compile(module, fullgraph)
     if dims.dp > 1:
         apply_fsdp(module, dp_mesh(mesh, dims), cfg.mixed_precision)
     return module
 
 
-def build_module(model_config, mesh: DeviceMesh | None, dims: ParallelDims, cfg, device) -> nn.Module:
-    """This rank's part of a model under a layout (cfg: the [parallel] section): built on the meta
-    device, its pipeline stage kept, parallelized, then allocated on `device` with its values
-    uninitialised (on the meta device it stays a shape: shards without memory)."""
+def build_module(
+    model_config,
+    mesh: DeviceMesh | None,
+    dims: ParallelDims,
+    cfg,
+    device,
+    model_class: type[nn.Module] = TeleFLMForCausalLM,
+    fullgraph: bool = True,
+) -> nn.Module:
+    """This rank's part of a `model_class` under a layout (cfg: the [parallel] section): built on the
+    meta device, its pipeline stage kept, parallelized (`fullgraph`: see `parallelize`), then allocated
+    on `device` with its values uninitialised (on the meta device it stays a shape: shards without
+    memory)."""
     with torch.device("meta"):
-        model = TeleFLMForCausalLM(model_config)
+        model = model_class(model_config)
     pp_rank = mesh["pp"].get_local_rank() if mesh is not None else 0
     module = pipeline_split(model, pp_rank, dims.pp) if dims.pp > 1 else model
-    module = parallelize(module, mesh, dims, cfg)
+    module = parallelize(module, mesh, dims, cfg, fullgraph=fullgraph)
     return module.to_empty(device=device)
 
 

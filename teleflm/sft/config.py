@@ -84,7 +84,9 @@ def load_sft_config(path: str | Path, overrides: list[str] = (), table: str = "s
     where = str(path)
     for other in ("model", "growth", *({"sft", "dpo"} - {table})):
         if other in raw:
-            raise ConfigError(f"{where}: a `teleflm {table}` config has no [{other}]: the model is {table}.init's")
+            raise ConfigError(
+                f"{where}: a `teleflm {table}` config has no [{other}]: the model is {table}.init's"
+            )
     section = _build(DPOSection if table == "dpo" else SFTSection, raw.pop(table, {}), f"{where}: [{table}]")
     if section.on_error not in ("fail", "skip"):
         raise ConfigError(f"{where}: {table}.on_error must be 'fail' or 'skip', got {section.on_error!r}")
@@ -99,7 +101,9 @@ def load_sft_config(path: str | Path, overrides: list[str] = (), table: str = "s
             raise ConfigError(f"{where}: teleflm dpo runs under dp and tp; parallel.pp must be 1")
         micro = raw.get("batch", {}).get("micro_batch_size", 1)
         if micro % 2:
-            raise ConfigError(f"{where}: batch.micro_batch_size ({micro}) must be even: a pair's two sides go together")
+            raise ConfigError(
+                f"{where}: batch.micro_batch_size ({micro}) must be even: a pair's two sides go together"
+            )
     else:
         # Packed conversations must not see each other (validate refuses it with pipelines: pp > 1).
         raw["data"]["document_mask"] = section.pack

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from torch.distributed.fsdp import register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 from teleflm import mup
@@ -34,6 +34,7 @@ from teleflm.parallel.parallelize import (
 from teleflm.parallel.plan import flops_per_token
 from teleflm.train import checkpoint
 from teleflm.train.config import TrainConfig, dp_shard_degree, validate
+from teleflm.train.loss import IGNORE_INDEX, TeleFLMForTraining, token_loss_sum
 from teleflm.train.monitor import Monitor
 from teleflm.train.schedule import lr_factor
 from teleflm.train.stability import SpikeGuard
@@ -41,28 +42,6 @@ from teleflm.train.stability import SpikeGuard
 
 class SpikeStop(RuntimeError):
     """The stability guard stopped the run (action "stop", or too many events)."""
-
-
-def causal_document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(batch, 1, T, T) boolean mask: causal and within the same packed document."""
-    same = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]
-    causal = torch.ones(doc_ids.shape[1], doc_ids.shape[1], dtype=torch.bool, device=doc_ids.device).tril()
-    return same & causal
-
-
-# A target of this value is not learned (a prompt or padding token under a batch's loss_mask).
-IGNORE_INDEX = -100
-
-
-def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, real_vocab_size: int) -> torch.Tensor:
-    """Summed next-token NLL in fp32 over the tokenizer's real vocabulary (padded ids get no mass);
-    targets equal to IGNORE_INDEX add nothing."""
-    return F.cross_entropy(
-        logits[..., :real_vocab_size].flatten(0, 1).float(),
-        targets.flatten(),
-        reduction="sum",
-        ignore_index=IGNORE_INDEX,
-    )
 
 
 def grad_norm(params: list[torch.nn.Parameter], pp_group) -> torch.Tensor:
@@ -116,7 +95,17 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         self.model_config = cfg.model_config()
-        self.module = build_module(self.model_config, self.mesh, self.dims, p, self.device)
+        self.module = build_module(
+            self.model_config,
+            self.mesh,
+            self.dims,
+            p,
+            self.device,
+            TeleFLMForTraining,
+            fullgraph=not cfg.data.document_mask,
+        )
+        if self.dims.pp == 1:
+            register_fsdp_forward_method(self.module, "loss_sum")
         init_weights(self.module, self.model_config, cfg.mup, cfg.seed)
         self.module.train()
         self.optimizer = make_optimizer(self.module, self.model_config, cfg)
@@ -222,10 +211,9 @@ class Trainer:
             rows = slice(i * mbs, (i + 1) * mbs)
             if self.dims.dp > 1:
                 self.module.set_requires_gradient_sync(i == self.micro_batches - 1)
-            mask = causal_document_mask(doc_ids[rows]) if doc_ids is not None else None
+            docs = doc_ids[rows] if doc_ids is not None else None
             with self.autocast:
-                logits = self.module(input_ids=inputs[rows], attention_mask=mask, use_cache=False).logits
-            loss = token_loss_sum(logits, targets[rows], self.real_vocab_size)
+                loss = self.module.loss_sum(inputs[rows], targets[rows], self.real_vocab_size, docs)
             (loss / self.normalizer).backward()
             total += loss.detach()
         return total
@@ -351,12 +339,14 @@ class Trainer:
             "document_mask": d.document_mask,
         }
 
-    def eval_logits(self, inputs: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor | None:
-        """Logits of a batch as training computes them; under pipeline parallel the activations go
-        stage to stage (in fp32, exact for bf16 ones) and only the last stage returns logits."""
-        mask = causal_document_mask(doc_ids) if doc_ids is not None else None
+    def eval_loss(
+        self, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Summed NLL of a batch as training computes it; under pipeline parallel (no document mask
+        there) the activations go stage to stage (in fp32, exact for bf16 ones) and only the last
+        stage returns a loss."""
         if self.dims.pp == 1:
-            return self.module(input_ids=inputs, attention_mask=mask, use_cache=False).logits
+            return self.module.loss_sum(inputs, targets, self.real_vocab_size, doc_ids)
         first, last = self.pp_rank == 0, self.pp_rank == self.dims.pp - 1
         if first:
             h = inputs
@@ -365,7 +355,7 @@ class Trainer:
             dist.recv(h, dist.get_global_rank(self.pp_group, self.pp_rank - 1), group=self.pp_group)
         out = self.module(h)
         if last:
-            return out
+            return token_loss_sum(out, targets, self.real_vocab_size)
         dist.send(
             out.float().contiguous(),
             dist.get_global_rank(self.pp_group, self.pp_rank + 1),
@@ -389,10 +379,9 @@ class Trainer:
         try:
             for domain in self.shards.domains:
                 r = bits_per_byte(
-                    self.eval_logits,
+                    self.eval_loss,
                     self.shards.documents(domain, "val"),
                     e["context_length"],
-                    self.real_vocab_size,
                     max_windows=e["max_windows"],
                     batch_size=self.cfg.batch.micro_batch_size,
                     device=self.device,

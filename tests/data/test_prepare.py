@@ -83,28 +83,29 @@ def test_heldout_split_is_by_document_and_fixed(tmp_path, tokenizer_dir, monkeyp
 
 
 def test_chunks_stay_bounded(tmp_path, tokenizer_dir, monkeypatch):
-    """Streaming: the encoder never sees more than one chunk (plus one document) at a time."""
+    """Streaming: work goes to the encoders one chunk (plus one document) at a time, at most two
+    chunks per worker process in flight."""
     docs = [f"line {i} " * 30 for i in range(300)]
     monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 2_000)
-    seen = []
-    original = prepare_module.raw_tokenizer
+    seen, in_flight = [], []
+    chunks, encode = prepare_module._chunks, prepare_module.ChunkEncoder.chunks
 
-    def spying_tokenizer(folder):
-        encoder = original(folder)
+    def spying_chunks(*args):
+        for chunk in chunks(*args):
+            seen.append(sum(map(len, chunk)))
+            yield chunk
 
-        class Spy:
-            def __getattr__(self, name):
-                return getattr(encoder, name)
+    def spying_encode(self, chunks):
+        for n, result in enumerate(encode(self, chunks), start=1):
+            in_flight.append(len(seen) - n)  # chunks read but not yet written
+            yield result
 
-            def encode_batch_fast(self, chunk, **kw):
-                seen.append(sum(map(len, chunk)))
-                return encoder.encode_batch_fast(chunk, **kw)
-
-        return Spy()
-
-    monkeypatch.setattr(prepare_module, "raw_tokenizer", spying_tokenizer)
-    manifest = prepare(data_toml(tmp_path, tokenizer_dir, {"d": (docs, 1.0, 1.0)}), progress=False)
+    monkeypatch.setattr(prepare_module, "_chunks", spying_chunks)
+    monkeypatch.setattr(prepare_module.ChunkEncoder, "chunks", spying_encode)
+    toml = data_toml(tmp_path, tokenizer_dir, {"d": (docs, 1.0, 1.0)})
+    manifest = prepare(toml, progress=False, workers=2)
     assert max(seen) < 2_000 + max(map(len, docs)) and sum(seen) == sum(map(len, docs))
+    assert len(seen) > 10 and max(in_flight) <= 2 * 2
     d = manifest["domains"]["d"]["splits"]
     assert d["train"]["documents"] + d["val"]["documents"] == len(docs)
 

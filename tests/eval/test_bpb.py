@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from teleflm.eval.bpb import EOS, bits_per_byte, eval_windows
+from teleflm.eval.bpb import EOS, bits_per_byte, eval_windows, logits_loss
 from tests.distributed import run_ranks
 
 
@@ -34,14 +34,14 @@ def test_window_budget_takes_whole_documents():
     assert n_bytes == sum(b for _, b in docs[:k]) and n_docs == k
 
 
-def uniform_logits(padded_vocab: int):
-    return lambda x, _: torch.zeros(*x.shape, padded_vocab)
+def uniform_logits(padded_vocab: int, real_vocab: int):
+    return logits_loss(lambda x: torch.zeros(*x.shape, padded_vocab), real_vocab)
 
 
 def test_uniform_model_gives_log_vocab_and_masks_padding():
     docs = documents()
     real, padded = 50, 64
-    r = bits_per_byte(uniform_logits(padded), docs, context_length=16, real_vocab_size=real)
+    r = bits_per_byte(uniform_logits(padded, real), docs, context_length=16)
     tokens = sum(len(d) for d, _ in docs)
     assert r["tokens"] == tokens
     assert r["nll_per_token"] == pytest.approx(math.log(real))  # not log(64): padded ids excluded
@@ -54,13 +54,19 @@ def _bpb_on_rank():
     rank, size = dist.get_rank(), dist.get_world_size()
     table = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
     return bits_per_byte(
-        lambda x, _: table[x], documents(), 8, 60, batch_size=2, dp_rank=rank, dp_size=size, groups=(None,)
+        logits_loss(lambda x: table[x], 60),
+        documents(),
+        8,
+        batch_size=2,
+        dp_rank=rank,
+        dp_size=size,
+        groups=(None,),
     )
 
 
 def test_data_parallel_split_sums_to_single_process():
     table = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
-    single = bits_per_byte(lambda x, _: table[x], documents(), 8, 60, batch_size=2)
+    single = bits_per_byte(logits_loss(lambda x: table[x], 60), documents(), 8, batch_size=2)
     ranks = run_ranks(2, _bpb_on_rank)
     for r in ranks:
         assert r["tokens"] == single["tokens"]
@@ -71,5 +77,5 @@ def test_no_documents_give_no_windows_and_no_bpb():
     """An empty held-out split: nothing scored (it crashed evaluation after the last checkpoint)."""
     windows, mask, n_bytes, n_docs = eval_windows([], context_length=16, max_windows=4)
     assert windows.shape == (0, 17) and mask.shape == (0, 16) and n_bytes == n_docs == 0
-    r = bits_per_byte(uniform_logits(64), [], context_length=16, real_vocab_size=50)
+    r = bits_per_byte(uniform_logits(64, 50), [], context_length=16)
     assert r["documents"] == r["tokens"] == r["bytes"] == 0 and math.isnan(r["bpb"])

@@ -7,30 +7,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from distributed import run_ranks  # noqa: E402
-from train.common import logged_losses, pattern_sequences, tiny_train_config  # noqa: E402
-
-from teleflm.data.synthetic import ArrayStream  # noqa: E402
+from train.common import train_losses  # noqa: E402
 
 STEPS = 5
 
 
-def train_losses(out: str, parallel: dict) -> dict[int, float]:
-    from teleflm.train.trainer import Trainer
-
-    cfg = tiny_train_config(
-        Path(out),
-        parallel=parallel,
-        schedule={"total_tokens": 8 * 32 * STEPS},
-        checkpoint={"interval_steps": 100},
-    )
-    sequences = pattern_sequences()
-    Trainer(cfg, stream_factory=lambda rank, size: ArrayStream(sequences, rank, size)).run()
-    return logged_losses(out) if (Path(out) / "metrics.jsonl").exists() else None
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict[int, float]:
-    return train_losses(str(tmp_path_factory.mktemp("single")), {})
+    return train_losses(str(tmp_path_factory.mktemp("single")), {}, STEPS)
 
 
 LAYOUTS = {
@@ -47,7 +31,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(layout, reference, tmp_path):
     world, parallel = LAYOUTS[layout]
-    results = run_ranks(world, train_losses, str(tmp_path), parallel)
+    results = run_ranks(world, train_losses, str(tmp_path), parallel, STEPS)
     losses = results[0]
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):

@@ -3,7 +3,8 @@
 import numpy as np
 import torch
 
-from teleflm.train.trainer import Trainer, token_loss_sum
+from teleflm.train.loss import token_loss_sum
+from teleflm.train.trainer import Trainer
 from tests.sft.common import CONTEXT, base_config
 
 ROWS = 16  # base_config's 16 sequences per step, in one micro-batch

@@ -56,3 +56,20 @@ def logged_losses(out: Path) -> dict[int, float]:
         if "loss" in record:
             losses[record["step"]] = record["loss"]
     return losses
+
+
+def train_losses(out: str, parallel: dict, steps: int) -> dict[int, float] | None:
+    """A tiny run of `steps` steps on `pattern_sequences` under the `parallel` section (one process or
+    a rank of many): its logged losses, None on a rank that logs none."""
+    from teleflm.data.synthetic import ArrayStream
+    from teleflm.train.trainer import Trainer
+
+    cfg = tiny_train_config(
+        Path(out),
+        parallel=parallel,
+        schedule={"total_tokens": CONTEXT * SEQUENCES_PER_STEP * steps},
+        checkpoint={"interval_steps": 100},
+    )
+    sequences = pattern_sequences()
+    Trainer(cfg, stream_factory=lambda rank, size: ArrayStream(sequences, rank, size)).run()
+    return logged_losses(out) if (Path(out) / "metrics.jsonl").exists() else None
