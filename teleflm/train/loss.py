@@ -144,8 +144,9 @@ def _chunked(h, weight, targets, scale, real_vocab_size, vocab_start, group, dty
 
 class TeleFLMForTraining(TeleFLMForCausalLM):
     """The model as the trainer runs it: `loss_sum` goes from token ids to the summed loss without the
-    whole logits, attending within packed documents when given their ids. FSDP knows it as a forward
-    method (`register_fsdp_forward_method`); parameter names are the model's own."""
+    whole logits, attending within packed documents when given their ids; `sequence_nll` gives each
+    row's summed loss (DPO's log-probabilities, negated). FSDP knows both as forward methods
+    (`register_fsdp_forward_method`); parameter names are the model's own."""
 
     def loss_sum(
         self,
@@ -157,3 +158,14 @@ class TeleFLMForTraining(TeleFLMForCausalLM):
         mask = document_attention(doc_ids) if doc_ids is not None else None
         h = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
         return readout_loss_sum(h, self.lm_head.weight, targets, self.config.logit_scale, real_vocab_size)
+
+    def sequence_nll(
+        self, input_ids: torch.Tensor, targets: torch.Tensor, real_vocab_size: int
+    ) -> torch.Tensor:
+        """Per row, the summed NLL (fp32) of its targets, without the whole logits: (rows,). Each row's
+        readout is its own chunked loss, so autograd carries each row's own weight back (DPO's)."""
+        h = self.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        weight, scale = self.lm_head.weight, self.config.logit_scale
+        return torch.stack(
+            [readout_loss_sum(h[r], weight, targets[r], scale, real_vocab_size) for r in range(len(h))]
+        )

@@ -14,6 +14,7 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import register_fsdp_forward_method
@@ -71,9 +72,10 @@ def make_optimizer(module: torch.nn.Module, model_config, cfg: TrainConfig) -> t
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, stream_factory=None):
+    def __init__(self, cfg: TrainConfig, stream_factory=None, dpo_beta: float | None = None):
         """`stream_factory(dp_rank, dp_size)` replaces the configured data mixture: it returns an object
-        with MixtureStream's methods (tests and benchmarks use synthetic streams)."""
+        with MixtureStream's methods (tests and benchmarks use synthetic streams). With `dpo_beta` the
+        objective is DPO's (teleflm.sft.dpo): batches are pairs of rows with reference log-probabilities."""
         # A [[growth]] schedule: this trainer trains the stage of the latest checkpoint (its shape and
         # layout); at the next stage boundary it grows that checkpoint and hands over to a new Trainer.
         self.run_cfg, self.stream_factory = cfg, stream_factory
@@ -106,6 +108,10 @@ class Trainer:
         )
         if self.dims.pp == 1:
             register_fsdp_forward_method(self.module, "loss_sum")
+            register_fsdp_forward_method(self.module, "sequence_nll")
+        if dpo_beta is not None and self.dims.pp > 1:
+            raise ValueError("DPO runs under dp and tp, not pipeline parallel (parallel.pp must be 1)")
+        self.dpo_beta = dpo_beta
         init_weights(self.module, self.model_config, cfg.mup, cfg.seed)
         self.module.train()
         self.optimizer = make_optimizer(self.module, self.model_config, cfg)
@@ -191,6 +197,8 @@ class Trainer:
         """Gradients of this rank's share of the batch; returns this rank's summed token NLL."""
         tokens = torch.from_numpy(batch["tokens"]).to(self.device)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        if self.dpo_beta is not None:
+            return self.preference_forward_backward(inputs, targets, batch)
         if "loss_mask" in batch:
             targets = self.mask_targets(targets, torch.from_numpy(batch["loss_mask"]).to(self.device)[:, 1:])
         if self.schedule is not None:
@@ -217,6 +225,62 @@ class Trainer:
             (loss / self.normalizer).backward()
             total += loss.detach()
         return total
+
+    def preference_forward_backward(
+        self, inputs: torch.Tensor, targets: torch.Tensor, batch: dict
+    ) -> torch.Tensor:
+        """DPO: rows come as (chosen, rejected) pairs with their reference log-probabilities; the loss
+        is each pair's `-log sigmoid(beta * reward margin)`, summed here and normalised by the pairs of
+        the global batch. Returns this rank's summed pair loss."""
+        from teleflm.sft.preference import dpo_losses
+
+        learned = torch.from_numpy(batch["loss_mask"]).to(self.device)[:, 1:]
+        targets = targets.masked_fill(~learned, IGNORE_INDEX)
+        ref = torch.from_numpy(batch["ref_logps"]).to(self.device)
+        self.step_targets = len(inputs) // 2 * self.dims.dp  # pairs in the global batch
+        self.normalizer = self.step_targets / self.dims.dp  # FSDP averages gradients over dp ranks
+        total = torch.zeros((), device=self.device)
+        mbs = self.cfg.batch.micro_batch_size
+        for i in range(self.micro_batches):
+            rows = slice(i * mbs, (i + 1) * mbs)
+            if self.dims.dp > 1:
+                self.module.set_requires_gradient_sync(i == self.micro_batches - 1)
+            with self.autocast:
+                logps = -self.module.sequence_nll(inputs[rows], targets[rows], self.real_vocab_size)
+            loss = dpo_losses(logps, ref[rows], self.dpo_beta)[0].sum()
+            (loss / self.normalizer).backward()
+            total += loss.detach()
+        return total
+
+    @torch.no_grad()
+    def pair_logps(self, pairs) -> np.ndarray:
+        """The model's log-probabilities of both sides of every pair (`teleflm.sft.preference.PairSet`):
+        (pairs, 2), on every rank. Each data-parallel rank scores every dp-th pair (all ranks run the
+        same number of forward passes, as FSDP needs) and the sums are all-reduced."""
+        rows = pairs.tokens.reshape(-1, pairs.tokens.shape[-1])
+        learned = pairs.loss_mask.reshape(rows.shape)
+        mine = np.arange(self.dp_rank, len(pairs), self.dims.dp)
+        per_rank = -(-len(pairs) // self.dims.dp)
+        batch_pairs = max(1, self.cfg.batch.micro_batch_size // 2)
+        out = torch.zeros(len(pairs), 2, dtype=torch.float64, device=self.device)
+        self.module.eval()
+        try:
+            for start in range(0, per_rank, batch_pairs):
+                index = mine[start : start + batch_pairs]
+                take = index if len(index) else np.zeros(1, dtype=np.int64)  # an idle rank still runs
+                row_index = np.stack([2 * take, 2 * take + 1], axis=1).reshape(-1)
+                tokens = torch.from_numpy(rows[row_index]).to(self.device)
+                mask = torch.from_numpy(learned[row_index]).to(self.device)[:, 1:]
+                targets = tokens[:, 1:].masked_fill(~mask, IGNORE_INDEX)
+                with self.autocast:
+                    nll = self.module.sequence_nll(tokens[:, :-1], targets, self.real_vocab_size)
+                if len(index):
+                    out[torch.from_numpy(index).to(self.device)] = -nll.double().view(-1, 2)
+        finally:
+            self.module.train()
+        if self.dp_group is not None:
+            dist.all_reduce(out, group=self.dp_group)
+        return out.cpu().numpy()
 
     def mask_targets(self, targets: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
         """Targets outside `learned` (fine-tuning: prompts, padding) become IGNORE_INDEX, and the loss
