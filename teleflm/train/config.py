@@ -182,6 +182,7 @@ class StabilitySection:
     min_loss_jump: float = 0.5  # ... and a loss by at least this many nats
     min_grad_ratio: float = 100.0  # ... and a gradient norm by at least this factor
     warmup_steps: int = 20  # no spike verdicts before the window holds this many steps
+    patience: int = 3  # this many spikes in a row are a new level (the step goes through), not bad batches
     action: str = "skip"  # skip | rollback | stop
     max_events: int = 10  # stop after this many events: the run is not recovering
 
@@ -191,6 +192,7 @@ class StabilitySection:
         min_loss_jump=NON_NEGATIVE,
         min_grad_ratio=AT_LEAST_ONE,
         warmup_steps=NON_NEGATIVE,
+        patience=AT_LEAST_ONE,
         max_events=NON_NEGATIVE,
     )
 

@@ -136,7 +136,9 @@ class Trainer:
         )
         self.step, self.tokens, self.events = 0, 0, 0
         s = cfg.stability
-        self.guard = SpikeGuard(s.window, s.sigma, s.min_loss_jump, s.min_grad_ratio, s.warmup_steps)
+        self.guard = SpikeGuard(
+            s.window, s.sigma, s.min_loss_jump, s.min_grad_ratio, s.warmup_steps, s.patience
+        )
         self.flops_per_token = flops_per_token(self.model_config, cfg.data.context_length)
 
     # ----- construction helpers -----
@@ -491,7 +493,10 @@ class Trainer:
                 loss = self.global_mean_loss(self.forward_backward(batch))
                 norm = grad_norm(self.params, self.pp_group).item()
                 anomaly = self.guard.verdict(loss, norm)
-                if anomaly is not None:
+                if anomaly == "level_shift":  # persistent, not a bad batch: the step goes through
+                    monitor.event(self.step, anomaly, loss=loss, grad_norm=norm, **self.guard.summary())
+                    self.guard.shift_level(loss, norm)
+                elif anomaly is not None:
                     self.handle_anomaly(anomaly, loss, norm, monitor)
                     continue
                 if c.optim.grad_clip > 0 and norm > c.optim.grad_clip:
@@ -503,7 +508,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 self.tokens += c.batch.global_batch_tokens
-                self.guard.accept(loss, norm)
+                if anomaly is None:
+                    self.guard.accept(loss, norm)
                 last_loss = loss
                 dt = time.perf_counter() - t0
                 if self.step % c.logging.log_interval == 0 or self.step == total_steps:
@@ -552,6 +558,7 @@ class Trainer:
         action = self.cfg.stability.action
         self.optimizer.zero_grad(set_to_none=True)
         self.events += 1
+        self.guard.reject(loss, norm)
         monitor.event(self.step, kind, loss=loss, grad_norm=norm, action=action, **self.guard.summary())
         if action == "stop" or self.events > self.cfg.stability.max_events:
             raise SpikeStop(
@@ -564,6 +571,7 @@ class Trainer:
                 monitor.event(self.step, "unloadable_checkpoint", set_aside_as=str(path), error=why)
             if latest is not None:
                 monitor.event(self.step, "rolled_back", checkpoint=str(latest))
+                self.guard.rejected = []  # back at a level the window knows
 
     def export(self) -> Path | None:
         """The final checkpoint as a Hugging Face folder (written by rank 0 from the DCP shards)."""

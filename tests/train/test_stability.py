@@ -123,3 +123,31 @@ def test_guard_state_round_trips():
     again.load_state_dict(json.loads(json.dumps(guard.state_dict())))
     assert again.state_dict() == guard.state_dict() and len(again.losses) == 5
     assert again.loss_limit() == guard.loss_limit()
+
+
+def test_a_lasting_jump_is_a_new_level_not_a_run_of_bad_batches():
+    """An applied step that left the model worse makes every later batch read as a spike; skipping
+    them cannot recover. The patience-th spike in a row is a level shift: it goes through, and the
+    rejected losses become the window."""
+    rng = np.random.default_rng(0)
+    guard = SpikeGuard(warmup_steps=20, patience=3)
+    for _ in range(40):
+        loss = 0.25 + rng.normal(0, 0.01)
+        guard.accept(loss, 1.0)
+    verdicts = []
+    for loss in (0.85, 0.93, 0.91):
+        verdicts.append(guard.verdict(loss, 1.0))
+        if verdicts[-1] == "loss_spike":
+            guard.reject(loss, 1.0)
+    assert verdicts == ["loss_spike", "loss_spike", "level_shift"]
+    guard.shift_level(0.91, 1.0)
+    assert list(guard.losses) == [0.85, 0.93, 0.91] and guard.rejected == []
+    assert guard.verdict(0.88, 1.0) is None  # the new level
+    assert guard.verdict(3.0, 1.0) is None  # too few steps at the new level for a verdict yet...
+    for loss in (0.9, 0.87, 0.89) * 7:
+        guard.accept(loss, 1.0)
+    assert guard.verdict(3.0, 1.0) == "loss_spike"  # ...then spikes are judged against it
+    # A spike, then a normal batch: the run of spikes is broken, the next spike starts counting anew.
+    guard.reject(3.0, 1.0)
+    guard.accept(0.88, 1.0)
+    assert guard.rejected == [] and guard.verdict(3.1, 1.0) == "loss_spike"
