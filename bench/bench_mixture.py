@@ -45,7 +45,7 @@ def main() -> None:
         stream = MixtureStream(
             shards, [DomainWeight("web", 1.0, 2.0)], CONTEXT, seed=0, dp_rank=args.dp - 1, dp_size=args.dp
         )
-        near_end = (stream.domains[0].epoch_tokens // CONTEXT - 2 * args.dp) // args.dp * args.dp
+        near_end = max(stream.domains[0].epoch_tokens // CONTEXT - 2 * args.dp, 0) // args.dp * args.dp
         stream.load_state_dict({"drawn": near_end, "per_domain": [near_end]})  # no cursors: walk there
         stream.next_sequences(4)  # into the second epoch
         stream.state_dict()
