@@ -273,6 +273,8 @@ class MixtureStream:
         per_domain = [int(c) for c in state["per_domain"]]
         if len(per_domain) != len(self.mixture):
             raise ValueError(f"stream state has {len(per_domain)} domains, the mixture {len(self.mixture)}")
+        if min(per_domain, default=0) < 0:
+            raise ValueError(f"stream state has negative counts: {per_domain}")
         if sum(per_domain) != state["drawn"]:
             raise ValueError(
                 f"stream state inconsistent: {state['drawn']} drawn, {sum(per_domain)} per domain"

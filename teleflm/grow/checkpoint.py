@@ -80,13 +80,13 @@ def _spans(index: tuple[slice, ...]) -> tuple[tuple[int, int], ...]:
     return tuple((s.start, s.stop) for s in index)
 
 
-def _reads(new_name: str, kind: str, region: tuple[slice, ...], plan: GrowthPlan) -> list[tuple]:
+def parts_read(new_name: str, kind: str, region: tuple[slice, ...], plan: GrowthPlan) -> list[tuple]:
     """(old name, kind, old spans) of every old part `grown_region` reads for this region."""
     old_name = old_name_of(new_name, plan)
     if old_name is None:
         if kind != "param":
             return []
-        return [r for s in layer_sources(new_name, plan) for r in _reads(s, kind, region, plan)]
+        return [r for s in layer_sources(new_name, plan) for r in parts_read(s, kind, region, plan)]
     part = old_part(old_name, region, plan)
     return [] if part is None else [(old_name, kind, _spans(part[0]))]
 
@@ -125,7 +125,7 @@ def fill_grown(
         counter = old_name_of(fqn, plan) or old_name_of(layer_sources(fqn, plan)[0], plan)
         wanted[counter, "step", ()] = None
         for kind in KINDS:
-            wanted.update(dict.fromkeys(_reads(fqn, kind, region, plan)))
+            wanted.update(dict.fromkeys(parts_read(fqn, kind, region, plan)))
         jobs.append((fqn, p, state, region, counter))
     parts = read_parts(source, list(wanted))
 
@@ -147,6 +147,17 @@ def fill_grown(
     return counts
 
 
+def growth_module(config: TeleFLMConfig, world_size: int, device):
+    """This rank's part of the grown model in the growth's layout: plain FSDP over every rank, the
+    fewest bytes per rank (the checkpoint it writes loads into any layout)."""
+    from teleflm.parallel.parallelize import ParallelDims, build_mesh, build_module
+    from teleflm.train.config import ParallelSection
+
+    dims = ParallelDims(dp_shard=world_size)
+    layout = ParallelSection(dp_shard=world_size, mixed_precision="fp32")
+    return build_module(config, build_mesh(dims, device), dims, layout, device)
+
+
 def grow_checkpoint(
     source: Path,
     target: Path,
@@ -162,8 +173,7 @@ def grow_checkpoint(
     masks starting their ramp at the source's step; sharded over every rank of the process group
     (call it on all of them). Every check runs before anything is written. Returns (target, plan,
     this rank's element counts from `fill_grown`)."""
-    from teleflm.parallel.parallelize import ParallelDims, build_mesh, build_module, device_and_backend
-    from teleflm.train.config import ParallelSection
+    from teleflm.parallel.parallelize import device_and_backend
     from teleflm.train.trainer import make_optimizer
 
     if ramp_steps < 1:
@@ -172,16 +182,7 @@ def grow_checkpoint(
     new_config, plan = plan_for_checkpoint(source, cfg.model, layers_at, layer_init)
     state = verify(source)  # every file whole before any rank reads its parts
     device, _ = device_and_backend()
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    # Plain FSDP over every rank: the fewest bytes per rank; the checkpoint loads into any layout.
-    dims = ParallelDims(dp_shard=world)
-    module = build_module(
-        new_config,
-        build_mesh(dims, device),
-        dims,
-        ParallelSection(dp_shard=world, mixed_precision="fp32"),
-        device,
-    )
+    module = growth_module(new_config, dist.get_world_size() if dist.is_initialized() else 1, device)
     optimizer = make_optimizer(module, new_config, cfg)
     counts = fill_grown(module, optimizer, source, plan, new_config, cfg.mup, seed)
     masks = GrowthMasks(plan, start_step=state["step"], ramp_steps=ramp_steps)

@@ -61,11 +61,14 @@ def init_distributed(timeout_s: int = 1800) -> torch.device:
     return device
 
 
-def build_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh | None:
+def build_mesh(dims: ParallelDims, device) -> DeviceMesh | None:
+    """The device mesh of a layout (None in one process); a meta-device model (a simulation, no
+    memory) has its mesh on the CPU."""
     if dims.world_size == 1:
         return None
+    device = torch.device(device)
     return init_device_mesh(
-        device.type,
+        "cpu" if device.type == "meta" else device.type,
         (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp),
         mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"),
     )
@@ -204,7 +207,7 @@ def build_module(
     pp_rank = mesh["pp"].get_local_rank() if mesh is not None else 0
     module = pipeline_split(model, pp_rank, dims.pp) if dims.pp > 1 else model
     module = parallelize(module, mesh, dims, cfg, fullgraph=fullgraph)
-    return module.to_empty(device=device)
+    return module if torch.device(device).type == "meta" else module.to_empty(device=device)
 
 
 def model_fqn(name: str) -> str:

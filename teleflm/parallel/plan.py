@@ -75,6 +75,58 @@ def layer_activation_elements(c, tp: int) -> float:
     return 6 * h + (3 * h + 2 * kv + 4 * i) / tp
 
 
+def stage_memory(
+    c,
+    layout: Layout,
+    context_length: int,
+    micro_batch_size: int,
+    activation_checkpointing: bool,
+    mixed_precision: str,
+    first: bool,
+    last: bool,
+) -> dict[str, float]:
+    """Bytes on a device of a pipeline stage (`first`: it holds the embedding and, under 1F1B, `pp`
+    micro-batches in flight; `last`: the readout and the logits).
+
+    FSDP2 keeps fp32 master weights, fp32 gradients and AdamW's two fp32 moments sharded over
+    `tp x dp_shard` (16 bytes per parameter); under FSDP the root (embedding, readout) stays gathered
+    from forward to backward, two layers are gathered at a time, and a group's unsharded gradient
+    lives until its reduce-scatter (the root's, the largest, at the start of backward). Without
+    FSDP, bf16 autocast caches a bf16 copy of every weight. The logits cost their own copy,
+    log-softmax's saved fp32 output and two fp32 gradients."""
+    act_bytes = 2 if mixed_precision == "bf16" else 4
+    n = parameter_counts(c)
+    tokens, h = context_length * micro_batch_size, c.hidden_size
+    shard = layout.tp * layout.dp_shard
+    layers = c.num_hidden_layers / layout.pp
+    per_layer_act = act_bytes * tokens * layer_activation_elements(c, layout.tp)
+    root = (n["embedding"] if first else 0) + (n["readout"] + n["final_norm"] if last else 0)
+    params = n["per_layer"] * layers + root
+    in_flight = layout.pp if first else 1
+    if activation_checkpointing:  # layer inputs, plus one layer recomputed in backward
+        activations = in_flight * layers * act_bytes * tokens * h + per_layer_act
+    else:
+        activations = in_flight * layers * per_layer_act
+    activations += act_bytes * tokens * 4 * h  # embedding output, final norm
+    logits = (act_bytes + 12) * tokens * c.vocab_size / layout.tp if last else 0
+    if layout.dp_shard > 1:
+        gathered = act_bytes * (root + 2 * n["per_layer"]) / layout.tp
+        # The unsharded gradient, FSDP2's fp32 reduce-scatter input and the collective's own
+        # buffer (gloo copies; NCCL reduces in place, so this errs high on GPUs by 4 bytes).
+        unsharded_grads = (act_bytes + 8) * (root + n["per_layer"]) / layout.tp
+    else:
+        gathered = 2 * params / layout.tp if mixed_precision == "bf16" else 0
+        unsharded_grads = 0
+    return {
+        "weights": 4 * params / shard,
+        "gathered_weights": gathered,
+        "gradients": 4 * params / shard,
+        "unsharded_gradients": unsharded_grads,
+        "optimizer": 8 * params / shard,
+        "activations": activations + logits,
+    }
+
+
 def memory_per_device(
     c,
     layout: Layout,
@@ -83,53 +135,18 @@ def memory_per_device(
     activation_checkpointing: bool,
     mixed_precision: str = "bf16",
 ) -> dict[str, float]:
-    """Bytes on the busiest device: the larger of pipeline stage 0 (embedding, `pp` micro-batches in
-    flight under 1F1B) and the last stage (readout and logits).
-
-    FSDP2 keeps fp32 master weights, fp32 gradients and AdamW's two fp32 moments sharded over
-    `tp x dp_shard` (16 bytes per parameter); under FSDP the root (embedding, readout) stays gathered
-    from forward to backward, two layers are gathered at a time, and a group's unsharded gradient
-    lives until its reduce-scatter (the root's, the largest, at the start of backward). Without FSDP, bf16 autocast caches a bf16 copy of every weight.
-    The logits cost their own copy, log-softmax's saved fp32 output and two fp32 gradients."""
-    act_bytes = 2 if mixed_precision == "bf16" else 4
-    n = parameter_counts(c)
-    s, b, h = context_length, micro_batch_size, c.hidden_size
-    tokens = s * b
-    shard = layout.tp * layout.dp_shard
-    layers = c.num_hidden_layers / layout.pp
-    per_layer_act = act_bytes * tokens * layer_activation_elements(c, layout.tp)
-    fsdp = layout.dp_shard > 1
-
-    def stage(first: bool, last: bool) -> dict[str, float]:
-        root = (n["embedding"] if first else 0) + (n["readout"] + n["final_norm"] if last else 0)
-        params = n["per_layer"] * layers + root
-        in_flight = layout.pp if first else 1
-        if activation_checkpointing:  # layer inputs, plus one layer recomputed in backward
-            activations = in_flight * layers * act_bytes * tokens * h + per_layer_act
-        else:
-            activations = in_flight * layers * per_layer_act
-        activations += act_bytes * tokens * 4 * h  # embedding output, final norm
-        logits = (act_bytes + 12) * tokens * c.vocab_size / layout.tp if last else 0
-        if fsdp:
-            gathered = act_bytes * (root + 2 * n["per_layer"]) / layout.tp
-            # The unsharded gradient, FSDP2's fp32 reduce-scatter input and the collective's own
-            # buffer (gloo copies; NCCL reduces in place, so this errs high on GPUs by 4 bytes).
-            unsharded_grads = (act_bytes + 8) * (root + n["per_layer"]) / layout.tp
-        else:
-            gathered = 2 * params / layout.tp if mixed_precision == "bf16" else 0
-            unsharded_grads = 0
-        return {
-            "weights": 4 * params / shard,
-            "gathered_weights": gathered,
-            "gradients": 4 * params / shard + unsharded_grads,
-            "optimizer": 8 * params / shard,
-            "activations": activations + logits,
-        }
-
-    stages = [stage(True, layout.pp == 1)] + ([stage(False, True)] if layout.pp > 1 else [])
-    memory = max(stages, key=lambda m: sum(m.values()))
+    """Bytes on the busiest device (`stage_memory`): the larger of pipeline stage 0 and the last."""
+    stages = [(True, layout.pp == 1)] + ([(False, True)] if layout.pp > 1 else [])
+    args = (c, layout, context_length, micro_batch_size, activation_checkpointing, mixed_precision)
+    memory = max((stage_memory(*args, *s) for s in stages), key=lambda m: sum(m.values()))
     memory["total"] = sum(memory.values())
     return memory
+
+
+def growth_shards_per_device(c, world: int) -> float:
+    """Bytes of a rank's shards of a grown model and its two AdamW moments while growth builds them
+    (fp32, plain FSDP over all `world` ranks, teleflm.grow.checkpoint)."""
+    return 12 * parameter_counts(c)["total"] / world
 
 
 def run_time(c, tokens: float, context_length: int, gpus: int, peak: float, mfu: float) -> dict[str, float]:

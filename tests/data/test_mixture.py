@@ -125,6 +125,8 @@ def test_bad_mixtures_and_states_are_refused(shards):
         stream(shards, rank=0, size=4).load_state_dict({"drawn": 6, "per_domain": [3, 2, 1]})
     with pytest.raises(ValueError, match="inconsistent"):
         stream(shards).load_state_dict({"drawn": 7, "per_domain": [3, 2, 1]})
+    with pytest.raises(ValueError, match="negative counts"):
+        stream(shards).load_state_dict({"drawn": 0, "per_domain": [3, -2, -1]})
     s = stream(shards)
     s.next_sequences(3)
     assert json.loads(json.dumps(s.state_dict())) == s.state_dict()  # JSON as it is

@@ -106,3 +106,22 @@ def test_no_rank_holds_the_whole_model(grown):
         assert counts["local"] <= total / 4 + 1024  # its FSDP quarter (rows split unevenly)
         assert counts["read"] <= 3 * counts["local"] + 1024  # old weights and moments landing in it
         assert counts["drawn"] < total / 8  # the fresh rows of one parameter's shard at a time
+
+
+def test_plan_simulate_counts_what_the_real_sharded_growth_read(grown):
+    """`teleflm plan --simulate`'s growth figures, on a fake world of 4, against the real growth's
+    counts on each of the 4 gloo ranks."""
+    from teleflm.parallel.simulate import simulate_growth
+    from teleflm.train.config import GrowthStage
+
+    source, root, sharded, _ = grown
+    old_params = [
+        k for k in FileSystemReader(str(source)).read_metadata().state_dict_metadata if k.startswith("model.")
+    ]
+    new_cfg = grown_config(root)
+    for rank, real in enumerate(sharded):
+        simulated = simulate_growth(
+            tiny_train_config(root), new_cfg, GrowthStage(model=new_cfg.model), 4, rank
+        )
+        assert simulated["old_parts"] == 4 * (real["read"] - len(old_params))  # less the step counts
+        assert simulated["fresh_rows"] == 4 * real["drawn"]
