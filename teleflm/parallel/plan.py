@@ -92,8 +92,11 @@ def stage_memory(
     `tp x dp_shard` (16 bytes per parameter); under FSDP the root (embedding, readout) stays gathered
     from forward to backward, two layers are gathered at a time, and a group's unsharded gradient
     lives until its reduce-scatter (the root's, the largest, at the start of backward). Without
-    FSDP, bf16 autocast caches a bf16 copy of every weight. The logits cost their own copy,
-    log-softmax's saved fp32 output and two fp32 gradients."""
+    FSDP, bf16 autocast caches a bf16 copy of every weight. The readout: without pipeline parallel the
+    trainer's chunked loss (teleflm.train.loss) holds one chunk of fp32 logits at a time and keeps
+    the gradients of the hidden states and of the readout weight that its forward computes; a
+    pipeline's last stage has the whole logits, their own copy, log-softmax's saved fp32 output and
+    two fp32 gradients."""
     act_bytes = 2 if mixed_precision == "bf16" else 4
     n = parameter_counts(c)
     tokens, h = context_length * micro_batch_size, c.hidden_size
@@ -108,7 +111,17 @@ def stage_memory(
     else:
         activations = in_flight * layers * per_layer_act
     activations += act_bytes * tokens * 4 * h  # embedding output, final norm
-    logits = (act_bytes + 12) * tokens * c.vocab_size / layout.tp if last else 0
+    vocab = c.vocab_size / layout.tp
+    if not last:
+        logits = 0
+    elif layout.pp == 1:
+        from teleflm.train.loss import CHUNK_LOGITS
+
+        chunk = min(tokens, max(1, CHUNK_LOGITS // vocab))
+        lower = mixed_precision == "bf16"  # a bf16 copy of the chunk's gradient and of the weight
+        logits = (4 + 2 * lower) * chunk * vocab + act_bytes * tokens * h + (4 + 2 * lower) * vocab * h
+    else:
+        logits = (act_bytes + 12) * tokens * vocab
     if layout.dp_shard > 1:
         gathered = act_bytes * (root + 2 * n["per_layer"]) / layout.tp
         # The unsharded gradient, FSDP2's fp32 reduce-scatter input and the collective's own
