@@ -1,4 +1,5 @@
-"""`teleflm data prepare` (raw text -> token shards), `teleflm data inspect` (what a shards folder holds)
+"""`teleflm data prepare` (raw text -> token shards, here or on a cluster), `teleflm data worker` (one
+worker of a prepare job), `teleflm data progress`, `teleflm data inspect` (what a shards folder holds)
 and `teleflm data verify` (every file's sha256 against the manifest)."""
 
 from pathlib import Path
@@ -17,11 +18,50 @@ def add_parser(sub) -> None:
     prep.add_argument(
         "--decontaminate", nargs="+", default=[], metavar="TESTSET", help="test-set files or globs"
     )
+    prep.add_argument(
+        "--decontaminate-tasks",
+        nargs="+",
+        default=[],
+        metavar="TASK",
+        help="lm-evaluation-harness tasks (local definitions, as `teleflm eval harness` names them)",
+    )
+    prep.add_argument("--include", nargs="+", default=[], help="more task folders for --decontaminate-tasks")
     prep.add_argument("--ngram", type=int, default=13, help="n-gram length in tokens for decontamination")
+    prep.add_argument(
+        "--min-item-tokens",
+        type=int,
+        default=8,
+        help="test items shorter than --ngram but at least this long are matched whole; shorter ones are skipped",
+    )
     prep.add_argument("--decontaminate-action", choices=["remove", "report"], default="remove")
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
-    prep.add_argument("--workers", type=int, default=0, help="encoding processes (default: one per core)")
+    prep.add_argument(
+        "--workers", type=int, default=0, help="encoding processes per job worker (default: its cores)"
+    )
+    prep.add_argument("--jobs", type=int, default=1, help="job workers: local processes or Slurm array tasks")
+    prep.add_argument("--engine", choices=["local", "slurm"], default="local")
+    prep.add_argument(
+        "--slurm-option",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="an sbatch option for every stage, e.g. --slurm-option=--partition=cpu (repeatable)",
+    )
+    prep.add_argument(
+        "--dry-run", action="store_true", help="with --engine slurm: write the sbatch scripts, submit nothing"
+    )
     prep.set_defaults(func=run_prepare)
+
+    worker = actions.add_parser("worker", help="run one worker of a prepare job (what the engines run)")
+    worker.add_argument("--job", type=Path, required=True, help="the job folder: SHARDS/.job")
+    worker.add_argument("--stage", required=True, choices=["scan", "dedup", "encode", "merge"])
+    worker.add_argument("--worker", type=int, required=True, help="0 .. jobs - 1 (ignored by merge)")
+    worker.add_argument("--workers", type=int, default=0, help="encoding processes (default: one per core)")
+    worker.set_defaults(func=run_job_worker)
+
+    progress = actions.add_parser("progress", help="a prepare job's progress over all its workers")
+    progress.add_argument("shards", type=Path)
+    progress.set_defaults(func=run_progress)
 
     inspect = actions.add_parser("inspect", help="print a shards folder's domains (file sizes checked)")
     verify = actions.add_parser("verify", help="hash every shard file against the manifest (reads all data)")
@@ -32,18 +72,53 @@ def add_parser(sub) -> None:
 
 
 def run_prepare(args) -> int:
-    from teleflm.data.prepare import prepare
+    from teleflm.data.prepare import plan_job, prepare
 
-    prepare(
-        args.config,
-        tokenizer=args.tokenizer,
-        out=args.out,
+    decontamination = dict(
         decontaminate=args.decontaminate,
+        decontaminate_tasks=args.decontaminate_tasks,
+        task_include=args.include,
         ngram=args.ngram,
+        min_item_tokens=args.min_item_tokens,
         decontaminate_action=args.decontaminate_action,
-        progress=not args.quiet,
-        workers=args.workers,
     )
+    if args.engine == "local":
+        prepare(
+            args.config,
+            tokenizer=args.tokenizer,
+            out=args.out,
+            progress=not args.quiet,
+            workers=args.workers,
+            jobs=args.jobs,
+            **decontamination,
+        )
+        return 0
+    from teleflm.data.cluster import submit_slurm
+
+    job = plan_job(args.config, args.tokenizer, args.out, jobs=args.jobs, engine="slurm", **decontamination)
+    submitted = submit_slurm(job, args.workers, args.slurm_option, submit=not args.dry_run)
+    if args.dry_run:
+        print("sbatch scripts, to submit in order (each after the last succeeded):\n" + "\n".join(submitted))
+    else:
+        print(f"submitted Slurm jobs {', '.join(submitted)} (stages then merge)")
+    print(f"progress: teleflm data progress {job.parent}")
+    return 0
+
+
+def run_job_worker(args) -> int:
+    from teleflm.data.prepare import merge, run_worker
+
+    if args.stage == "merge":
+        merge(args.job)
+    else:
+        run_worker(args.job, args.stage, args.worker, args.workers)
+    return 0
+
+
+def run_progress(args) -> int:
+    from teleflm.data.cluster import describe_progress
+
+    print(describe_progress(args.shards))
     return 0
 
 

@@ -1,19 +1,30 @@
 """Test-set decontamination by token n-grams (the "strict n-gram method" of Tele-FLM's data).
 
-Every n-token window of every test document is hashed to 64 bits; a training document that shares
-any window with a test document is contaminated and is removed (or only counted). Hashing keeps the
-test set's n-grams in a sorted array of 8 bytes each, whatever n is; a false match needs a 64-bit
-collision, so at worst an innocent document is dropped. Test documents shorter than n tokens have no
-n-gram and cannot match (the manifest counts them).
+Test items come from files (any format teleflm.data.sources reads) or from lm-evaluation-harness
+tasks, named as `teleflm eval harness` names them (local task definitions, read offline): an item is
+what the model is scored on, the task's decontamination query when it defines one, else its prompt
+followed by the gold answer.
+
+Every n-token window of every test item is hashed to 64 bits; a training document that shares any
+window with a test item is contaminated and is removed (or only counted). The test side is a sorted
+array of 8 bytes per distinct window whatever n is, built in bounded batches; a false match needs a
+64-bit collision, so at worst an innocent document is dropped.
+
+Short items, of m < n tokens: one of at least MIN_ITEM_TOKENS is matched whole, its m-token
+sequence, as written and after a space (as it reads inside a training text, where byte-level BPE
+gives its first word another token); a shorter one ("yes", "Paris") would match ordinary text
+everywhere, and is skipped and counted in the manifest.
 """
 
 import glob
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 DEFAULT_NGRAM = 13
+MIN_ITEM_TOKENS = 8  # shortest test item matched whole (see the module's docstring)
+_BATCH = 1 << 22  # test n-gram hashes collected before they are merged into the sorted set
 _MULTIPLIER = np.uint64(0x100000001B3)  # FNV-64 prime: an odd multiplier for the polynomial hash
 
 
@@ -29,15 +40,22 @@ def _mix(tokens: np.ndarray) -> np.ndarray:
 def ngram_hashes(tokens: np.ndarray, n: int) -> np.ndarray:
     """64-bit hash of each n-token window of `tokens` (len - n + 1 of them); equal windows hash equal.
     n passes over the array, so memory stays at a few times the input whatever n is."""
-    count = len(tokens) - n + 1
-    if count <= 0:
-        return np.empty(0, dtype=np.uint64)
+    return next(iter(window_hashes(tokens, [n]).values()))
+
+
+def window_hashes(tokens: np.ndarray, lengths: list[int]) -> dict[int, np.ndarray]:
+    """`ngram_hashes` for each window length in `lengths`, in one pass of max(lengths) steps: the
+    polynomial hash of a window of m + 1 tokens extends the one of its first m."""
     mixed = _mix(np.asarray(tokens))
-    hashes = np.zeros(count, dtype=np.uint64)
+    out: dict[int, np.ndarray] = {}
+    hashes = np.zeros(len(mixed), dtype=np.uint64)
     with np.errstate(over="ignore"):
-        for j in range(n):
-            hashes = hashes * _MULTIPLIER + mixed[j : j + count]
-    return hashes
+        for m in range(1, max(lengths) + 1):
+            count = max(len(mixed) - m + 1, 0)
+            hashes = hashes[:count] * _MULTIPLIER + mixed[m - 1 : m - 1 + count]
+            if m in lengths:
+                out[m] = hashes
+    return out
 
 
 def window_documents(offsets: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,30 +71,116 @@ def window_documents(offsets: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarra
 
 @dataclass
 class NgramIndex:
-    """The n-gram hashes of a test set, and what the manifest records about it (`info`)."""
+    """The window hashes of a test set by window length (n, and the lengths of short items matched
+    whole), and what the manifest records about it (`info`)."""
 
     n: int
-    hashes: np.ndarray  # sorted, unique uint64
-    info: dict
+    hashes: dict[int, np.ndarray]  # window length -> sorted, unique uint64
+    info: dict = field(default_factory=dict)
 
     def contaminated(self, tokens: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        """Which of the documents laid end to end in `tokens` (bounds `offsets`) share an n-gram
-        with the test set: a bool per document."""
+        """Which of the documents laid end to end in `tokens` (bounds `offsets`) share a window with
+        the test set: a bool per document."""
         n_docs = len(offsets) - 1
-        if len(self.hashes) == 0:
-            return np.zeros(n_docs, dtype=bool)
-        starts, doc = window_documents(offsets, self.n)
-        windows = ngram_hashes(tokens, self.n)[starts]
-        found = np.searchsorted(self.hashes, windows)
-        hit = self.hashes[np.minimum(found, len(self.hashes) - 1)] == windows
-        return np.bincount(doc[hit], minlength=n_docs) > 0
+        dirty = np.zeros(n_docs, dtype=bool)
+        lengths = [m for m, h in self.hashes.items() if len(h)]
+        if not lengths or n_docs == 0:
+            return dirty
+        for m, hashes in window_hashes(tokens, lengths).items():
+            starts, doc = window_documents(offsets, m)
+            windows = hashes[starts]
+            table = self.hashes[m]
+            hit = table[np.minimum(np.searchsorted(table, windows), len(table) - 1)] == windows
+            dirty[doc[hit]] = True
+        return dirty
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for m, hashes in self.hashes.items():
+            np.save(folder / f"{m}.npy", hashes)
+
+    @classmethod
+    def load(cls, folder: Path, n: int, info: dict) -> "NgramIndex":
+        """Memory-mapped: the workers of one machine share the pages."""
+        hashes = {int(p.stem): np.load(p, mmap_mode="r") for p in sorted(folder.glob("*.npy"))}
+        return cls(n, hashes, info)
+
+
+class _HashSet:
+    """A growing set of uint64 kept as a sorted unique array, merged in batches of _BATCH hashes:
+    memory is the set plus one batch, not every window of every item."""
+
+    def __init__(self):
+        self.sorted = np.empty(0, np.uint64)
+        self.pending: list[np.ndarray] = []
+        self.n_pending = 0
+
+    def add(self, hashes: np.ndarray) -> None:
+        self.pending.append(hashes)
+        self.n_pending += len(hashes)
+        if self.n_pending >= _BATCH:
+            self.merge()
+
+    def merge(self) -> np.ndarray:
+        if self.pending:
+            self.sorted = np.unique(np.concatenate([self.sorted, *self.pending]))
+            self.pending, self.n_pending = [], 0
+        return self.sorted
+
+
+def task_items(tasks: list[str], include: list[str | Path] = ()) -> tuple[list[str], dict[str, int]]:
+    """The scored text of every evaluation document of lm-evaluation-harness tasks, read offline from
+    their local definitions (teleflm/eval/tasks/ and `include` folders, as `teleflm eval harness`
+    reads them): the task's decontamination query if it has one, else the prompt, the target
+    delimiter and the gold answer. Returns (items, documents per task)."""
+    import os
+
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from teleflm.eval.harness import task_configs
+
+    available = task_configs(include)
+    unknown = [t for t in tasks if t not in available]
+    if unknown:
+        raise ValueError(
+            f"--decontaminate-tasks: unknown task(s) {unknown}; local tasks: {sorted(available)}"
+        )
+    try:
+        from lm_eval.api.task import ConfigurableTask
+    except ImportError:
+        raise ValueError(
+            "--decontaminate-tasks needs lm-evaluation-harness: pip install -c constraints.txt 'teleflm[eval]'"
+        ) from None
+    items, counts = [], {}
+    for name in tasks:
+        task = ConfigurableTask(config=available[name])
+        docs = list(task.eval_docs)
+        for doc in docs:
+            if task.config.should_decontaminate:
+                items.append(str(task.doc_to_decontamination_query(doc)))
+                continue
+            target = task.doc_to_target(doc)
+            if task.OUTPUT_TYPE == "multiple_choice" and isinstance(target, int):
+                target = task.doc_to_choice(doc)[target]
+            elif isinstance(target, list):  # several gold answers: the first
+                target = target[0] if target else ""
+            items.append(f"{task.doc_to_text(doc)}{task.config.target_delimiter}{target}")
+        counts[name] = len(docs)
+    return items, counts
 
 
 def load_test_ngrams(
-    patterns: list[str], encoder, n: int = DEFAULT_NGRAM, text_field: str = "text"
+    patterns: list[str],
+    encoder,
+    n: int = DEFAULT_NGRAM,
+    text_field: str = "text",
+    tasks: list[str] = (),
+    task_include: list[str | Path] = (),
+    min_item_tokens: int = MIN_ITEM_TOKENS,
 ) -> NgramIndex:
-    """Read test documents (files or globs, any format teleflm.data.sources reads), encode them with
-    the shards' tokenizer (`tokenizers.Tokenizer`) and collect their n-gram hashes."""
+    """Read test items (files or globs, any format teleflm.data.sources reads, and lm-eval tasks by
+    name), encode them with the shards' tokenizer (`tokenizers.Tokenizer`) and collect their window
+    hashes."""
     from teleflm.data.sources import ReadStats, read_documents
 
     if n < 1:
@@ -87,23 +191,46 @@ def load_test_ngrams(
         if not found:
             raise FileNotFoundError(f"--decontaminate {pattern!r}: matches no file")
         files += found
-    hashes, n_docs, too_short = [], 0, 0
+    sets: dict[int, _HashSet] = {}
+    counts = {"test_documents": 0, "test_documents_matched_whole": 0, "test_documents_too_short": 0}
+
+    def add(items: list[str]) -> None:
+        counts["test_documents"] += len(items)
+        spaced = [" " + item for item in items]
+        encodings = encoder.encode_batch_fast(items + spaced, add_special_tokens=False)
+        for plain, after_space in zip(encodings[: len(items)], encodings[len(items) :], strict=True):
+            ids = np.asarray(plain.ids)
+            if len(ids) >= n:
+                sets.setdefault(n, _HashSet()).add(ngram_hashes(ids, n))
+                continue
+            whole = [np.asarray(e.ids) for e in (plain, after_space) if min_item_tokens <= len(e.ids) < n]
+            for ids in whole:
+                sets.setdefault(len(ids), _HashSet()).add(ngram_hashes(ids, len(ids)))
+            counts["test_documents_matched_whole" if whole else "test_documents_too_short"] += 1
+
     stats = ReadStats()
     for path in files:
-        docs = list(read_documents(path, text_field=text_field, stats=stats))
-        for enc in encoder.encode_batch_fast(docs, add_special_tokens=False):
-            doc_hashes = ngram_hashes(np.asarray(enc.ids), n)
-            too_short += len(doc_hashes) == 0
-            hashes.append(doc_hashes)
-        n_docs += len(docs)
-    unique = np.unique(np.concatenate(hashes)) if hashes else np.empty(0, np.uint64)
+        batch = []
+        for doc in read_documents(path, text_field=text_field, stats=stats):
+            batch.append(doc)
+            if len(batch) == 4096:
+                add(batch)
+                batch = []
+        add(batch)
+    task_counts = {}
+    if tasks:
+        items, task_counts = task_items(list(tasks), task_include)
+        for start in range(0, len(items), 4096):
+            add(items[start : start + 4096])
+    hashes = {m: sets[m].merge() for m in sorted(sets)}
     info = {
         "ngram": n,
+        "min_item_tokens": min_item_tokens,
         "test_files": [
             {"path": str(f), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files
         ],
-        "test_documents": n_docs,
-        "test_documents_shorter_than_ngram": too_short,
-        "test_ngrams": len(unique),
+        "test_tasks": task_counts,
+        **counts,
+        "test_ngrams": int(sum(len(h) for h in hashes.values())),
     }
-    return NgramIndex(n, unique, info)
+    return NgramIndex(n, hashes, info)

@@ -1,13 +1,23 @@
-"""`teleflm data prepare`: raw documents per domain -> token shards with a held-out split and a manifest.
+"""`teleflm data prepare`: raw documents per domain -> token shards with a held-out split and a manifest,
+on one machine or on the workers of a cluster.
 
-Streaming: documents are read in chunks of CHUNK_CHARS characters and written as they are encoded,
-so memory stays bounded whatever the corpus size. Every core: a domain of one chunk is encoded here by
-the Rust tokenizer's multithreaded `encode_batch_fast`; longer domains go chunk by chunk to worker
-processes (one per core, each encoding single-threaded and turning its ids into a numpy array, the
-part a single process does serially), at most two chunks per worker in flight, written in order as
-they come back, so the shards are the same byte for byte however they were chunked. Atomic: a domain is written in a temporary folder and renamed when complete; the manifest
-says `complete` only after the last domain, so an interrupted run leaves nothing that reads as
-finished; a re-run skips the domains whose inputs, settings and tokenizer are unchanged.
+A job is planned, run in stages, and merged:
+- **plan** (here): the inputs are cut into parts of about `part_bytes` of raw text (whole files, or
+  byte ranges of a large file of one document per line), in config order; each part becomes one part
+  of its domain's shards (teleflm.data.shards), so the shards are the same whatever the number of
+  workers. Parts and dedup buckets are dealt to N workers (largest first, to the least loaded).
+- **scan** (with `[dedup]`): each worker reads its parts, applies the quality filters, and writes
+  every kept document's exact and near-duplicate keys, sorted (teleflm.data.dedup).
+- **dedup**: each worker decides its key ranges over every part's keys: one global decision.
+- **encode**: each worker reads its parts again, drops filtered, duplicate and contaminated documents,
+  tokenizes (ChunkEncoder: every core of its machine) and writes its parts' shard files.
+- **merge** (one process, reads only the small per-part records): the manifest.
+Each task writes its output, then a record of it (with a fingerprint of everything it depends on),
+atomically; a rerun skips every task whose record matches, so a failed worker is rerun alone and
+finished work is never redone, and a changed input redoes only what depends on it. Every stage holds
+a few chunks of documents, never the corpus: memory per worker does not grow with the corpus.
+
+The engines that run the stages (N local processes, Slurm job arrays) are teleflm.data.cluster.
 """
 
 import glob
@@ -19,28 +29,38 @@ import os
 import shutil
 import time
 import tomllib
+import uuid
 import warnings
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import numpy as np
 
-from teleflm.data.decontaminate import DEFAULT_NGRAM, NgramIndex, load_test_ngrams
+from teleflm.data import dedup
+from teleflm.data.decontaminate import DEFAULT_NGRAM, MIN_ITEM_TOKENS, NgramIndex, load_test_ngrams
+from teleflm.data.dedup import DedupConfig
+from teleflm.data.quality import FILTERS, FilterConfig, QualityFilter, words
 from teleflm.data.shards import (
     FORMAT_VERSION,
     KINDS,
     MANIFEST,
     SPLITS,
     SplitWriter,
+    part_file,
     read_manifest,
+    split_entry,
     token_dtype,
 )
-from teleflm.data.sources import COMPRESSED, DOC_SPLITS, ReadStats, read_documents
+from teleflm.data.sources import DOC_SPLITS, ReadStats, read_documents, splits_by_range
 from teleflm.data.tokenizer import EOS_ID, raw_tokenizer, tokenizer_hash
 
-CHUNK_CHARS = 1 << 20  # characters per chunk of work: many per domain, so that every worker has some
+CHUNK_CHARS = 1 << 20  # characters per chunk of work: many per part, so that every core has some
+JOB = ".job"  # the job's records, in the shards folder
+PLAN = "plan.json"
+REPORT = "dedup_examples.json"
+SNIPPET_CHARS = 600  # of each document shown in the dedup report
 
 
 @dataclass
@@ -54,6 +74,7 @@ class DomainSource:
         "blank_line"  # plain text: one document per "line", per "blank_line"-separated block, or per "file"
     )
     max_doc_chars: int = 0  # cut longer documents into pieces (0: never)
+    filters: FilterConfig = field(default_factory=FilterConfig)  # the `[domains.filters]` table
 
 
 @dataclass
@@ -63,11 +84,14 @@ class DataConfig:
     domains: list[DomainSource]
     heldout_fraction: float = 0.02  # documents per domain held out for evaluation
     seed: int = 1234  # of the held-out draw
+    part_bytes: int = 1 << 30  # raw text per part: the unit of work of one worker, one part of the shards
+    dedup: DedupConfig = field(default_factory=DedupConfig)  # the `[dedup]` table
 
 
 def _table(cls, raw, where: str) -> dict:
     """The keys of a TOML table for dataclass `cls`: unknown or missing keys and wrong types are
-    refused, naming the file and the key; ints are accepted for floats."""
+    refused, naming the file and the key; ints are accepted for floats; a dataclass field is a table
+    of its own."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a table")
     known = {f.name: f for f in fields(cls)}
@@ -82,10 +106,18 @@ def _table(cls, raw, where: str) -> dict:
     values = dict(raw)
     for name, value in raw.items():
         kind = known[name].type
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        if is_dataclass(kind) and name != "domains":
+            values[name] = kind(**_table(kind, value, f"{where}: [{name}]"))
+        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
             values[name] = float(value)
-        elif kind in (int, float, str) and (not isinstance(value, kind) or isinstance(value, bool)):
+        elif kind in (int, float, str, bool, dict) and (
+            not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))
+        ):
             raise ValueError(f"{where}: {name} = {value!r} should be a {kind.__name__}")
+        elif kind == list[str] and (
+            not isinstance(value, list) or not all(isinstance(v, str) for v in value)
+        ):
+            raise ValueError(f"{where}: {name} must be a list of strings, got {value!r}")
     return values
 
 
@@ -103,12 +135,10 @@ def load_data_config(path: str | Path) -> DataConfig:
     domains = []
     for i, entry in enumerate(top["domains"]):
         where = f"{path}: domains[{i}]"
+        if isinstance(entry, dict) and isinstance(entry.get("inputs"), str):
+            raise ValueError(f"{where}: inputs must be a non-empty list of files or globs")
         source = DomainSource(**_table(DomainSource, entry, where))
-        if (
-            isinstance(source.inputs, str)
-            or not all(isinstance(p, str) for p in source.inputs)
-            or not source.inputs
-        ):
+        if not source.inputs:
             raise ValueError(f"{where}: inputs must be a non-empty list of files or globs")
         if not source.name or source.name.startswith(".") or "/" in source.name or "\\" in source.name:
             raise ValueError(f"{where}: name {source.name!r} must be a plain folder name")
@@ -116,13 +146,19 @@ def load_data_config(path: str | Path) -> DataConfig:
             raise ValueError(f"{where}: doc_split must be one of {DOC_SPLITS}, got {source.doc_split!r}")
         if source.proportion <= 0 or source.epochs <= 0 or source.max_doc_chars < 0:
             raise ValueError(f"{where}: proportion and epochs must be positive, max_doc_chars >= 0")
+        source.filters.check(f"{where}.filters")
         domains.append(source)
     names = [d.name for d in domains]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: domain names repeat: {names}")
+    if len(domains) > 1 << dedup._DOMAIN_BITS:
+        raise ValueError(f"{path}: at most {1 << dedup._DOMAIN_BITS} domains")
     cfg = DataConfig(**{**top, "domains": domains})
     if not 0 <= cfg.heldout_fraction < 1:
         raise ValueError(f"{path}: heldout_fraction must be in [0, 1), got {cfg.heldout_fraction}")
+    if cfg.part_bytes < 1:
+        raise ValueError(f"{path}: part_bytes must be positive, got {cfg.part_bytes}")
+    cfg.dedup.check(f"{path}: [dedup]")
     return cfg
 
 
@@ -138,14 +174,695 @@ def resolve_inputs(patterns: list[str], base: Path, domain: str) -> list[Path]:
     return files
 
 
-def fingerprint(
-    source: DomainSource, files: list[Path], cfg: DataConfig, tok_hash: str, decontam: dict | None
-) -> str:
-    """What a domain's shards depend on: its settings, its files (path, size, mtime), the held-out
-    draw, the tokenizer and the test set. Equal fingerprints: the shards are reused."""
-    stat = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    settings = [FORMAT_VERSION, asdict(source), stat, cfg.heldout_fraction, cfg.seed, tok_hash, decontam]
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+def plan_parts(files: list[Path], source: DomainSource, part_bytes: int) -> list[list[list]]:
+    """The parts of a domain: lists of pieces [file, start, end] (end None: to the end of the file),
+    consecutive in file order, each part about `part_bytes` of input. A file larger than that is cut
+    into byte ranges when it is read line by line (`splits_by_range`), else it is a part of its own."""
+    parts: list[list[list]] = []
+    current: list[list] = []
+    size = 0
+    for path in files:
+        length = path.stat().st_size
+        if length > part_bytes and splits_by_range(path, source.doc_split):
+            if current:
+                parts.append(current)
+                current, size = [], 0
+            for start in range(0, length, part_bytes):
+                end = min(start + part_bytes, length)
+                parts.append([[str(path), start, end if end < length else None]])
+            continue
+        current.append([str(path), 0, None])
+        size += length
+        if size >= part_bytes:
+            parts.append(current)
+            current, size = [], 0
+    if current or not parts:
+        parts.append(current)
+    return parts
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _deal(sizes: list[int], jobs: int) -> list[list[int]]:
+    """Task indices per worker: largest task first, each to the least loaded worker (ties: the lowest)."""
+    load, out = [0] * jobs, [[] for _ in range(jobs)]
+    for task in sorted(range(len(sizes)), key=lambda t: (-sizes[t], t)):
+        worker = min(range(jobs), key=lambda w: (load[w], w))
+        out[worker].append(task)
+        load[worker] += sizes[task]
+    return [sorted(tasks) for tasks in out]
+
+
+def plan_job(
+    config_path: str | Path,
+    tokenizer: str | Path | None = None,
+    out: str | Path | None = None,
+    decontaminate: list[str] = (),
+    decontaminate_tasks: list[str] = (),
+    task_include: list[str] = (),
+    ngram: int = DEFAULT_NGRAM,
+    min_item_tokens: int = MIN_ITEM_TOKENS,
+    decontaminate_action: str = "remove",
+    jobs: int = 1,
+    engine: str = "local",
+) -> Path:
+    """Check everything that can fail before work starts, cut the inputs into parts, deal the tasks to
+    `jobs` workers, and write the job's plan (and the test set's n-grams) into `out/.job/`; returns that
+    folder. The manifest is marked incomplete until the merge."""
+    config_path = Path(config_path)
+    cfg = load_data_config(config_path)
+    base = config_path.parent
+    tokenizer = Path(tokenizer or base / cfg.tokenizer)
+    out = Path(out or base / cfg.out)
+    if decontaminate_action not in ("remove", "report"):
+        raise ValueError(f"decontaminate action must be remove or report, got {decontaminate_action!r}")
+    if jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
+    tok_hash = tokenizer_hash(tokenizer)
+    encoder = raw_tokenizer(tokenizer)
+    inputs = {d.name: resolve_inputs(d.inputs, base, d.name) for d in cfg.domains}
+    test_set = None
+    if decontaminate or decontaminate_tasks:
+        test_set = load_test_ngrams(
+            list(decontaminate),
+            encoder,
+            ngram,
+            tasks=list(decontaminate_tasks),
+            task_include=list(task_include),
+            min_item_tokens=min_item_tokens,
+        )
+    job = out / JOB
+    job.mkdir(parents=True, exist_ok=True)
+    decontam = None
+    if test_set is not None:
+        shutil.rmtree(job / "test_ngrams", ignore_errors=True)
+        test_set.save(job / "test_ngrams")
+        digest = hashlib.sha256(b"".join(np.ascontiguousarray(h).tobytes() for h in test_set.hashes.values()))
+        decontam = {**test_set.info, "action": decontaminate_action, "digest": digest.hexdigest()}
+    try:
+        previous = list(read_manifest(out).get("domains", {}))
+    except ValueError:
+        previous = []
+    domains = []
+    for source in cfg.domains:
+        files = inputs[source.name]
+        stats = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+        domains.append(
+            {
+                "name": source.name,
+                "source": asdict(source),
+                "files": stats,
+                "parts": plan_parts(files, source, cfg.part_bytes),
+            }
+        )
+    encode_tasks = [[d, p] for d, domain in enumerate(domains) for p in range(len(domain["parts"]))]
+    sizes = [
+        sum(
+            domains[d]["files"][path][0] if end is None else end - start
+            for path, start, end in domains[d]["parts"][p]
+        )
+        for d, p in encode_tasks
+    ]
+    stages = ["scan", "dedup", "encode"] if cfg.dedup.enabled else ["encode"]
+    buckets = cfg.dedup.buckets or 4 * jobs
+    plan = {
+        "run": uuid.uuid4().hex,
+        "config": str(config_path),
+        "out": str(out.resolve()),
+        "tokenizer": str(tokenizer),
+        "tokenizer_hash": tok_hash,
+        "vocab_size": encoder.get_vocab_size(),
+        "heldout_fraction": cfg.heldout_fraction,
+        "seed": cfg.seed,
+        "part_bytes": cfg.part_bytes,
+        "dedup": asdict(cfg.dedup) if cfg.dedup.enabled else None,
+        "buckets": buckets if cfg.dedup.enabled else 0,
+        "decontamination": decontam,
+        "domains": domains,
+        "previous_domains": previous,
+        "stages": stages,
+        "jobs": jobs,
+        "engine": engine,
+        "tasks": {"scan": encode_tasks, "encode": encode_tasks, "dedup": list(range(buckets))},
+        "sizes": {"scan": sizes, "encode": sizes, "dedup": [1] * buckets},
+    }
+    plan["assignment"] = {stage: _deal(plan["sizes"][stage], jobs) for stage in ("scan", "dedup", "encode")}
+    _write_json_atomic(job / PLAN, plan)
+    manifest = {
+        "format": FORMAT_VERSION,
+        "complete": False,
+        "tokenizer": str(tokenizer),
+        "tokenizer_hash": tok_hash,
+    }
+    _write_json_atomic(out / MANIFEST, manifest)
+    return job
+
+
+def read_plan(job: Path) -> dict:
+    path = Path(job) / PLAN
+    if not path.is_file():
+        raise FileNotFoundError(f"{job}: no {PLAN}: not a `teleflm data prepare` job folder")
+    return json.loads(path.read_text())
+
+
+def _task_name(stage: str, task) -> str:
+    return f"{task:05d}" if stage == "dedup" else f"{task[0]:03d}-{task[1]:05d}"
+
+
+def _record(job: Path, stage: str, task) -> Path:
+    return job / stage / f"{_task_name(stage, task)}.json"
+
+
+def _done(job: Path, stage: str, task, fingerprint: str) -> dict | None:
+    """The task's record if it finished with this fingerprint (its outputs are then in place)."""
+    path = _record(job, stage, task)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("fingerprint") == fingerprint else None
+
+
+def _read_settings(plan: dict, d: int) -> dict:
+    source = plan["domains"][d]["source"]
+    return {k: source[k] for k in ("text_field", "doc_split", "max_doc_chars")}
+
+
+def _piece_stats(plan: dict, d: int, p: int) -> list:
+    files = plan["domains"][d]["files"]
+    return [[path, start, end, files[path]] for path, start, end in plan["domains"][d]["parts"][p]]
+
+
+def _scan_fingerprint(plan: dict, d: int, p: int) -> str:
+    settings = {k: v for k, v in plan["dedup"].items() if k not in ("examples", "buckets")}
+    filters = plan["domains"][d]["source"]["filters"]
+    return _digest(["scan", d, p, _piece_stats(plan, d, p), _read_settings(plan, d), filters, settings])
+
+
+def _part_documents(plan: dict, d: int, p: int, stats: ReadStats):
+    """(document, its file) of part p of domain d, in order."""
+    settings = _read_settings(plan, d)
+    for path, start, end in plan["domains"][d]["parts"][p]:
+        for doc in read_documents(
+            Path(path),
+            settings["text_field"],
+            settings["doc_split"],
+            settings["max_doc_chars"],
+            stats,
+            start,
+            end,
+        ):
+            yield doc, path
+
+
+class Progress:
+    """One worker's progress in one stage, in `.job/progress/` (what `teleflm data progress` and the
+    local engine read), written at most once a second; optionally a progress bar here too."""
+
+    def __init__(self, job: Path, stage: str, worker: int, tasks: int, total_bytes: int, bar: bool):
+        self.path = job / "progress" / f"{stage}-{worker:05d}.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.state = {
+            "stage": stage,
+            "worker": worker,
+            "tasks": tasks,
+            "tasks_done": 0,
+            "documents": 0,
+            "bytes": 0,
+            "bytes_total": total_bytes,
+            "started": time.time(),
+            "finished": None,
+        }
+        self.written = 0.0
+        self.bar = None
+        if bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=stage)
+        self.write(force=True)
+
+    def add(self, documents: int, n_bytes: int) -> None:
+        self.state["documents"] += documents
+        self.state["bytes"] += n_bytes
+        if self.bar is not None:
+            self.bar.update(n_bytes)
+        self.write()
+
+    def task_done(self) -> None:
+        self.state["tasks_done"] += 1
+        self.write(force=True)
+
+    def close(self) -> None:
+        self.state["finished"] = time.time()
+        self.write(force=True)
+        if self.bar is not None:
+            self.bar.close()
+
+    def write(self, force: bool = False) -> None:
+        now = time.time()
+        if force or now - self.written >= 1.0:
+            _write_json_atomic(self.path, {**self.state, "updated": now})
+            self.written = now
+
+
+def run_worker(job: str | Path, stage: str, worker: int, workers: int = 0, progress: bool = False) -> None:
+    """Run worker `worker`'s tasks of one stage (what one Slurm array task or local process does):
+    each task whose record matches is skipped. `workers`: encoding processes (0: one per core)."""
+    job = Path(job)
+    plan = read_plan(job)
+    if stage not in plan["stages"]:
+        raise ValueError(f"{job}: this job has no stage {stage!r} (stages: {plan['stages']})")
+    if not 0 <= worker < plan["jobs"]:
+        raise ValueError(f"worker {worker} is not one of the job's {plan['jobs']} (0 .. {plan['jobs'] - 1})")
+    mine = plan["assignment"][stage][worker]
+    tasks = [plan["tasks"][stage][t] for t in mine]
+    total = sum(plan["sizes"][stage][t] for t in mine) if stage != "dedup" else len(mine)
+    (job / stage).mkdir(exist_ok=True)
+    meter = Progress(job, stage, worker, len(tasks), total, progress)
+    if stage == "scan":
+        signer = dedup.Signer(DedupConfig(**plan["dedup"]))
+        for d, p in tasks:
+            _scan_part(job, plan, d, p, signer, worker, meter)
+            meter.task_done()
+    elif stage == "dedup":
+        for bucket in tasks:
+            _dedup_bucket(job, plan, bucket, worker)
+            meter.add(0, 1)
+            meter.task_done()
+    else:
+        decontam = plan["decontamination"]
+        test_set = NgramIndex.load(job / "test_ngrams", decontam["ngram"], decontam) if decontam else None
+        examples = (
+            dedup.report_examples(_bucket_folders(job, plan), plan["dedup"]["examples"])
+            if plan["dedup"]
+            else []
+        )
+        encoder = raw_tokenizer(plan["tokenizer"])
+        with ChunkEncoder(encoder, Path(plan["tokenizer"]), workers) as encode:
+            for d, p in tasks:
+                _encode_part(job, plan, d, p, encode, test_set, examples, worker, meter)
+                meter.task_done()
+    meter.close()
+
+
+def _scan_part(job: Path, plan: dict, d: int, p: int, signer, worker: int, meter: Progress) -> None:
+    """Filter verdicts and dedup keys of one part."""
+    key = _scan_fingerprint(plan, d, p)
+    size = plan["sizes"]["scan"][plan["tasks"]["scan"].index([d, p])]
+    if _done(job, "scan", [d, p], key):
+        meter.add(0, size)
+        return
+    started = time.time()
+    _record(job, "scan", [d, p]).unlink(missing_ok=True)
+    folder = job / "scan" / _task_name("scan", [d, p])
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    config = signer.config
+    quality = QualityFilter(FilterConfig(**plan["domains"][d]["source"]["filters"]))
+    stats = ReadStats()
+    dropped, reasons = [], []
+    exact_keys, exact_docs, near_keys, near_docs = [], [], [], []
+    n_docs = n_bytes = 0
+    for i, (doc, _) in enumerate(_part_documents(plan, d, p, stats)):
+        n_docs += 1
+        size_i = len(doc.encode())
+        n_bytes += size_i
+        tokens = words(doc)
+        verdict = quality.verdict(doc, tokens)
+        if verdict is not None:
+            dropped.append(i)
+            reasons.append(FILTERS.index(verdict))
+        else:
+            if config.exact:
+                exact_keys.append(dedup.exact_key(doc))
+                exact_docs.append(i)
+            if config.near and (keys := signer.near_keys(tokens)) is not None:
+                near_keys.append(keys)
+                near_docs.append(np.full(len(keys), i, dtype=np.int64))
+        if n_docs % 1024 == 0:
+            meter.add(1024, 0)
+    meter.add(n_docs % 1024, size)
+
+    def scoped(keys: np.ndarray) -> np.ndarray:
+        return dedup.scope(keys, d, config.across_domains)
+
+    exact = [scoped(np.array(exact_keys, dtype=np.uint64))] if exact_keys else []
+    near = [scoped(np.concatenate(near_keys))] if near_keys else []
+    dedup.write_keys(
+        folder, dedup.EXACT, exact, [dedup.position(d, p, np.array(exact_docs))] if exact else []
+    )
+    dedup.write_keys(
+        folder, dedup.NEAR, near, [dedup.position(d, p, np.concatenate(near_docs))] if near else []
+    )
+    np.save(folder / "dropped.npy", np.array(dropped, dtype=np.int64))
+    np.save(folder / "reasons.npy", np.array(reasons, dtype=np.uint8))
+    record = {
+        "fingerprint": key,
+        "worker": worker,
+        "run": plan["run"],
+        "documents": n_docs,
+        "bytes": n_bytes,
+        "seconds": round(time.time() - started, 3),
+        "filtered": _count(reasons),
+        "invalid_utf8": stats.invalid_utf8,
+        "documents_per_file": stats.documents,
+    }
+    _write_json_atomic(_record(job, "scan", [d, p]), record)
+
+
+def _count(reasons: list[int]) -> dict[str, int]:
+    counts = np.bincount(np.asarray(reasons, dtype=np.int64), minlength=len(FILTERS))
+    return {name: int(counts[i]) for i, name in enumerate(FILTERS) if counts[i]}
+
+
+def _bucket_folders(job: Path, plan: dict) -> list[Path]:
+    return [job / "dedup" / _task_name("dedup", b) for b in range(plan["buckets"])]
+
+
+def _scan_folders(job: Path, plan: dict) -> list[Path]:
+    return [job / "scan" / _task_name("scan", task) for task in plan["tasks"]["scan"]]
+
+
+def _dedup_fingerprint(plan: dict, bucket: int) -> str:
+    scans = [_scan_fingerprint(plan, d, p) for d, p in plan["tasks"]["scan"]]
+    return _digest(["dedup", bucket, plan["buckets"], plan["dedup"], scans])
+
+
+def _dedup_bucket(job: Path, plan: dict, bucket: int, worker: int) -> None:
+    key = _dedup_fingerprint(plan, bucket)
+    if _done(job, "dedup", bucket, key):
+        return
+    started = time.time()
+    missing = [t for t in plan["tasks"]["scan"] if not _done(job, "scan", t, _scan_fingerprint(plan, *t))]
+    if missing:
+        raise RuntimeError(f"{job}: dedup needs every scan first; parts not scanned: {missing[:5]}")
+    _record(job, "dedup", bucket).unlink(missing_ok=True)
+    kinds = [
+        k for k, on in ((dedup.EXACT, plan["dedup"]["exact"]), (dedup.NEAR, plan["dedup"]["near"])) if on
+    ]
+    decision = dedup.decide(_scan_folders(job, plan), bucket, plan["buckets"], kinds)
+    folder = job / "dedup" / _task_name("dedup", bucket)
+    shutil.rmtree(folder, ignore_errors=True)
+    dedup.save_decision(folder, decision, plan["dedup"]["examples"])
+    record = {
+        "fingerprint": key,
+        "worker": worker,
+        "run": plan["run"],
+        "removed": len(decision["removed"]),
+        "seconds": round(time.time() - started, 3),
+    }
+    _write_json_atomic(_record(job, "dedup", bucket), record)
+
+
+def _encode_fingerprint(plan: dict, d: int, p: int, removed: np.ndarray, wanted: list) -> str:
+    domain = plan["domains"][d]
+    upstream = (
+        _scan_fingerprint(plan, d, p)
+        if plan["dedup"]
+        else [_piece_stats(plan, d, p), _read_settings(plan, d), domain["source"]["filters"]]
+    )
+    removal = hashlib.sha256(np.ascontiguousarray(removed).tobytes()).hexdigest()
+    settings = [plan["tokenizer_hash"], plan["heldout_fraction"], plan["seed"], plan["decontamination"]]
+    return _digest(["encode", FORMAT_VERSION, domain["name"], p, upstream, settings, removal, wanted])
+
+
+def _encode_part(job, plan, d, p, encode, test_set, examples, worker, meter) -> None:
+    """One part of one domain's shards: its documents less the filtered, duplicate and contaminated
+    ones, tokenized, each drawn into train or val."""
+    domain = plan["domains"][d]
+    name = domain["name"]
+    size = plan["sizes"]["encode"][plan["tasks"]["encode"].index([d, p])]
+    lo, hi = dedup.part_range(d, p)
+    wanted = [[r, k, t] for r, k, t in examples if lo <= r < hi or lo <= k < hi]
+    if plan["dedup"]:
+        removed, removed_kind = dedup.removed_in_part(_bucket_folders(job, plan), d, p)
+        folder = job / "scan" / _task_name("scan", [d, p])
+        dropped, reasons = np.load(folder / "dropped.npy"), np.load(folder / "reasons.npy")
+        quality = None
+    else:
+        removed, removed_kind = np.empty(0, np.int64), np.empty(0, np.uint8)
+        dropped = reasons = None
+        quality = QualityFilter(FilterConfig(**domain["source"]["filters"]))
+    key = _encode_fingerprint(plan, d, p, np.stack([removed, removed_kind.astype(np.int64)]), wanted)
+    if _done(job, "encode", [d, p], key):
+        meter.add(0, size)
+        return
+    started = time.time()
+    _record(job, "encode", [d, p]).unlink(missing_ok=True)
+    out = Path(plan["out"])
+    tmp = out / name / f".part-{p:05d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dtype = encode.dtype
+    writers = {split: SplitWriter(tmp, split, p, dtype) for split in SPLITS}
+    stats = ReadStats()
+    # One uniform draw per document read, in reading order, from a generator of the seed, the domain
+    # and the part: the split depends on the documents only, not on the workers, the chunking, or
+    # which documents the filters and dedup drop.
+    heldout_rng = np.random.default_rng(
+        [plan["seed"], int(hashlib.sha256(name.encode()).hexdigest()[:8], 16), p]
+    )
+    snippet_positions = {pos for row in wanted for pos in row[:2] if lo <= pos < hi}
+    snippets: dict[str, dict] = {}
+    counts = {"documents": 0, "bytes": 0, "filtered": [], "exact": 0, "near": 0}
+    flags: deque = deque()  # the held-out flags of the chunks handed to the encoder, in order
+
+    def chunks():
+        chunk, held, chars = [], [], 0
+        draws = np.empty(0)
+        drop_at = removed_at = 0
+        for i, (doc, path) in enumerate(_part_documents(plan, d, p, stats)):
+            if i % 4096 == 0:  # draws in blocks: the same sequence as one at a time
+                draws = heldout_rng.random(4096)
+            counts["documents"] += 1
+            doc_bytes = len(doc.encode())
+            counts["bytes"] += doc_bytes
+            if counts["documents"] % 1024 == 0:
+                meter.add(1024, 0)
+            pos = int(lo) + i
+            if pos in snippet_positions:
+                snippets[str(pos)] = {"domain": name, "file": path, "text": doc[:SNIPPET_CHARS]}
+            if quality is not None:
+                verdict = quality.verdict(doc)
+                if verdict is not None:
+                    counts["filtered"].append(FILTERS.index(verdict))
+                    continue
+            else:
+                while drop_at < len(dropped) and dropped[drop_at] < i:
+                    drop_at += 1
+                if drop_at < len(dropped) and dropped[drop_at] == i:
+                    counts["filtered"].append(int(reasons[drop_at]))
+                    continue
+            while removed_at < len(removed) and removed[removed_at] < i:
+                removed_at += 1
+            if removed_at < len(removed) and removed[removed_at] == i:
+                counts[dedup.KINDS[int(removed_kind[removed_at])]] += 1
+                continue
+            chunk.append(doc)
+            held.append(draws[i % 4096] < plan["heldout_fraction"])
+            chars += len(doc)
+            if chars >= CHUNK_CHARS:
+                flags.append(np.array(held, dtype=bool))
+                yield chunk
+                chunk, held, chars = [], [], 0
+        if chunk:
+            flags.append(np.array(held, dtype=bool))
+            yield chunk
+
+    contaminated = 0
+    action = plan["decontamination"]["action"] if plan["decontamination"] else None
+    for tokens, lengths, n_bytes in encode.chunks(chunks()):
+        heldout = flags.popleft()
+        keep = np.ones(len(lengths), dtype=bool)
+        if test_set is not None:
+            dirty = test_set.contaminated(tokens, np.concatenate([[0], np.cumsum(lengths)]))
+            contaminated += int(dirty.sum())
+            if action == "remove":
+                keep &= ~dirty
+        for split, chosen in (("train", keep & ~heldout), ("val", keep & heldout)):
+            if chosen.all():  # the usual case for train: the arrays as they came, no copies
+                writers[split].add(tokens, lengths, n_bytes)
+            else:
+                writers[split].add(tokens[np.repeat(chosen, lengths)], lengths[chosen], n_bytes[chosen])
+    meter.add(counts["documents"] % 1024, size)
+    splits = {split: w.close() for split, w in writers.items()}
+    for split in SPLITS:  # into place, file by file; the record below is what says the part is done
+        for kind in KINDS:
+            os.replace(part_file(tmp, split, p, kind), part_file(out / name, split, p, kind))
+    tmp.rmdir()
+    record = {
+        "fingerprint": key,
+        "worker": worker,
+        "run": plan["run"],
+        "documents": counts["documents"],
+        "bytes": counts["bytes"],
+        "seconds": round(time.time() - started, 3),
+        "splits": splits,
+        "filtered": _count(counts["filtered"]),
+        "deduplicated": {"exact": counts["exact"], "near": counts["near"]},
+        "contaminated_documents": contaminated,
+        "removed_documents": contaminated if action == "remove" else 0,
+        "invalid_utf8": stats.invalid_utf8,
+        "documents_per_file": stats.documents,
+        "snippets": snippets,
+    }
+    _write_json_atomic(_record(job, "encode", [d, p]), record)
+
+
+def merge(job: str | Path, verbose: bool = True) -> dict:
+    """The manifest of a job whose parts are all encoded, from their records (no data is read);
+    removes the parts and domains the job no longer has, and writes the dedup report."""
+    job = Path(job)
+    plan = read_plan(job)
+    out = Path(plan["out"])
+    records = {}
+    missing = []
+    for d, p in plan["tasks"]["encode"]:
+        path = _record(job, "encode", [d, p])
+        if path.is_file():
+            records[d, p] = json.loads(path.read_text())
+        else:
+            worker = next(
+                w
+                for w, tasks in enumerate(plan["assignment"]["encode"])
+                if plan["tasks"]["encode"].index([d, p]) in tasks
+            )
+            missing.append(f"{plan['domains'][d]['name']} part {p} (worker {worker})")
+    if missing:
+        raise RuntimeError(f"{job}: cannot merge, parts not encoded yet: {', '.join(missing[:10])}")
+    domains = {}
+    for d, domain in enumerate(plan["domains"]):
+        name, source = domain["name"], domain["source"]
+        mine = [records[d, p] for p in range(len(domain["parts"]))]
+        per_file: dict[str, int] = {}
+        invalid: dict[str, int] = {}
+        for record in mine:
+            for path, count in record["documents_per_file"].items():
+                per_file[path] = per_file.get(path, 0) + count
+            for path, count in record["invalid_utf8"].items():
+                invalid[path] = invalid.get(path, 0) + count
+        filtered = {f: sum(r["filtered"].get(f, 0) for r in mine) for f in FILTERS}
+        entry = {
+            "inputs": list(domain["files"]),
+            "proportion": source["proportion"],
+            "epochs": source["epochs"],
+            "parts": len(mine),
+            "documents_read": sum(r["documents"] for r in mine),
+            "splits": {split: split_entry([r["splits"][split] for r in mine]) for split in SPLITS},
+            "invalid_utf8": invalid,
+            "empty_files": [path for path, count in per_file.items() if count == 0],
+            "filtered": {f: n for f, n in filtered.items() if n},
+            "deduplicated": {kind: sum(r["deduplicated"][kind] for r in mine) for kind in dedup.KINDS},
+            "contaminated_documents": sum(r["contaminated_documents"] for r in mine),
+            "removed_documents": sum(r["removed_documents"] for r in mine),
+            "seconds": round(sum(r["seconds"] for r in mine), 2),
+        }
+        domains[name] = entry
+        _remove_stale_parts(out / name, len(mine))
+        if verbose:
+            _report_domain(name, entry, mine, plan["run"])
+    for name in set(plan["previous_domains"]) - set(domains):  # domains no longer in the config
+        shutil.rmtree(out / name, ignore_errors=True)
+    manifest = {
+        "format": FORMAT_VERSION,
+        "complete": False,
+        "tokenizer": plan["tokenizer"],
+        "tokenizer_hash": plan["tokenizer_hash"],
+        "vocab_size": plan["vocab_size"],
+        "dtype": token_dtype(plan["vocab_size"]).name,
+        "eos_id": EOS_ID,
+        "heldout_fraction": plan["heldout_fraction"],
+        "seed": plan["seed"],
+        "part_bytes": plan["part_bytes"],
+        "decontamination": plan["decontamination"],
+        "dedup": _dedup_summary(job, plan, records, out),
+        "job": _job_figures(job, plan, records),
+        "domains": domains,
+    }
+    for name, entry in domains.items():
+        for warning in _domain_warnings(name, entry):
+            print(warning)
+        if entry["splits"]["train"]["documents"] == 0:
+            warnings.warn(f"domain {name!r} has no training documents", stacklevel=2)
+    _write_json_atomic(out / MANIFEST, manifest)
+    manifest["complete"] = True
+    _write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+def _domain_warnings(name: str, entry: dict) -> list[str]:
+    return [
+        f"warning: {path}: {count} invalid UTF-8 sequences replaced by U+FFFD"
+        for path, count in entry["invalid_utf8"].items()
+    ] + [f"warning: {path}: no documents" for path in entry["empty_files"]]
+
+
+def _report_domain(name: str, entry: dict, records: list[dict], run: str) -> None:
+    if all(r["run"] != run for r in records):
+        print(f"{name}: up to date, skipped")
+        return
+    train, val = entry["splits"]["train"], entry["splits"]["val"]
+    seconds = sum(r["seconds"] for r in records if r["run"] == run)
+    done = sum(r["bytes"] for r in records if r["run"] == run)
+    dropped = sum(entry["filtered"].values()) + sum(entry["deduplicated"].values())
+    print(
+        f"{name}: {train['documents']:,} documents, {train['tokens']:,} tokens (held out: {val['documents']:,} "
+        f"documents; dropped {dropped:,}, contaminated {entry['contaminated_documents']:,}); "
+        f"{done / max(seconds, 1e-9) / 1e6:.1f} MB/s"
+    )
+
+
+def _remove_stale_parts(folder: Path, parts: int) -> None:
+    """Files of parts past the job's last, from an earlier run with more parts, and partial folders."""
+    if not folder.is_dir():
+        return
+    expected = {
+        part_file(folder, split, p, kind).name for split in SPLITS for p in range(parts) for kind in KINDS
+    }
+    for path in folder.iterdir():
+        if path.name not in expected:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _dedup_summary(job: Path, plan: dict, records: dict, out: Path) -> dict | None:
+    if not plan["dedup"]:
+        return None
+    config = DedupConfig(**plan["dedup"])
+    signer = dedup.Signer(config) if config.near else None
+    snippets = {pos: s for r in records.values() for pos, s in r["snippets"].items()}
+    report = []
+    for removed, kept, kind in dedup.report_examples(_bucket_folders(job, plan), config.examples):
+        report.append(
+            {"kind": dedup.KINDS[kind], "removed": snippets[str(removed)], "kept": snippets[str(kept)]}
+        )
+    (out / REPORT).write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    totals = {kind: sum(r["deduplicated"][kind] for r in records.values()) for kind in dedup.KINDS}
+    lsh = {"bands": signer.bands, "rows": signer.rows} if signer else {}
+    return {**plan["dedup"], "buckets": plan["buckets"], **lsh, "removed": totals, "report": REPORT}
+
+
+def _job_figures(job: Path, plan: dict, records: dict) -> dict:
+    """Per stage and worker: tasks, documents, bytes, seconds and MB/s of the tasks run in this job's
+    last run (a task a rerun skipped keeps the figures of the run that did it)."""
+    stages = {}
+    for stage in plan["stages"]:
+        rows = {}
+        for task in plan["tasks"][stage]:
+            path = _record(job, stage, task)
+            record = records.get(tuple(task)) if stage == "encode" else json.loads(path.read_text())
+            row = rows.setdefault(
+                record["worker"],
+                {"worker": record["worker"], "tasks": 0, "documents": 0, "bytes": 0, "seconds": 0.0},
+            )
+            row["tasks"] += 1
+            row["documents"] += record.get("documents", 0)
+            row["bytes"] += record.get("bytes", 0)
+            row["seconds"] = round(row["seconds"] + record["seconds"], 3)
+        for row in rows.values():
+            row["mb_per_s"] = round(row["bytes"] / max(row["seconds"], 1e-9) / 1e6, 3)
+        stages[stage] = [rows[w] for w in sorted(rows)]
+    return {"engine": plan["engine"], "workers": plan["jobs"], "stages": stages}
 
 
 def prepare(
@@ -157,147 +874,34 @@ def prepare(
     decontaminate_action: str = "remove",
     progress: bool = True,
     workers: int = 0,
+    jobs: int = 1,
+    decontaminate_tasks: list[str] = (),
+    task_include: list[str] = (),
+    min_item_tokens: int = MIN_ITEM_TOKENS,
 ) -> dict:
-    """Prepare every domain of a data config (`tokenizer` and `out` override the config's); returns
-    the manifest. `decontaminate`: test-set files or globs whose n-grams (`ngram` tokens) mark
-    training documents to "remove" or "report" (`decontaminate_action`). `workers`: encoding
-    processes (0: one per core)."""
-    config_path = Path(config_path)
-    cfg = load_data_config(config_path)
-    base = config_path.parent
-    tokenizer = Path(tokenizer or base / cfg.tokenizer)
-    out = Path(out or base / cfg.out)
-    if decontaminate_action not in ("remove", "report"):
-        raise ValueError(f"decontaminate action must be remove or report, got {decontaminate_action!r}")
-    # Everything that can fail is checked before work starts.
-    tok_hash = tokenizer_hash(tokenizer)
-    encoder = raw_tokenizer(tokenizer)
-    inputs = {d.name: resolve_inputs(d.inputs, base, d.name) for d in cfg.domains}
-    test_set = load_test_ngrams(list(decontaminate), encoder, ngram) if decontaminate else None
-    decontam = {**test_set.info, "action": decontaminate_action} if test_set else None
+    """Prepare every domain of a data config (`tokenizer` and `out` override the config's) on this
+    machine; returns the manifest. `decontaminate`: test-set files or globs, `decontaminate_tasks`:
+    lm-eval task names (`task_include`: folders of more task definitions), whose n-grams (`ngram`
+    tokens) mark training documents to "remove" or "report" (`decontaminate_action`). `jobs`: workers
+    run as separate processes (1: all here); `workers`: encoding processes per job (0: the cores,
+    shared among the jobs)."""
+    from teleflm.data.cluster import run_local
 
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        manifest = read_manifest(out)
-    except ValueError:
-        manifest = {}
-    if manifest.get("tokenizer_hash") != tok_hash:
-        manifest = {"domains": {}}  # another tokenizer (or none yet): every domain is redone
-    manifest.update(
-        format=FORMAT_VERSION,
-        complete=False,
-        tokenizer=str(tokenizer),
-        tokenizer_hash=tok_hash,
-        vocab_size=encoder.get_vocab_size(),
-        dtype=token_dtype(encoder.get_vocab_size()).name,
-        eos_id=EOS_ID,
-        heldout_fraction=cfg.heldout_fraction,
-        seed=cfg.seed,
-        decontamination=decontam,
+    job = plan_job(
+        config_path,
+        tokenizer,
+        out,
+        decontaminate,
+        decontaminate_tasks,
+        task_include,
+        ngram,
+        min_item_tokens,
+        decontaminate_action,
+        jobs,
+        "local",
     )
-    _write_json_atomic(out / MANIFEST, manifest)
-    with ChunkEncoder(encoder, tokenizer, workers) as encode:
-        for source in cfg.domains:
-            key = fingerprint(source, inputs[source.name], cfg, tok_hash, decontam)
-            done = manifest["domains"].get(source.name)
-            if done and done["fingerprint"] == key and _files_present(out / source.name, done):
-                print(f"{source.name}: up to date, skipped")
-                continue
-            manifest["domains"].pop(source.name, None)
-            _write_json_atomic(out / MANIFEST, manifest)  # the old entry goes before its folder does
-            entry = prepare_domain(
-                source, inputs[source.name], cfg, encode, out, test_set, decontaminate_action, progress
-            )
-            manifest["domains"][source.name] = {"fingerprint": key, **entry}
-            _write_json_atomic(out / MANIFEST, manifest)
-    # Domains no longer in the config leave the manifest and the folder.
-    for name in set(manifest["domains"]) - {d.name for d in cfg.domains}:
-        del manifest["domains"][name]
-        shutil.rmtree(out / name, ignore_errors=True)
-    manifest["domains"] = {d.name: manifest["domains"][d.name] for d in cfg.domains}
-    manifest["complete"] = True
-    _write_json_atomic(out / MANIFEST, manifest)
-    return manifest
-
-
-def prepare_domain(
-    source: DomainSource,
-    files: list[Path],
-    cfg: DataConfig,
-    encode: "ChunkEncoder",
-    out: Path,
-    test_set: NgramIndex | None,
-    action: str,
-    progress: bool,
-) -> dict:
-    """Encode one domain into `out/<name>` (built in a temporary folder, renamed when complete);
-    returns its manifest entry, less the fingerprint."""
-    from tqdm import tqdm
-
-    started = time.time()
-    dtype = encode.dtype
-    tmp = out / f".{source.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    writers = {split: SplitWriter(tmp, split, dtype) for split in SPLITS}
-    stats = ReadStats()
-    # One uniform draw per document, in reading order: the held-out split depends on the seed, the
-    # domain and the documents only, not on how they are chunked.
-    heldout_rng = np.random.default_rng(
-        [cfg.seed, int(hashlib.sha256(source.name.encode()).hexdigest()[:8], 16)]
-    )
-    contaminated = 0
-    sizes_known = not any(f.name.endswith(COMPRESSED) for f in files)
-    bar = tqdm(
-        total=sum(f.stat().st_size for f in files) if sizes_known else None,
-        unit="B",
-        unit_scale=True,
-        desc=source.name,
-        disable=not progress,
-    )
-
-    for tokens, lengths, n_bytes in encode.chunks(_chunks(files, source, stats)):
-        bar.update(int(n_bytes.sum()))
-        keep = np.ones(len(lengths), dtype=bool)
-        if test_set is not None:
-            dirty = test_set.contaminated(tokens, np.concatenate([[0], np.cumsum(lengths)]))
-            contaminated += int(dirty.sum())
-            if action == "remove":
-                keep &= ~dirty
-        heldout = heldout_rng.random(len(lengths)) < cfg.heldout_fraction
-        for split, chosen in (("train", keep & ~heldout), ("val", keep & heldout)):
-            if chosen.all():  # the usual case for train: the arrays as they came, no copies
-                writers[split].add(tokens, lengths, n_bytes)
-            else:
-                writers[split].add(tokens[np.repeat(chosen, lengths)], lengths[chosen], n_bytes[chosen])
-    bar.close()
-    splits = {split: w.close() for split, w in writers.items()}
-    shutil.rmtree(out / source.name, ignore_errors=True)
-    tmp.rename(out / source.name)
-
-    for path, count in stats.invalid_utf8.items():
-        print(f"warning: {path}: {count} invalid UTF-8 sequences replaced by U+FFFD")
-    for path in stats.empty_files:
-        print(f"warning: {path}: no documents")
-    if splits["train"]["documents"] == 0:
-        warnings.warn(f"domain {source.name!r} has no training documents", stacklevel=2)
-    seconds = time.time() - started
-    total_bytes = splits["train"]["bytes"] + splits["val"]["bytes"]
-    print(
-        f"{source.name}: {splits['train']['documents']:,} documents, {splits['train']['tokens']:,} tokens "
-        f"(held out: {splits['val']['documents']:,} documents); {total_bytes / max(seconds, 1e-9) / 1e6:.1f} MB/s"
-    )
-    return {
-        "inputs": [str(f) for f in files],
-        "proportion": source.proportion,
-        "epochs": source.epochs,
-        "splits": splits,
-        "invalid_utf8": stats.invalid_utf8,
-        "empty_files": stats.empty_files,
-        "contaminated_documents": contaminated,
-        "removed_documents": contaminated if action == "remove" and test_set is not None else 0,
-        "seconds": round(seconds, 2),
-    }
+    run_local(job, workers=workers, progress=progress)
+    return merge(job)
 
 
 def encode_documents(encoder, docs: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -323,8 +927,9 @@ def _encode_in_worker(docs: list[str], dtype: np.dtype):
 
 
 class ChunkEncoder:
-    """Encodes chunks of documents, in order: a lone chunk here, longer runs on a pool of worker
-    processes (started at the first run that needs it, shared by the domains of one prepare)."""
+    """Encodes chunks of documents, in order: a lone chunk (or every chunk, with one worker) here,
+    longer runs on a pool of worker processes (started at the first run that needs it, shared by the
+    parts of one job worker)."""
 
     def __init__(self, encoder, tokenizer_dir: Path, workers: int = 0):
         self.encoder, self.tokenizer_dir = encoder, tokenizer_dir
@@ -344,9 +949,10 @@ class ChunkEncoder:
         """(tokens, lengths, n_bytes) of each chunk of `chunks`, in order."""
         chunks = iter(chunks)
         first, second = next(chunks, None), next(chunks, None)
-        if second is None:
-            if first is not None:
-                yield encode_documents(self.encoder, first, self.dtype)
+        if second is None or self.workers == 1:
+            for chunk in itertools.chain([first, second], chunks):
+                if chunk is not None:
+                    yield encode_documents(self.encoder, chunk, self.dtype)
             return
         if self.pool is None:
             self.pool = ProcessPoolExecutor(
@@ -364,31 +970,7 @@ class ChunkEncoder:
             yield pending.popleft().result()
 
 
-def _chunks(files: list[Path], source: DomainSource, stats: ReadStats):
-    """Lists of documents of about CHUNK_CHARS characters, in file order."""
-    chunk, chars = [], 0
-    for path in files:
-        for doc in read_documents(path, source.text_field, source.doc_split, source.max_doc_chars, stats):
-            chunk.append(doc)
-            chars += len(doc)
-            if chars >= CHUNK_CHARS:
-                yield chunk
-                chunk, chars = [], 0
-    if chunk:
-        yield chunk
-
-
-def _files_present(folder: Path, entry: dict) -> bool:
-    """The domain's files exist with the sizes the manifest recorded (checksums are open_shards' job)."""
-    return all(
-        (folder / f"{split}.{kind}").is_file()
-        and (folder / f"{split}.{kind}").stat().st_size == entry["splits"][split]["sizes"][kind]
-        for split in SPLITS
-        for kind in KINDS
-    )
-
-
 def _write_json_atomic(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False))
     os.replace(tmp, path)

@@ -3,7 +3,9 @@
 Streams: a file is read in pieces of at most PIECE_BYTES, so memory holds one document at a time
 (one piece of it when `max_doc_chars` cuts long documents), whatever the file size. Invalid UTF-8 is
 replaced by U+FFFD, as Python's "replace" does, and counted per file, so the manifest can name the
-files that had it.
+files that had it. A file of one document per line (JSONL, or plain text split by "line"),
+uncompressed, can be read by byte range: the documents whose line starts in [start, end), so that
+the ranges of a file give each of its documents exactly once, to the workers of a cluster.
 """
 
 import codecs
@@ -28,7 +30,12 @@ DOC_SPLITS = ("line", "blank_line", "file")
 @dataclass
 class ReadStats:
     invalid_utf8: dict[str, int] = field(default_factory=dict)  # file -> invalid sequences replaced
-    empty_files: list[str] = field(default_factory=list)  # files that gave no document
+    documents: dict[str, int] = field(default_factory=dict)  # file -> documents read (ranges add up)
+
+    @property
+    def empty_files(self) -> list[str]:
+        """Files that gave no document."""
+        return [path for path, count in self.documents.items() if count == 0]
 
 
 # A codec error handler that does what errors="replace" does and counts each replacement.
@@ -73,10 +80,64 @@ def _read_errors(path: Path):
         raise ValueError(f"{path}: cannot read ({type(e).__name__}: {e}); is the file complete?") from None
 
 
-def _lines(path: Path, stats: ReadStats) -> Iterator[tuple[str, bool]]:
-    """(text, ends_line) pieces of the file's decoded text, each line with its "\n"; a line longer
-    than PIECE_BYTES comes in several pieces, only the last with ends_line True. Read and decoded a
-    block of PIECE_BYTES at a time and split in C: per-line reads cost more than the tokenizer."""
+def splits_by_range(path: Path, doc_split: str) -> bool:
+    """Whether `path` can be read by byte range: uncompressed, one document per line."""
+    kind = base_suffix(path)
+    one_per_line = kind in (".jsonl", ".json") or (kind != ".parquet" and doc_split == "line")
+    return one_per_line and not path.name.endswith(COMPRESSED)
+
+
+def _range_blocks(raw, start: int, end: int | None) -> Iterator[bytes]:
+    """Blocks of the bytes of the lines starting in [start, end) (end None: the end of the file): a
+    line in progress at `start` belongs to the range before, one that starts before `end` is read
+    to its end."""
+    pos, data = 0, b""
+    if start > 0:
+        raw.seek(start - 1)
+        pos = start - 1
+        while True:  # skip to just after the first "\n" at or after start - 1
+            block = raw.read(PIECE_BYTES)
+            if not block:
+                return
+            cut = block.find(b"\n")
+            if cut >= 0:
+                data, pos = block[cut + 1 :], pos + cut + 1
+                break
+            pos += len(block)
+    if end is not None and pos >= end:
+        return
+    last = b"\n"
+    while True:
+        if not data and not (data := raw.read(PIECE_BYTES)):
+            return
+        if end is None or pos + len(data) <= end:
+            yield data
+            pos, last, data = pos + len(data), data[-1:], b""
+            continue
+        head, tail = data[: end - pos], data[end - pos :]
+        if head:
+            yield head
+            last = head[-1:]
+        if last == b"\n":  # the line at `end` is the next range's
+            return
+        while True:  # finish the line that started before `end`
+            cut = tail.find(b"\n")
+            if cut >= 0:
+                yield tail[: cut + 1]
+                return
+            if tail:
+                yield tail
+            if not (tail := raw.read(PIECE_BYTES)):
+                return
+
+
+def _lines(
+    path: Path, stats: ReadStats, start: int = 0, end: int | None = None
+) -> Iterator[tuple[str, bool]]:
+    """(text, ends_line) pieces of the file's decoded text (of the lines starting in [start, end)),
+    each line with its "\n"; a line longer than PIECE_BYTES comes in several pieces, only the last
+    with ends_line True. Read and decoded a block of PIECE_BYTES at a time and split in C: per-line
+    reads cost more than the tokenizer."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="teleflm-count-replace")
 
     def decode(data: bytes, final: bool = False) -> str:
@@ -88,7 +149,12 @@ def _lines(path: Path, stats: ReadStats) -> Iterator[tuple[str, bool]]:
 
     tail = ""  # the start of a line not ended yet
     with _read_errors(path), open_binary(path) as raw:
-        while block := raw.read(PIECE_BYTES):
+        blocks = (
+            _range_blocks(raw, start, end)
+            if start or end is not None
+            else iter(lambda: raw.read(PIECE_BYTES), b"")
+        )
+        for block in blocks:
             *lines, tail = _LINE_ENDS.split(tail + decode(block))
             for line in lines:
                 yield line, True
@@ -103,13 +169,15 @@ def _lines(path: Path, stats: ReadStats) -> Iterator[tuple[str, bool]]:
 _LINE_ENDS = re.compile("(?<=\n)")  # splits after each "\n", keeping it with its line
 
 
-def _plain_documents(path: Path, doc_split: str, max_doc_chars: int, stats: ReadStats) -> Iterator[str]:
+def _plain_documents(
+    path: Path, doc_split: str, max_doc_chars: int, stats: ReadStats, start: int, end: int | None
+) -> Iterator[str]:
     """Documents of a plain-text file: one per line, per blank-line-separated block, or the whole
     file; cut into pieces of `max_doc_chars` when set (so a huge document never sits in memory)."""
     doc: list[str] = []  # pieces of the current document
     doc_chars = 0
     line_start = 0  # where the current line begins in `doc`
-    for piece, ends_line in _lines(path, stats):
+    for piece, ends_line in _lines(path, stats, start, end):
         doc.append(piece)
         doc_chars += len(piece)
         if ends_line and doc_split == "line":
@@ -142,10 +210,13 @@ def _cut(documents: Iterator[str], max_doc_chars: int) -> Iterator[str]:
             yield doc
 
 
-def _jsonl_documents(path: Path, text_field: str, stats: ReadStats) -> Iterator[str]:
+def _jsonl_documents(
+    path: Path, text_field: str, stats: ReadStats, start: int, end: int | None
+) -> Iterator[str]:
     record: list[str] = []
-    number = 0
-    for piece, ends_line in _lines(path, stats):
+    number = 0  # line within the range read (the whole file unless a range was asked)
+    where = f"{path}" if not start else f"{path} (from byte {start})"
+    for piece, ends_line in _lines(path, stats, start, end):
         record.append(piece)
         if not ends_line:
             continue
@@ -157,10 +228,10 @@ def _jsonl_documents(path: Path, text_field: str, stats: ReadStats) -> Iterator[
             text = json.loads(line)[text_field]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(
-                f"{path}:{number}: not a JSON object with a {text_field!r} field ({e})"
+                f"{where}:{number}: not a JSON object with a {text_field!r} field ({e})"
             ) from None
         if text is not None and not isinstance(text, str):
-            raise ValueError(f"{path}:{number}: {text_field!r} is a {type(text).__name__}, not a string")
+            raise ValueError(f"{where}:{number}: {text_field!r} is a {type(text).__name__}, not a string")
         if text:
             yield text
 
@@ -198,21 +269,25 @@ def read_documents(
     doc_split: str = "blank_line",
     max_doc_chars: int = 0,
     stats: ReadStats | None = None,
+    start: int = 0,
+    end: int | None = None,
 ) -> Iterator[str]:
     """The documents of one file. JSONL (.jsonl, .json) and Parquet give one per record's
-    `text_field`; plain text is split by `doc_split` ("line", "blank_line" or "file")."""
+    `text_field`; plain text is split by `doc_split` ("line", "blank_line" or "file"). With `start`
+    or `end`: the documents of the lines starting in that byte range (files `splits_by_range` allows)."""
     if doc_split not in DOC_SPLITS:
         raise ValueError(f"doc_split must be one of {DOC_SPLITS}, got {doc_split!r}")
+    if (start or end is not None) and not splits_by_range(path, doc_split):
+        raise ValueError(f"{path}: only uncompressed files of one document per line are read by byte range")
     stats = stats if stats is not None else ReadStats()
     kind = base_suffix(path)
     if kind == ".parquet":
         documents = _cut(_parquet_documents(path, text_field), max_doc_chars)
     elif kind in (".jsonl", ".json"):
-        documents = _cut(_jsonl_documents(path, text_field, stats), max_doc_chars)
+        documents = _cut(_jsonl_documents(path, text_field, stats, start, end), max_doc_chars)
     else:
-        documents = _plain_documents(path, doc_split, max_doc_chars, stats)
+        documents = _plain_documents(path, doc_split, max_doc_chars, stats, start, end)
     count = 0
     for count, doc in enumerate(documents, 1):  # noqa: B007 (count is read after the loop)
         yield doc
-    if count == 0:
-        stats.empty_files.append(str(path))
+    stats.documents[str(path)] = stats.documents.get(str(path), 0) + count

@@ -36,7 +36,15 @@ def write_synthetic_shards(
     import json
     from pathlib import Path
 
-    from teleflm.data.shards import FORMAT_VERSION, MANIFEST, SPLITS, SplitWriter, open_shards, token_dtype
+    from teleflm.data.shards import (
+        FORMAT_VERSION,
+        MANIFEST,
+        SPLITS,
+        SplitWriter,
+        open_shards,
+        split_entry,
+        token_dtype,
+    )
 
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -47,12 +55,12 @@ def write_synthetic_shards(
         (root / name).mkdir(parents=True)
         splits = {}
         for split, n in zip(SPLITS, (n_docs, n_docs // 10), strict=True):
-            writer = SplitWriter(root / name, split, dtype)
+            writer = SplitWriter(root / name, split, 0, dtype)
             for start in range(0, n, 1 << 20):
                 lengths = rng.integers(1, 2 * mean_tokens, min(1 << 20, n - start))
                 tokens = rng.integers(4, vocab_size, int(lengths.sum()))
                 writer.add(tokens, lengths, lengths * 4)
-            splits[split] = writer.close()
+            splits[split] = split_entry([writer.close()])
         manifest["domains"][name] = {"proportion": 1.0, "epochs": 1.0, "splits": splits}
     (root / MANIFEST).write_text(json.dumps(manifest))
     return open_shards(root)

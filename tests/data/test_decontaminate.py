@@ -38,7 +38,7 @@ def test_windows_never_cross_documents(lengths, n):
 
 def test_index_marks_only_documents_holding_a_test_ngram():
     test = np.array([9, 8, 7, 6, 5])
-    index = NgramIndex(3, np.unique(ngram_hashes(test, 3)), {})
+    index = NgramIndex(3, {3: np.unique(ngram_hashes(test, 3))})
     docs = [[1, 9, 8, 7, 2], [9, 8, 1, 7, 6], [7, 6], [5, 6, 7, 5, 9, 8]]
     tokens = np.concatenate(docs)
     offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
@@ -65,7 +65,7 @@ def test_planted_passages_are_removed_and_near_misses_kept(tmp_path, tokenizer_d
     assert manifest["domains"]["d"]["contaminated_documents"] == 3
     assert manifest["domains"]["d"]["removed_documents"] == 3
     info = manifest["decontamination"]
-    assert info["test_documents"] == 2 and info["test_documents_shorter_than_ngram"] == 1
+    assert info["test_documents"] == 2 and info["test_documents_too_short"] == 1
     assert info["ngram"] == 13 and info["action"] == "remove" and info["test_ngrams"] > 0
     tok = load_tokenizer(tokenizer_dir)
     kept = [tok.decode(ids.tolist()) for ids, _ in open_shards(tmp_path / "shards").documents("d")]

@@ -88,19 +88,18 @@ def test_chunks_stay_bounded(tmp_path, tokenizer_dir, monkeypatch):
     docs = [f"line {i} " * 30 for i in range(300)]
     monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 2_000)
     seen, in_flight = [], []
-    chunks, encode = prepare_module._chunks, prepare_module.ChunkEncoder.chunks
-
-    def spying_chunks(*args):
-        for chunk in chunks(*args):
-            seen.append(sum(map(len, chunk)))
-            yield chunk
+    encode = prepare_module.ChunkEncoder.chunks
 
     def spying_encode(self, chunks):
-        for n, result in enumerate(encode(self, chunks), start=1):
+        def read():
+            for chunk in chunks:
+                seen.append(sum(map(len, chunk)))
+                yield chunk
+
+        for n, result in enumerate(encode(self, read()), start=1):
             in_flight.append(len(seen) - n)  # chunks read but not yet written
             yield result
 
-    monkeypatch.setattr(prepare_module, "_chunks", spying_chunks)
     monkeypatch.setattr(prepare_module.ChunkEncoder, "chunks", spying_encode)
     toml = data_toml(tmp_path, tokenizer_dir, {"d": (docs, 1.0, 1.0)})
     manifest = prepare(toml, progress=False, workers=2)
@@ -113,12 +112,12 @@ def test_chunks_stay_bounded(tmp_path, tokenizer_dir, monkeypatch):
 def test_rerun_skips_finished_domains(tmp_path, tokenizer_dir, capsys):
     toml = data_toml(tmp_path, tokenizer_dir, {"a": (DOCS, 1.0, 1.0), "b": (DOCS[:10], 1.0, 1.0)})
     prepare(toml, progress=False)
-    mtime = (tmp_path / "shards" / "a" / "train.tokens").stat().st_mtime_ns
+    mtime = (tmp_path / "shards" / "a" / "train-00000.tokens").stat().st_mtime_ns
     capsys.readouterr()
     prepare(toml, progress=False)
     out = capsys.readouterr().out
     assert "a: up to date, skipped" in out and "b: up to date, skipped" in out
-    assert (tmp_path / "shards" / "a" / "train.tokens").stat().st_mtime_ns == mtime
+    assert (tmp_path / "shards" / "a" / "train-00000.tokens").stat().st_mtime_ns == mtime
     # A changed input is redone, the other domain is not.
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "changed"}) + "\n")
     manifest = prepare(toml, progress=False)
@@ -133,7 +132,7 @@ def test_interrupted_run_never_reads_as_complete(tmp_path, tokenizer_dir, monkey
     original = prepare_module.SplitWriter.add
 
     def crash_in_b(self, *args):
-        if "/.b.partial/" in str(self.paths["tokens"]):
+        if "/b/.part-" in str(self.paths["tokens"]):
             raise KeyboardInterrupt
         return original(self, *args)
 
@@ -142,7 +141,7 @@ def test_interrupted_run_never_reads_as_complete(tmp_path, tokenizer_dir, monkey
         prepare(toml, progress=False)
     with pytest.raises(ShardError, match="incomplete"):
         open_shards(tmp_path / "shards")
-    assert not (tmp_path / "shards" / "b").exists()
+    assert not list((tmp_path / "shards" / "b").glob("train-*"))  # only the part's temporary folder
     monkeypatch.undo()
     capsys.readouterr()
     prepare(toml, progress=False)  # the re-run keeps a and finishes b

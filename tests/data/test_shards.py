@@ -35,12 +35,12 @@ def copy(tmp_path, shards_dir):
 
 
 def test_altered_shard_is_refused_naming_the_file(copy):
-    tokens = copy / "en" / "train.tokens"
+    tokens = copy / "en" / "train-00000.tokens"
     data = bytearray(tokens.read_bytes())
     data[100] ^= 0xFF
     tokens.write_bytes(bytes(data))
     shards = open_shards(copy)  # same size: opening (every start of a run) reads no data
-    with pytest.raises(ShardError, match=r"en/train\.tokens: checksum mismatch"):
+    with pytest.raises(ShardError, match=r"en/train-00000\.tokens: checksum mismatch"):
         verify_shards(shards)
     assert main(["data", "verify", str(copy)]) == 2
 
@@ -61,14 +61,14 @@ def test_opening_shards_hashes_nothing_and_verify_hashes_everything(shards_dir, 
 
 
 def test_truncated_or_missing_shard_is_refused(copy):
-    offsets = copy / "code" / "val.offsets"
+    offsets = copy / "code" / "val-00000.offsets"
     offsets.write_bytes(offsets.read_bytes()[:-8])
     with pytest.raises(
-        ShardError, match=r"code/val\.offsets has \d+ bytes, the manifest says \d+: truncated"
+        ShardError, match=r"code/val-00000\.offsets has \d+ bytes, the manifest says \d+: truncated"
     ):
         open_shards(copy)
     offsets.unlink()
-    with pytest.raises(ShardError, match=r"code/val\.offsets is missing"):
+    with pytest.raises(ShardError, match=r"code/val-00000\.offsets is missing"):
         open_shards(copy)
 
 
