@@ -46,7 +46,9 @@ class DedupConfig:
     seed: int = 1  # of the MinHash permutations (the same on every worker)
     across_domains: bool = True  # false: a document is compared with its own domain's only
     examples: int = 5  # removed documents per domain and kind shown in the report
-    buckets: int = 0  # key ranges the decision is split into (0: 4 per worker); no effect on the result
+    # Key ranges the decision is split into (0: 4 per worker): the dedup stage's tasks, each holding 16
+    # bytes per key of its range (b + 1 keys a document). The result does not depend on it.
+    buckets: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -181,16 +183,15 @@ def decide(scan_folders: list[Path], bucket: int, buckets: int, kinds: list[int]
 
 
 def save_decision(folder: Path, decision: dict[str, np.ndarray], examples: int) -> None:
-    """The bucket's removals, and its first `examples` per (domain, kind) for the report."""
+    """The bucket's removals, and the positions of its first `examples` per domain (the report's
+    candidates)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, array in decision.items():
         np.save(folder / f"{name}.npy", array)
     domain = (decision["removed"] >> np.uint64(_PART_BITS + 32)).astype(np.int64)
-    chosen = np.zeros(len(domain), dtype=bool)
-    for d in np.unique(domain):
-        for kind in (EXACT, NEAR):
-            chosen[np.flatnonzero((domain == d) & (decision["kind"] == kind))[:examples]] = True
-    np.save(folder / "examples.npy", np.stack([decision[k][chosen].astype(np.uint64) for k in decision]))
+    first = [np.flatnonzero(domain == d)[:examples] for d in np.unique(domain)]
+    chosen = np.sort(np.concatenate(first)) if first else np.empty(0, np.int64)
+    np.save(folder / "examples.npy", decision["removed"][chosen])
 
 
 def removed_in_part(decision_folders: list[Path], domain: int, part: int) -> tuple[np.ndarray, np.ndarray]:
@@ -204,21 +205,28 @@ def removed_in_part(decision_folders: list[Path], domain: int, part: int) -> tup
         kinds.append(np.load(folder / "kind.npy", mmap_mode="r")[first:last])
     doc_array = np.concatenate(docs).astype(np.int64) if docs else np.empty(0, np.int64)
     kind_array = np.concatenate(kinds) if kinds else np.empty(0, np.uint8)
-    order = np.argsort(doc_array, kind="stable")
+    order = np.lexsort((kind_array, doc_array))  # a document in two buckets' lists: exact first
     return doc_array[order], kind_array[order]
 
 
 def report_examples(decision_folders: list[Path], examples: int) -> list[tuple[int, int, int]]:
-    """(removed position, kept position, kind) of the report: per (domain, kind) the `examples`
-    earliest removed documents over every bucket, the same list on every worker."""
-    rows = [np.load(folder / "examples.npy") for folder in decision_folders]
-    table = np.concatenate(rows, axis=1) if rows else np.empty((3, 0), np.uint64)
-    order = np.argsort(table[0], kind="stable")
-    removed, kept, kind = (table[i][order] for i in range(3))
-    chosen, seen = [], {}
-    for r, k, t in zip(removed.tolist(), kept.tolist(), kind.tolist(), strict=True):
-        group = (unpack(r)[0], t)
-        if seen.get(group, 0) < examples:
-            seen[group] = seen.get(group, 0) + 1
-            chosen.append((r, k, t))
-    return chosen
+    """(removed position, kept position, kind) of the report: per domain the `examples` earliest
+    removed documents over every bucket, each under its kind over every bucket (exact first) with
+    the earliest document it duplicates: the same list on every worker, whatever the buckets."""
+    candidates = [np.load(folder / "examples.npy") for folder in decision_folders]
+    positions = np.unique(np.concatenate(candidates)) if candidates else np.empty(0, np.uint64)
+    chosen, per_domain = [], {}
+    for pos in positions.tolist():
+        domain = unpack(pos)[0]
+        if per_domain.get(domain, 0) < examples:
+            per_domain[domain] = per_domain.get(domain, 0) + 1
+            chosen.append(pos)
+    entries = {pos: [] for pos in chosen}
+    for folder in decision_folders:
+        removed = np.load(folder / "removed.npy", mmap_mode="r")
+        kept, kind = np.load(folder / "kept.npy", mmap_mode="r"), np.load(folder / "kind.npy", mmap_mode="r")
+        for pos in chosen:
+            i = int(np.searchsorted(removed, np.uint64(pos)))
+            if i < len(removed) and int(removed[i]) == pos:
+                entries[pos].append((int(kind[i]), int(kept[i])))
+    return [(pos, min(entries[pos])[1], min(entries[pos])[0]) for pos in chosen]

@@ -839,7 +839,7 @@ def _dedup_summary(job: Path, plan: dict, records: dict, out: Path) -> dict | No
     (out / REPORT).write_text(json.dumps(report, indent=1, ensure_ascii=False))
     totals = {kind: sum(r["deduplicated"][kind] for r in records.values()) for kind in dedup.KINDS}
     lsh = {"bands": signer.bands, "rows": signer.rows} if signer else {}
-    return {**plan["dedup"], "buckets": plan["buckets"], **lsh, "removed": totals, "report": REPORT}
+    return {**plan["dedup"], **lsh, "removed": totals, "report": REPORT}
 
 
 def _job_figures(job: Path, plan: dict, records: dict) -> dict:
@@ -862,7 +862,12 @@ def _job_figures(job: Path, plan: dict, records: dict) -> dict:
         for row in rows.values():
             row["mb_per_s"] = round(row["bytes"] / max(row["seconds"], 1e-9) / 1e6, 3)
         stages[stage] = [rows[w] for w in sorted(rows)]
-    return {"engine": plan["engine"], "workers": plan["jobs"], "stages": stages}
+    return {
+        "engine": plan["engine"],
+        "workers": plan["jobs"],
+        "dedup_buckets": plan["buckets"],
+        "stages": stages,
+    }
 
 
 def prepare(
