@@ -186,7 +186,8 @@ def generate_samples(export: Path) -> tuple[dict[str, str], list[str]]:
     model reads as garbage only after the first token)."""
     import torch
 
-    from teleflm.model.io import load_pretrained, real_vocab_size
+    from teleflm.data.tokenizer import real_vocab_size
+    from teleflm.model.io import load_pretrained
 
     model, tokenizer = load_pretrained(export, dtype="fp32", device="cpu")
     padded = list(range(real_vocab_size(tokenizer), model.config.vocab_size))

@@ -61,7 +61,8 @@ class SFTConfig:
 
 def source_model(init: str, where: str) -> tuple[dict, str]:
     """(model config fields, tokenizer folder) of the checkpoint or export to fine-tune."""
-    from teleflm.model.io import has_tokenizer, load_config
+    from teleflm.data.tokenizer import has_tokenizer
+    from teleflm.model.io import load_config
     from teleflm.train.checkpoint import TRAINER_STATE, read_state
 
     path = Path(init)
