@@ -93,7 +93,7 @@ def stage_memory(
     from forward to backward, two layers are gathered at a time, and a group's unsharded gradient
     lives until its reduce-scatter (the root's, the largest, at the start of backward). Without
     FSDP, bf16 autocast caches a bf16 copy of every weight. The readout: without pipeline parallel the
-    trainer's chunked loss (teleflm.train.loss) holds one chunk of fp32 logits at a time and keeps
+    trainer's chunked loss (teleflm.model.loss) holds one chunk of fp32 logits at a time and keeps
     the gradients of the hidden states and of the readout weight that its forward computes; a
     pipeline's last stage has the whole logits, their own copy, log-softmax's saved fp32 output and
     two fp32 gradients."""
@@ -115,7 +115,7 @@ def stage_memory(
     if not last:
         logits = 0
     elif layout.pp == 1:
-        from teleflm.train.loss import CHUNK_LOGITS
+        from teleflm.model.loss import CHUNK_LOGITS
 
         chunk = min(tokens, max(1, CHUNK_LOGITS // vocab))
         lower = mixed_precision == "bf16"  # a bf16 copy of the chunk's gradient and of the weight

@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from teleflm import mup
 from teleflm.grow import schedule as growth
 from teleflm.grow.masks import advance_ramp
+from teleflm.model.loss import IGNORE_INDEX, token_loss_sum
 from teleflm.parallel.parallelize import (
     ParallelDims,
     build_mesh,
@@ -35,7 +36,7 @@ from teleflm.parallel.parallelize import (
 from teleflm.parallel.plan import flops_per_token
 from teleflm.train import checkpoint
 from teleflm.train.config import TrainConfig, dp_shard_degree, validate
-from teleflm.train.loss import IGNORE_INDEX, TeleFLMForTraining, token_loss_sum
+from teleflm.train.model import TeleFLMForTraining
 from teleflm.train.monitor import Monitor
 from teleflm.train.schedule import lr_factor
 from teleflm.train.stability import SpikeGuard
@@ -234,7 +235,7 @@ class Trainer:
         """DPO: rows come as (chosen, rejected) pairs with their reference log-probabilities; the loss
         is each pair's `-log sigmoid(beta * reward margin)`, summed here and normalised by the pairs of
         the global batch. Returns this rank's summed pair loss."""
-        from teleflm.sft.preference import dpo_losses
+        from teleflm.model.loss import dpo_losses
 
         learned = torch.from_numpy(batch["loss_mask"]).to(self.device)[:, 1:]
         targets = targets.masked_fill(~learned, IGNORE_INDEX)
