@@ -21,7 +21,7 @@ import torch
 
 from teleflm.data.synthetic import ArrayStream
 from teleflm.grow.masks import GrowthMasks
-from teleflm.parallel.plan import flops_per_token
+from teleflm.model.size import flops_per_token
 from teleflm.train.checkpoint import load_model
 from teleflm.train.config import GrowthStage, TrainConfig, _build
 from teleflm.train.trainer import Trainer

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from teleflm.data.synthetic import ArrayStream
-from teleflm.parallel.plan import flops_per_token
+from teleflm.model.size import flops_per_token
 from teleflm.train.config import TrainConfig, _build
 from teleflm.train.precision import bf16_is_fast, matmul_rate
 from teleflm.train.trainer import Trainer
@@ -146,7 +146,7 @@ def main() -> None:
         for size, (shape, context, batch, _) in SIZES.items():
             SIZES[size] = (shape, context, batch, args.steps)
     from teleflm.model import TeleFLMConfig
-    from teleflm.parallel.plan import parameter_counts
+    from teleflm.model.size import parameter_counts
 
     native_bf16 = bf16_is_fast()
     peak = {

@@ -57,7 +57,7 @@ def token_budget(cfg, seconds: float) -> int:
     reaches on this model (about half the matmul rate, measured on 2 cores), rounded down to whole steps (at least 20 steps)."""
     import torch
 
-    from teleflm.parallel.plan import flops_per_token
+    from teleflm.model.size import flops_per_token
 
     n = 512
     a, b = torch.randn(n, n), torch.randn(n, n)

@@ -98,16 +98,12 @@ def hyperparams_of(raw: dict) -> dict:
 
 
 def parameter_count(model: dict, non_embedding: bool = True) -> int:
-    """Parameters of a Tele-FLM model from its config fields (no model is built: works for 1T)."""
-    d, ff, layers = model["hidden_size"], model["intermediate_size"], model["num_hidden_layers"]
-    heads = model["num_attention_heads"]
-    kv = model.get("num_key_value_heads", heads)
-    head_dim = d // heads
-    per_layer = d * head_dim * (2 * heads + 2 * kv) + 3 * d * ff + 2 * d
-    total = layers * per_layer + d  # + final norm
-    if not non_embedding:
-        total += 2 * model["vocab_size"] * d  # untied embedding and readout
-    return total
+    """Parameters of the Tele-FLM of config fields `model` (nothing is built: works for 1T); the
+    non-embedding ones (the N of scaling laws) or all of them."""
+    from teleflm.model import TeleFLMConfig
+    from teleflm.model.size import parameter_counts
+
+    return parameter_counts(TeleFLMConfig(**model))["non_embedding" if non_embedding else "total"]
 
 
 def load_sequences(path: str | Path) -> np.ndarray:

@@ -24,6 +24,7 @@ from teleflm import mup
 from teleflm.grow import schedule as growth
 from teleflm.grow.masks import advance_ramp
 from teleflm.model.loss import IGNORE_INDEX, token_loss_sum
+from teleflm.model.size import flops_per_token
 from teleflm.parallel.parallelize import (
     ParallelDims,
     build_mesh,
@@ -33,7 +34,6 @@ from teleflm.parallel.parallelize import (
     init_distributed,
     init_weights,
 )
-from teleflm.parallel.plan import flops_per_token
 from teleflm.train import checkpoint
 from teleflm.train.config import TrainConfig, dp_shard_degree, validate
 from teleflm.train.model import TeleFLMForTraining

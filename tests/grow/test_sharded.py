@@ -111,7 +111,7 @@ def test_no_rank_holds_the_whole_model(grown):
 def test_plan_simulate_counts_what_the_real_sharded_growth_read(grown):
     """`teleflm plan --simulate`'s growth figures, on a fake world of 4, against the real growth's
     counts on each of the 4 gloo ranks."""
-    from teleflm.parallel.simulate import simulate_growth
+    from teleflm.plan.simulate import simulate_growth
     from teleflm.train.config import GrowthStage
 
     source, root, sharded, _ = grown

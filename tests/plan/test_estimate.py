@@ -7,7 +7,8 @@ import torch
 
 from teleflm.cli.main import main
 from teleflm.model import TeleFLMForCausalLM
-from teleflm.parallel.plan import Layout, flops_per_token, memory_per_device, parameter_counts, plan
+from teleflm.model.size import flops_per_token, parameter_counts
+from teleflm.plan.estimate import Layout, memory_per_device, plan
 from teleflm.train.config import load_config
 
 CONFIGS = Path(__file__).parents[2] / "configs"

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from teleflm.model.size import parameter_counts
 from teleflm.parallel.parallelize import ParallelDims, build_mesh, build_module, local_region, model_fqn
-from teleflm.parallel.plan import GIB, Layout, growth_shards_per_device, parameter_counts, stage_memory
+from teleflm.plan.estimate import GIB, Layout, growth_shards_per_device, stage_memory
 from teleflm.train.config import dp_shard_degree
 
 

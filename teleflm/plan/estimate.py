@@ -9,6 +9,8 @@ attention, no dropout), so the estimate can be checked against a measured peak (
 
 from dataclasses import dataclass
 
+from teleflm.model.size import flops_per_token, parameter_counts
+
 GIB = 2**30
 
 # name: (memory in GiB, peak dense bf16 FLOP/s)
@@ -24,29 +26,6 @@ DEVICES = {
     "v100": (32, 125e12),
     "mi300x": (192, 1307e12),
 }
-
-
-def parameter_counts(c) -> dict[str, int]:
-    """Exact parameter counts of a TeleFLMConfig (no biases; untied embedding and readout)."""
-    d, hd = c.hidden_size, c.head_dim
-    attention = d * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-    layer = attention + 3 * d * c.intermediate_size + 2 * d
-    counts = {
-        "embedding": c.vocab_size * d,
-        "layers": c.num_hidden_layers * layer,
-        "final_norm": d,
-        "readout": 0 if c.tie_word_embeddings else c.vocab_size * d,
-    }
-    counts["per_layer"] = layer
-    counts["total"] = counts["embedding"] + counts["layers"] + counts["final_norm"] + counts["readout"]
-    return counts
-
-
-def flops_per_token(c, context_length: int) -> float:
-    """Training FLOPs per token: 6 x non-embedding parameters + the attention term 12 x L x d x T."""
-    n = parameter_counts(c)
-    non_embedding = n["layers"] + n["final_norm"] + c.vocab_size * c.hidden_size
-    return 6 * non_embedding + 12 * c.num_hidden_layers * c.hidden_size * context_length
 
 
 @dataclass

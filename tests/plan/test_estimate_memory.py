@@ -26,7 +26,7 @@ def _train_and_measure(shape: dict, context: int, micro_batch: int, checkpointin
     import torch
 
     from teleflm.data.synthetic import ArrayStream
-    from teleflm.parallel.plan import Layout, memory_per_device
+    from teleflm.plan.estimate import Layout, memory_per_device
     from teleflm.train.config import TrainConfig, _build
     from teleflm.train.trainer import Trainer
 

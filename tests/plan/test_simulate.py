@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from teleflm.parallel.simulate import planner_gaps, shard_bytes, simulate, simulate_rank
+from teleflm.plan.simulate import planner_gaps, shard_bytes, simulate, simulate_rank
 from teleflm.train.config import GrowthStage, _build
 from tests.distributed import run_ranks
 from tests.train.common import tiny_train_config
