@@ -35,7 +35,7 @@ def run(args) -> int:
     import torch.distributed as dist
 
     from teleflm.grow.checkpoint import grow_checkpoint, plan_for_checkpoint
-    from teleflm.parallel.parallelize import init_distributed
+    from teleflm.parallel.mesh import init_distributed
     from teleflm.train.config import load_config
 
     cfg = load_config(args.config)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from teleflm.grow.plan import GrowthPlan
-from teleflm.parallel.parallelize import model_fqn
+from teleflm.parallel.mesh import model_fqn
 
 NORMS = ("input_layernorm", "post_attention_layernorm")
 

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from teleflm.model.size import parameter_counts
-from teleflm.parallel.parallelize import ParallelDims, build_mesh, build_module, local_region, model_fqn
+from teleflm.parallel.mesh import ParallelDims, build_mesh, local_region, model_fqn
+from teleflm.parallel.parallelize import build_module
 from teleflm.plan.estimate import GIB, Layout, growth_shards_per_device, stage_memory
 from teleflm.train.config import dp_shard_degree
 

@@ -25,15 +25,9 @@ from teleflm.grow import schedule as growth
 from teleflm.grow.masks import advance_ramp
 from teleflm.model.loss import IGNORE_INDEX, token_loss_sum
 from teleflm.model.size import flops_per_token
-from teleflm.parallel.parallelize import (
-    ParallelDims,
-    build_mesh,
-    build_module,
-    dp_mesh,
-    dp_rank,
-    init_distributed,
-    init_weights,
-)
+from teleflm.mup import init_weights
+from teleflm.parallel.mesh import ParallelDims, build_mesh, dp_mesh, dp_rank, init_distributed
+from teleflm.parallel.parallelize import build_module
 from teleflm.train import checkpoint
 from teleflm.train.config import TrainConfig, dp_shard_degree, validate
 from teleflm.train.model import TeleFLMForTraining

@@ -68,7 +68,8 @@ def real_and_simulated(out: str) -> tuple[int, int]:
     """On a real gloo rank: the bytes of its shards as training builds them, and the simulation's."""
     import torch.distributed as dist
 
-    from teleflm.parallel.parallelize import ParallelDims, build_mesh, build_module
+    from teleflm.parallel.mesh import ParallelDims, build_mesh
+    from teleflm.parallel.parallelize import build_module
 
     cfg = layered_config(Path(out), dp_shard=1)
     cfg.growth = []
