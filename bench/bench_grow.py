@@ -24,7 +24,7 @@ from teleflm.grow.masks import GrowthMasks
 from teleflm.model.size import flops_per_token
 from teleflm.train.checkpoint import load_model
 from teleflm.train.config import GrowthStage, TrainConfig, _build
-from teleflm.train.trainer import Trainer
+from teleflm.train.stages import run as run_stages
 
 VOCAB, CONTEXT, SEQUENCES = 512, 64, 16
 SMALL = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2)
@@ -126,7 +126,7 @@ def main() -> None:
         for name, (shape, stages) in runs.items():
             out = Path(tmp) / name
             t0 = time.perf_counter()
-            Trainer(config(out, args.steps, shape, stages), lambda r, n: ArrayStream(train, r, n)).run()
+            run_stages(config(out, args.steps, shape, stages), lambda r, n: ArrayStream(train, r, n))
             seconds[name] = time.perf_counter() - t0
             curves[name] = held_out_curve(out, held_out)
     target = max(c[-1]["held_out_loss"] for c in curves.values())

@@ -137,7 +137,7 @@ def memory_per_device(
 
 def growth_shards_per_device(c, world: int) -> float:
     """Bytes of a rank's shards of a grown model and its two AdamW moments while growth builds them
-    (fp32, plain FSDP over all `world` ranks, teleflm.grow.checkpoint)."""
+    (fp32, plain FSDP over all `world` ranks, teleflm.train.growth)."""
     return 12 * parameter_counts(c)["total"] / world
 
 

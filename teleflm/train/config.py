@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, get_args, get_origin, get_type_hints
 
+from teleflm.grow.plan import SHAPE_FIELDS, GrowthError, make_plan
 from teleflm.mup import MupHyperParams
 
 
@@ -415,8 +416,6 @@ def validate(cfg: TrainConfig, where: str = "config", world_size: int | None = N
         if value and not Path(value).exists():
             raise ConfigError(f"{where}: data.{section} {value} does not exist")
     if cfg.growth:
-        from teleflm.grow.schedule import validate_growth
-
         validate_growth(cfg, where)
 
 
@@ -428,3 +427,48 @@ def dp_shard_degree(cfg: TrainConfig, world_size: int) -> int:
     if world_size % rest:
         raise ConfigError(f"world size {world_size} is not divisible by dp_replicate x tp x pp = {rest}")
     return world_size // rest
+
+
+# ----- a [[growth]] schedule (its stages run by teleflm.train.stages) -----
+
+
+def stage_config(cfg: TrainConfig, stage: int) -> TrainConfig:
+    """The run's config as stage `stage` sees it: model shape and layout after `stage` growths.
+    Raises GrowthError naming the stage when a growth is impossible."""
+    model, parallel = dict(cfg.model), dataclasses.asdict(cfg.parallel)
+    for k, g in enumerate(cfg.growth[:stage], start=1):
+        try:
+            target, _ = make_plan(TrainConfig(model=model).model_config(), g.model, g.layers_at, g.layer_init)
+        except GrowthError as e:
+            raise GrowthError(f"growth[{k - 1}]: {e}") from None
+        model.update({f: getattr(target, f) for f in (*SHAPE_FIELDS, "mup_scale_factor")})
+        parallel.update(g.parallel)
+    where = f"growth[{stage - 1}].parallel" if stage else "parallel"
+    # The stage's view has no schedule of its own: growth decisions read the run's config.
+    return dataclasses.replace(cfg, model=model, parallel=_build(ParallelSection, parallel, where), growth=[])
+
+
+def validate_growth(cfg: TrainConfig, where: str) -> None:
+    """Every stage can be grown to and trained in, and ramps end before the next stage and the run."""
+    batch = cfg.batch.global_batch_tokens
+    previous_end = 0
+    for k, g in enumerate(cfg.growth):
+        name = f"{where}: growth[{k}]"
+        if g.ramp_steps < 1:
+            raise ConfigError(f"{name}.ramp_steps must be >= 1")
+        if g.at_tokens < previous_end or g.at_tokens <= 0:
+            raise ConfigError(
+                f"{name}.at_tokens ({g.at_tokens}) must be positive and not before the previous stage's "
+                f"ramp ends ({previous_end} tokens)"
+            )
+        previous_end = g.at_tokens + g.ramp_steps * batch
+        if previous_end > cfg.schedule.total_tokens:
+            raise ConfigError(
+                f"{name}: its ramp ends at {previous_end} tokens, past schedule.total_tokens "
+                f"({cfg.schedule.total_tokens}): the final model would still carry masks"
+            )
+        try:
+            stage = stage_config(cfg, k + 1)
+        except GrowthError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        validate(stage, f"{name} (stage {k + 1})")

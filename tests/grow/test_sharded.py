@@ -34,7 +34,7 @@ def grown_config(out: Path):
 
 
 def grow(source: str, target: str) -> dict[str, int]:
-    from teleflm.grow.checkpoint import grow_checkpoint
+    from teleflm.train.growth import grow_checkpoint
 
     return grow_checkpoint(Path(source), Path(target), grown_config(Path(target).parent), 5, seed=7)[2]
 
@@ -70,7 +70,7 @@ def test_four_ranks_grow_what_one_process_grows_exactly(grown):
 
 
 def test_the_grown_checkpoint_is_the_in_memory_growth_of_the_whole_tensors(grown):
-    from teleflm.grow.checkpoint import plan_for_checkpoint
+    from teleflm.train.growth import plan_for_checkpoint
 
     source, root, _, _ = grown
     cfg = grown_config(root)

@@ -121,10 +121,10 @@ def write_config(tmp_path, prepared, name="c.toml", shards="shards", **out) -> P
 
 
 def final_eval(config, *overrides) -> dict:
+    from teleflm.train import stages
     from teleflm.train.config import load_config
-    from teleflm.train.trainer import Trainer
 
-    return Trainer(load_config(config, list(overrides))).run()
+    return stages.run(load_config(config, list(overrides)))
 
 
 def test_held_out_bpb_under_pipeline_parallel_equals_one_process(prepared, tmp_path):
