@@ -356,6 +356,20 @@ def write_safetensors(state: dict[str, torch.Tensor], out_dir: Path, max_shard_s
         (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+def fold_depth_factor(state: dict[str, torch.Tensor], config: TeleFLMConfig) -> None:
+    """Fold CompleteP's residual-branch multiplier 1 / mup_depth_factor into the branches' last
+    projections (o_proj, down_proj: the branch is linear in them) and set the factor to 1, in place:
+    the export computes the same function as plain Tele-FLM, which vLLM and the released model files
+    run without knowing the field."""
+    factor = getattr(config, "mup_depth_factor", 1.0) if config.use_mup else 1.0
+    if factor == 1.0:
+        return
+    for name, t in state.items():
+        if ".o_proj." in name or ".down_proj." in name:
+            state[name] = (t.float() / factor).to(t.dtype)
+    config.mup_depth_factor = 1.0
+
+
 def export_hf(
     model: TeleFLMForCausalLM,
     out_dir: str | Path,
@@ -382,11 +396,12 @@ def export_hf(
     staging = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
+        config = copy.deepcopy(model.config)
         state = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
+        fold_depth_factor(state, config)
         write_safetensors(state, staging, max_shard_size)
         del state
 
-        config = copy.deepcopy(model.config)
         config.architectures = ["TeleFLMForCausalLM"]
         config.auto_map = dict(AUTO_MAP)
         config.dtype = dtype

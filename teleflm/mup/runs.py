@@ -74,6 +74,20 @@ def at_width(raw: dict, width: int, head_dim: int | None = None, proxy_width: fl
     return out
 
 
+def base_depth(raw: dict) -> float:
+    """The muP proxy depth the config is defined against: num_hidden_layers / mup_depth_factor."""
+    model = raw.get("model", {})
+    return model["num_hidden_layers"] / model.get("mup_depth_factor", 1.0)
+
+
+def at_depth(raw: dict, depth: int, proxy_depth: float | None = None) -> dict:
+    """`raw` with `depth` layers and mup_depth_factor = depth / proxy depth (default: the config's
+    own), so each residual branch is scaled by proxy depth / depth (CompleteP)."""
+    out = copy.deepcopy(raw)
+    out["model"].update(num_hidden_layers=depth, mup_depth_factor=depth / (proxy_depth or base_depth(raw)))
+    return out
+
+
 def with_hyperparams(raw: dict, values: dict) -> dict:
     """`raw` with searched hyper-parameters set (each to its own table)."""
     unknown = sorted(set(values) - set(SEARCHED))

@@ -60,7 +60,8 @@ MODEL_RANGES = {
     ),
     **dict.fromkeys(["num_hidden_layers", "num_attention_heads", "num_key_value_heads"], AT_LEAST_ONE),
     **dict.fromkeys(
-        ["rms_norm_eps", "rope_theta", "mup_scale_factor", "output_mult", "input_mult"], POSITIVE
+        ["rms_norm_eps", "rope_theta", "mup_scale_factor", "mup_depth_factor", "output_mult", "input_mult"],
+        POSITIVE,
     ),
     **dict.fromkeys(["pad_token_id", "bos_token_id", "eos_token_id"], NON_NEGATIVE),
     "pretraining_tp": AT_LEAST_ONE,
