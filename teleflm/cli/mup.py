@@ -50,8 +50,8 @@ def add_parser(sub) -> None:
 def run_coord_check(args) -> int:
     import torch
 
-    from teleflm.mup.coord_check import check_values, coord_check, passes, slope_table, write_report
-    from teleflm.mup.runs import read_toml
+    from teleflm.tune.coord_check import check_values, coord_check, passes, slope_table, write_report
+    from teleflm.tune.runs import read_toml
 
     axes = {}
     for axis, text in (("width", args.widths), ("depth", args.depths)):
@@ -81,9 +81,9 @@ def run_coord_check(args) -> int:
 
 
 def run_search(args) -> int:
-    from teleflm.mup.report import write_results
-    from teleflm.mup.runs import read_toml
-    from teleflm.mup.search import load_space, search
+    from teleflm.tune.report import write_results
+    from teleflm.tune.runs import read_toml
+    from teleflm.tune.search import load_space, search
 
     raw = read_toml(args.config)
     space = load_space(args.space)
@@ -101,8 +101,8 @@ def run_search(args) -> int:
 
 
 def run_transfer(args) -> int:
-    from teleflm.mup.runs import build_config, read_toml, to_toml
-    from teleflm.mup.transfer import transfer, transfer_report
+    from teleflm.tune.runs import build_config, read_toml, to_toml
+    from teleflm.tune.transfer import transfer, transfer_report
 
     best = read_toml(args.best)
     target = read_toml(args.target)

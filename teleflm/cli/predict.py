@@ -15,7 +15,6 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from teleflm.mup.runs import read_toml
     from teleflm.scaling.ladder import (
         describe,
         forecast,
@@ -25,6 +24,7 @@ def run(args) -> int:
         target_params,
         write_report,
     )
+    from teleflm.tune.runs import read_toml
 
     torch.set_num_threads(1)  # ladder rungs are tiny: one thread beats two contended ones
     spec = load_ladder(args.ladder)

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import optuna
 
-from teleflm.mup.runs import SEARCHED, RunData, read_toml, scored_run, with_hyperparams
+from teleflm.tune.runs import SEARCHED, RunData, read_toml, scored_run, with_hyperparams
 
 METHODS = ("grid", "random", "tpe")
 

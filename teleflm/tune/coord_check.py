@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from teleflm import mup
-from teleflm.mup.runs import at_depth, at_width, base_depth, base_width
+from teleflm.tune.runs import at_depth, at_width, base_depth, base_width
 
 # Per axis: the parametrization that must be flat, the one it is contrasted with, and the quantity
 # of the latter that must grow (proof that the check can see a missing rule).
