@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from teleflm.config import build
 from teleflm.data.synthetic import ArrayStream
 from teleflm.grow.masks import GrowthMasks
 from teleflm.model.size import flops_per_token
 from teleflm.train.checkpoint import load_model
-from teleflm.train.config import GrowthStage, TrainConfig, _build
+from teleflm.train.config import GrowthStage, TrainConfig
 from teleflm.train.stages import run as run_stages
 
 VOCAB, CONTEXT, SEQUENCES = 512, 64, 16
@@ -76,8 +77,8 @@ def config(out: Path, steps: int, shape: dict, growth: list[dict]) -> TrainConfi
         },
         "logging": {"progress_bar": False},
     }
-    cfg = _build(TrainConfig, raw, "bench_grow")
-    cfg.growth = [_build(GrowthStage, g, "growth") for g in growth]
+    cfg = build(TrainConfig, raw, "bench_grow")
+    cfg.growth = [build(GrowthStage, g, "growth") for g in growth]
     return cfg
 
 

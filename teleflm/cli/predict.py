@@ -15,6 +15,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import torch
 
+    from teleflm.config import read_toml
     from teleflm.scaling.ladder import (
         describe,
         forecast,
@@ -24,7 +25,6 @@ def run(args) -> int:
         target_params,
         write_report,
     )
-    from teleflm.tune.runs import read_toml
 
     torch.set_num_threads(1)  # ladder rungs are tiny: one thread beats two contended ones
     spec = load_ladder(args.ladder)

@@ -8,7 +8,6 @@ user can read and run with `teleflm pretrain`.
 import copy
 import math
 import shutil
-import tomllib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -27,25 +26,6 @@ SEARCHED = {
     "input_mult": "model",
     "output_mult": "model",
 }
-
-
-def read_toml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: not valid TOML: {e}") from None
-
-
-def build_config(raw: dict, where: str = "config"):
-    """A validated TrainConfig from a raw TOML dict (ConfigError, a ValueError, names the field)."""
-    from teleflm.train.config import TrainConfig, _build, validate
-
-    cfg = _build(TrainConfig, raw, where)
-    validate(cfg, where)
-    return cfg
 
 
 def base_width(raw: dict) -> float:
@@ -180,12 +160,13 @@ def scored_run(raw: dict, out: Path, data: RunData, keep_checkpoints: bool = Fal
     """Train `raw` from scratch in `out` and score it. Returns {"loss" (final training loss),
     "objective" (held-out NLL, or val.bpb on shards), "status" ("ok" or "diverged"), "step"}."""
     from teleflm.data.synthetic import ArrayStream
+    from teleflm.train.config import config_from
     from teleflm.train.trainer import SpikeStop, Trainer
 
     out = Path(out)
     if out.exists():  # a run killed half-way is started over, so every score comes from a full run
         shutil.rmtree(out)
-    cfg = build_config(short_run_config(raw, out), str(out))
+    cfg = config_from(short_run_config(raw, out), str(out))
     factory = partial(ArrayStream, data.train) if data.train is not None else None
     trainer = Trainer(cfg, stream_factory=factory)
     try:

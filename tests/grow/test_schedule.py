@@ -28,13 +28,14 @@ GROWTH = {
 
 def run_schedule(out: str, growth: list[dict], parallel: dict | None = None, export: bool = False) -> dict:
     """The run with its growth schedule, by the stage driver; returns the last stage's figures."""
+    from teleflm.config import build
     from teleflm.train import stages
-    from teleflm.train.config import GrowthStage, _build
+    from teleflm.train.config import GrowthStage
 
     cfg = tiny_train_config(
         Path(out), parallel=parallel or {}, checkpoint={"interval_steps": 5, "export_at_end": export}
     )
-    cfg.growth = [_build(GrowthStage, g, "growth") for g in growth]
+    cfg.growth = [build(GrowthStage, g, "growth") for g in growth]
     sequences = pattern_sequences()
     return stages.run(cfg, stream_factory=lambda rank, size: ArrayStream(sequences, rank, size))
 
@@ -127,7 +128,7 @@ def test_a_crash_in_the_middle_of_growth_grows_again_and_trains_the_same(grown_r
 
 
 def test_bad_schedule_is_refused_before_training(tmp_path):
-    from teleflm.train.config import ConfigError
+    from teleflm.config import ConfigError
 
     shrink = {**GROWTH, "model": {**GROWTH["model"], "intermediate_size": 64}}
     with pytest.raises(ConfigError, match=r"growth\[0\].*intermediate_size \(64\) is smaller"):

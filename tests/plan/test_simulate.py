@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from teleflm.config import build
 from teleflm.plan.simulate import planner_gaps, shard_bytes, simulate, simulate_rank
-from teleflm.train.config import GrowthStage, _build
+from teleflm.train.config import GrowthStage
 from tests.distributed import run_ranks
 from tests.train.common import tiny_train_config
 
@@ -41,7 +42,7 @@ def layered_config(out: Path, **parallel):
         "model": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8),
         "parallel": {"tp": 4},
     }
-    cfg.growth = [_build(GrowthStage, growth, "growth")]
+    cfg.growth = [build(GrowthStage, growth, "growth")]
     return cfg
 
 

@@ -8,8 +8,8 @@ import pytest
 
 from teleflm.cli.main import main
 from teleflm.tune.runs import to_toml
-from tests.tune.test_search import proxy_config
 from tests.train.common import pattern_sequences
+from tests.tune.test_search import proxy_config
 
 
 def write_ladder(tmp_path, **keys):

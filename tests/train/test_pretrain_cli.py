@@ -172,7 +172,8 @@ def test_an_empty_held_out_split_still_finishes_and_exports(prepared, no_held_ou
 
 
 def test_a_search_objective_without_held_out_data_is_an_error(prepared, no_held_out, tmp_path):
-    from teleflm.tune.runs import RunData, read_toml, scored_run
+    from teleflm.config import read_toml
+    from teleflm.tune.runs import RunData, scored_run
 
     raw = read_toml(write_config(tmp_path, prepared, shards=no_held_out.name))
     with pytest.raises(ValueError, match="no held-out bits per byte"):
