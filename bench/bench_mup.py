@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from teleflm.data.sample import kjv_chapters
-from teleflm.mup.runs import RunData, at_width, scored_run
+from teleflm.tune.runs import RunData, at_width, scored_run
 
 CONTEXT, BATCH, VOCAB = 64, 8, 1024
 LR_GRID = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]

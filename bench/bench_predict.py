@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from bench.bench_mup import base_config, kjv_sequences
-from teleflm.mup.runs import RunData, at_width, parameter_count, scored_run
 from teleflm.scaling.fit import FitError
 from teleflm.scaling.ladder import Rung, forecast, interval_text, write_report
+from teleflm.tune.runs import RunData, at_width, parameter_count, scored_run
 
 
 def main() -> None:

@@ -22,7 +22,8 @@ def run(args) -> int:
     from transformers import TextStreamer
 
     from teleflm.cli.common import check_sampling_arguments, load_model_any, note_context_limit
-    from teleflm.model.io import check_tokenizer_fits, load_tokenizer, new_token_budget, real_vocab_size
+    from teleflm.data.tokenizer import load_tokenizer, real_vocab_size
+    from teleflm.model.io import check_tokenizer_fits, new_token_budget
 
     check_sampling_arguments(args)
     model, tokenizer, _ = load_model_any(args.model, dtype=args.dtype)  # cuda when available, else cpu

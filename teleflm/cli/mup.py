@@ -8,9 +8,12 @@ def add_parser(sub) -> None:
     p = sub.add_parser("mup", help="muP: coordinate check, hyper-parameter search, transfer")
     commands = p.add_subparsers(dest="mup_command", required=True, metavar="MUP_COMMAND")
 
-    c = commands.add_parser("coord-check", help="activation sizes vs width under muP and SP")
+    c = commands.add_parser(
+        "coord-check", help="activation sizes vs width (muP, SP) and depth (CompleteP, width-only muP)"
+    )
     c.add_argument("--config", required=True, help="training TOML: model shape and [mup] values")
     c.add_argument("--widths", default="64,128,256,512", help="comma-separated widths (default: %(default)s)")
+    c.add_argument("--depths", help="comma-separated depths: also check over depth (e.g. 2,4,8,16)")
     c.add_argument("--steps", type=int, default=10, help="training steps per width (default: %(default)s)")
     c.add_argument("--batch-size", type=int, default=4)
     c.add_argument("--seq-len", type=int, default=32)
@@ -47,26 +50,40 @@ def add_parser(sub) -> None:
 def run_coord_check(args) -> int:
     import torch
 
-    from teleflm.mup.coord_check import coord_check, passes, slope_table, write_report
-    from teleflm.mup.runs import read_toml
+    from teleflm.config import read_toml
+    from teleflm.tune.coord_check import check_values, coord_check, passes, slope_table, write_report
 
-    try:
-        widths = [int(w) for w in args.widths.split(",")]
-    except ValueError:
-        raise ValueError(f"--widths: expected comma-separated integers, got {args.widths!r}") from None
+    axes = {}
+    for axis, text in (("width", args.widths), ("depth", args.depths)):
+        try:
+            axes[axis] = [int(v) for v in text.split(",")] if text is not None else None
+        except ValueError:
+            raise ValueError(f"--{axis}s: expected comma-separated integers, got {text!r}") from None
+        if text is not None:
+            check_values(axis, axes[axis])
     torch.set_num_threads(1)  # tiny matmuls: one thread beats two contended ones
-    result = coord_check(read_toml(args.config), widths, args.steps, args.batch_size, args.seq_len)
-    report = write_report(result, Path(args.out), args.tolerance, args.config)
-    print(slope_table(result))
-    ok = passes(result, args.tolerance)
-    print(f"verdict: {'muP flat, SP logits growing' if ok else 'FAILED (see the report)'}; report: {report}")
+    raw = read_toml(args.config)
+    results = [
+        coord_check(raw, values, args.steps, args.batch_size, args.seq_len, axis=axis)
+        for axis, values in axes.items()
+        if values is not None
+    ]
+    report = write_report(results, Path(args.out), args.tolerance, args.config)
+    ok = True
+    for result in results:
+        print(slope_table(result))
+        ok &= passes(result, args.tolerance)
+    verdict = "muP flat over width, SP logits growing" + (
+        "; CompleteP flat over depth, width-only muP's residual growing" if args.depths else ""
+    )
+    print(f"verdict: {verdict if ok else 'FAILED (see the report)'}; report: {report}")
     return 0 if ok else 1
 
 
 def run_search(args) -> int:
-    from teleflm.mup.report import write_results
-    from teleflm.mup.runs import read_toml
-    from teleflm.mup.search import load_space, search
+    from teleflm.config import read_toml
+    from teleflm.tune.report import write_results
+    from teleflm.tune.search import load_space, search
 
     raw = read_toml(args.config)
     space = load_space(args.space)
@@ -84,13 +101,15 @@ def run_search(args) -> int:
 
 
 def run_transfer(args) -> int:
-    from teleflm.mup.runs import build_config, read_toml, to_toml
-    from teleflm.mup.transfer import transfer, transfer_report
+    from teleflm.config import read_toml
+    from teleflm.train.config import config_from
+    from teleflm.tune.runs import to_toml
+    from teleflm.tune.transfer import transfer, transfer_report
 
     best = read_toml(args.best)
     target = read_toml(args.target)
     out_raw = transfer(best, target)
-    build_config(out_raw, args.target)  # the written config must load
+    config_from(out_raw, args.target)  # the written config must load
     out = Path(args.out) if args.out else Path(args.target).with_name(Path(args.target).stem + "-mup.toml")
     header = (
         f"# {args.target} with the muP hyper-parameters of {args.best} (proxy width "

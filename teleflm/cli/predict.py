@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from teleflm.mup.runs import read_toml
+    from teleflm.config import read_toml
     from teleflm.scaling.ladder import (
         describe,
         forecast,

@@ -13,7 +13,11 @@ class TeleFLMConfig(PretrainedConfig):
     muP fields, used only when `use_mup` is true:
       input_mult: multiplies the token embeddings before the first layer;
       output_mult, mup_scale_factor: the logits are `lm_head(norm(h)) * output_mult / mup_scale_factor`,
-        where mup_scale_factor is the width multiplier over the muP proxy (hidden_size / base width).
+        where mup_scale_factor is the width multiplier over the muP proxy (hidden_size / base width);
+      mup_depth_factor: the depth multiplier over the proxy (num_hidden_layers / base depth). Each
+        block's attention and MLP branch is multiplied by 1 / mup_depth_factor before it joins the
+        residual stream (CompleteP, arXiv 2505.01618, alpha = 1). 1.0, the default, is a model that is
+        its own base depth: no multiplier, as every config before this field.
     """
 
     model_type = "TeleFLM"
@@ -45,6 +49,7 @@ class TeleFLMConfig(PretrainedConfig):
         mup_scale_factor: float = 1.0,
         output_mult: float = 1.0,
         input_mult: float = 1.0,
+        mup_depth_factor: float = 1.0,
         **kwargs,
     ):
         if num_key_value_heads is None:
@@ -65,6 +70,8 @@ class TeleFLMConfig(PretrainedConfig):
             )
         if mup_scale_factor <= 0:
             raise ValueError(f"TeleFLMConfig: mup_scale_factor must be positive, got {mup_scale_factor}")
+        if mup_depth_factor <= 0:
+            raise ValueError(f"TeleFLMConfig: mup_depth_factor must be positive, got {mup_depth_factor}")
         if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) in (
             None,
             "dynamic",
@@ -94,6 +101,7 @@ class TeleFLMConfig(PretrainedConfig):
         self.mup_scale_factor = mup_scale_factor
         self.output_mult = output_mult
         self.input_mult = input_mult
+        self.mup_depth_factor = mup_depth_factor
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,

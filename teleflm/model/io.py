@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from teleflm.data.tokenizer import add_chat_template, has_tokenizer, load_tokenizer
 from teleflm.model.configuration_teleflm import TeleFLMConfig
 from teleflm.model.modeling_teleflm import TeleFLMForCausalLM
 
@@ -114,45 +115,6 @@ def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# ----- tokenizer -----
-
-
-def has_tokenizer(folder: str | Path) -> bool:
-    folder = Path(folder)
-    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
-
-
-def load_tokenizer(folder: str | Path):
-    """The tokenizer of a folder: fast `tokenizer.json` if present, else the SentencePiece
-    `tokenizer.model` (converted by transformers' LlamaTokenizer: byte fallback, no BOS unless
-    tokenizer_config.json says so). The class named by tokenizer_config.json is used when it is one
-    of transformers' own; a custom class (which would need remote code) is never imported."""
-    import transformers
-    from transformers import LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
-
-    folder = Path(folder)
-    if (folder / "tokenizer.json").is_file():
-        fallback = PreTrainedTokenizerFast
-    elif (folder / "tokenizer.model").is_file():
-        fallback = LlamaTokenizer
-    else:
-        raise FileNotFoundError(f"{folder}: no tokenizer (expected tokenizer.json or tokenizer.model)")
-    config_path = folder / "tokenizer_config.json"
-    named = json.loads(config_path.read_text()).get("tokenizer_class") if config_path.is_file() else None
-    cls = getattr(transformers, named, None) if named else None
-    if not (isinstance(cls, type) and issubclass(cls, PreTrainedTokenizerBase)):
-        cls = fallback
-    return cls.from_pretrained(str(folder), local_files_only=True)
-
-
-def real_vocab_size(source) -> int:
-    """How many ids the tokenizer can produce, from a tokenizer or a folder holding one. The
-    embedding may be padded past it (80,000 entries, 80,384 rows in Tele-FLM 52B): ids from here to
-    `config.vocab_size` are padding and must be masked out of any softmax (loss, BPB, sampling)."""
-    tokenizer = load_tokenizer(source) if isinstance(source, (str, Path)) else source
-    return len(tokenizer)
 
 
 def new_token_budget(prompt_tokens: int, max_new_tokens: int, context: int) -> int:
@@ -394,6 +356,20 @@ def write_safetensors(state: dict[str, torch.Tensor], out_dir: Path, max_shard_s
         (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+def fold_depth_factor(state: dict[str, torch.Tensor], config: TeleFLMConfig) -> None:
+    """Fold CompleteP's residual-branch multiplier 1 / mup_depth_factor into the branches' last
+    projections (o_proj, down_proj: the branch is linear in them) and set the factor to 1, in place:
+    the export computes the same function as plain Tele-FLM, which vLLM and the released model files
+    run without knowing the field."""
+    factor = getattr(config, "mup_depth_factor", 1.0) if config.use_mup else 1.0
+    if factor == 1.0:
+        return
+    for name, t in state.items():
+        if ".o_proj." in name or ".down_proj." in name:
+            state[name] = (t.float() / factor).to(t.dtype)
+    config.mup_depth_factor = 1.0
+
+
 def export_hf(
     model: TeleFLMForCausalLM,
     out_dir: str | Path,
@@ -420,11 +396,12 @@ def export_hf(
     staging = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
+        config = copy.deepcopy(model.config)
         state = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
+        fold_depth_factor(state, config)
         write_safetensors(state, staging, max_shard_size)
         del state
 
-        config = copy.deepcopy(model.config)
         config.architectures = ["TeleFLMForCausalLM"]
         config.auto_map = dict(AUTO_MAP)
         config.dtype = dtype
@@ -446,8 +423,6 @@ def export_hf(
         generation.save_pretrained(staging)
 
         if tokenizer is not None:
-            from teleflm.data.tokenizer import add_chat_template
-
             # A tokenizer with the turn markers but trained before templates were saved with it gets
             # the instruct template, so `apply_chat_template` works on every export that can chat.
             add_chat_template(tokenizer)

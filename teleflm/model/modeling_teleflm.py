@@ -1,8 +1,9 @@
 """Tele-FLM: a Llama-shaped decoder with muP multipliers, in one file.
 
 Pre-RMSNorm blocks, rotary position embeddings, grouped-query attention (SDPA), SwiGLU MLP, no biases,
-untied embedding and readout. With `config.use_mup` the token embeddings are multiplied by `input_mult`
-and the logits by `output_mult / mup_scale_factor`; otherwise the model computes exactly Llama.
+untied embedding and readout. With `config.use_mup` the token embeddings are multiplied by `input_mult`,
+the logits by `output_mult / mup_scale_factor` and each residual branch by `1 / mup_depth_factor`;
+otherwise the model computes exactly Llama.
 
 Self-contained (imports only torch and transformers) because exports ship this file for
 `trust_remote_code`. State-dict keys are Llama's, so official checkpoints and vLLM load it as is.
@@ -162,6 +163,10 @@ class TeleFLMDecoderLayer(GradientCheckpointingLayer):
         self.self_attn = TeleFLMAttention(config, layer_idx)
         self.post_attention_layernorm = TeleFLMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = TeleFLMMLP(config)
+        # CompleteP's depth multiplier (1.0 unless set). Read with a default so that configs written
+        # before the field existed load unchanged.
+        depth_factor = getattr(config, "mup_depth_factor", 1.0) if config.use_mup else 1.0
+        self.branch_scale = 1.0 / depth_factor
 
     def forward(
         self,
@@ -170,8 +175,8 @@ class TeleFLMDecoderLayer(GradientCheckpointingLayer):
         mask: torch.Tensor | None = None,
         cache: Cache | None = None,
     ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = h + self.branch_scale * self.self_attn(self.input_layernorm(h), rope, mask, cache)
+        return h + self.branch_scale * self.mlp(self.post_attention_layernorm(h))
 
 
 def attention_mask_for(

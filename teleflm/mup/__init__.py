@@ -2,7 +2,9 @@
 
 The width multiplier is the config's own `mup_scale_factor` (hidden_size / proxy width), the same
 number the forward pass divides the logits by, so model, init and optimizer can never disagree.
-Without `use_mup` the same functions give standard parametrization: no width scaling anywhere.
+Likewise the depth multiplier is `mup_depth_factor` (layers / proxy layers), which the forward pass
+divides each residual branch by (CompleteP, alpha = 1). Without `use_mup` the same functions give
+standard parametrization: no width or depth scaling anywhere.
 """
 
 import math
@@ -11,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from teleflm.model.modeling_teleflm import TeleFLMRotaryEmbedding
+from teleflm.parallel.mesh import local_region, model_fqn
 
 MATRIX = "matrix"  # hidden-to-hidden weights: q, k, v, o, gate, up, down
 EMBEDDING = "embedding"
@@ -30,11 +35,15 @@ class MupHyperParams:
     std: float = 4e-3  # init std of embedding and readout
     matrix_std: float = 4.242e-3  # init std of hidden matrices at the proxy width (/ sqrt(width_mult))
     weight_decay: float = 0.0  # decoupled; on matrices scaled by width_mult
-    scale_residual_init: bool = True  # o_proj and down_proj init further / sqrt(2 x layers)
+    scale_residual_init: bool = True  # o_proj and down_proj init further / sqrt(2 x base layers)
 
 
 def width_mult(config) -> float:
     return float(config.mup_scale_factor) if config.use_mup else 1.0
+
+
+def depth_mult(config) -> float:
+    return float(getattr(config, "mup_depth_factor", 1.0)) if config.use_mup else 1.0
 
 
 def param_class(name: str) -> str:
@@ -57,7 +66,9 @@ def init_std(name: str, config, hp: MupHyperParams) -> float | None:
         return hp.std
     std = hp.matrix_std / math.sqrt(width_mult(config))
     if hp.scale_residual_init and name.rsplit(".", 2)[-2] in RESIDUAL_OUTPUTS:
-        std /= math.sqrt(2 * config.num_hidden_layers)
+        # By the proxy's depth: under CompleteP the branch multiplier does the depth scaling, so the
+        # init of every matrix is the proxy's whatever the depth (with depth_mult 1, the model's own).
+        std /= math.sqrt(2 * config.num_hidden_layers / depth_mult(config))
     return std
 
 
@@ -84,20 +95,11 @@ def initial_value(
     return out.mul_(std)
 
 
-def init_weights(model: nn.Module, config, hp: MupHyperParams) -> None:
-    """Initialise every parameter of `model` in place by the muP (or SP) rule."""
-    for name, p in model.named_parameters():
-        std = init_std(name, config, hp)
-        if std is None:
-            nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
-        else:
-            nn.init.normal_(p, mean=0.0, std=std)
-
-
 def param_groups(model: nn.Module, config, hp: MupHyperParams) -> list[dict]:
     """AdamW parameter groups: matrices at `matrix_lr / width_mult` with weight decay scaled by
     `width_mult` (so decoupled decay lr * wd stays width-independent); embedding and readout at `lr`
-    with `weight_decay`; vectors at `lr` without decay. Each group carries `base_lr` for schedulers
+    with `weight_decay`; vectors at `lr` without decay. No group depends on the depth: CompleteP's
+    Adam rule at alpha = 1 is lr x depth_mult^(alpha - 1) = lr. Each group carries `base_lr` for schedulers
     and `mup_class` for logs."""
     m = width_mult(config)
     spec = {
@@ -115,3 +117,20 @@ def param_groups(model: nn.Module, config, hp: MupHyperParams) -> list[dict]:
         for k, (lr, wd) in spec.items()
         if params[k]
     ]
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module, config, hp: MupHyperParams, seed: int = 0) -> None:
+    """Initialise by the muP rules, every row of a parameter from its own generator seeded by the
+    parameter's name and the row: every layout (one process, FSDP, TP, a pipeline stage) gets the
+    very same values as the unsharded model, and each rank draws only its own shard's rows (no
+    communication, no full tensor)."""
+    for name, p in module.named_parameters():
+        local, region = local_region(p)
+        if local.numel():
+            rows = range(region[0].start, region[0].stop)
+            local.copy_(initial_value(model_fqn(name), p.shape, config, hp, seed, rows)[:, *region[1:]])
+    # Non-persistent buffers (RoPE frequencies) are not parameters: recompute them on the device.
+    for m in module.modules():
+        if isinstance(m, TeleFLMRotaryEmbedding):
+            m.inv_freq.copy_(TeleFLMRotaryEmbedding(config).inv_freq)

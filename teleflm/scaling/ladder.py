@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from teleflm.mup.runs import RunData, at_width, parameter_count, read_toml, scored_run
+from teleflm.config import read_toml
 from teleflm.scaling.fit import FitError, Prediction, check_ladder, predict
+from teleflm.tune.runs import RunData, at_width, parameter_count, scored_run
 
 KNOWN_KEYS = {"config", "widths", "out", "sequences", "head_dim", "parameters", "points"}
 

@@ -10,8 +10,8 @@ model's positions (it is cut shorter when the message alone leaves less room).
 
 import torch
 
-from teleflm.data.tokenizer import add_chat_template
-from teleflm.model.io import new_token_budget, real_vocab_size
+from teleflm.data.tokenizer import add_chat_template, real_vocab_size
+from teleflm.model.io import new_token_budget
 from teleflm.sft.template import ROLE_MARKERS, prompt_ids
 
 

@@ -9,13 +9,13 @@ import torch
 from safetensors.torch import load_file
 
 import teleflm.model.io as io
+from teleflm.data.tokenizer import real_vocab_size
 from teleflm.model.io import (
     AUTO_MAP,
     OFFICIAL_CONFIG_FIELDS,
     CheckpointError,
     export_hf,
     load_pretrained,
-    real_vocab_size,
     write_official_layout,
 )
 from tests.model.reference import MUP, llama_twin, logit_scale, random_model
@@ -74,6 +74,21 @@ def test_export_then_load_round_trip(tmp_path, sentencepiece_dir):
     assert torch.equal(logits(loaded), logits(model))
     assert loaded.dtype == torch.float32 and not loaded.training
     assert len(tokenizer) == real_vocab_size(out) == SENTENCEPIECE_VOCAB < loaded.config.vocab_size
+
+
+def test_export_folds_the_depth_factor_into_the_weights(tmp_path):
+    """An export of a model with CompleteP's branch multiplier computes the same logits with the
+    factor folded into o_proj and down_proj and set to 1, so readers that do not know the field
+    (vLLM's Tele-FLM, the released model files) run it right."""
+    model = random_model(**MUP, mup_depth_factor=4.0)
+    out = export_hf(model, tmp_path / "export")
+    assert json.loads((out / "config.json").read_text())["mup_depth_factor"] == 1.0
+    weights = load_file(out / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(weights[name], model.state_dict()[name] / 4.0)
+    loaded, _ = load_pretrained(out, device="cpu")
+    assert (logits(loaded) - logits(model)).abs().max().item() <= 1e-5
+    assert model.config.mup_depth_factor == 4.0  # the model in memory is left as it was
 
 
 def test_export_in_bf16(tmp_path):

@@ -71,3 +71,23 @@ def test_logit_scale_of_the_released_52b_config():
     with torch.no_grad():
         ratio = model(ids).logits / reference(ids).logits
     assert torch.allclose(ratio, torch.full_like(ratio, 1 / 32), rtol=1e-3)
+
+
+def test_depth_factor_divides_each_residual_branch():
+    """CompleteP's mup_depth_factor f (muP only): the model equals Llama whose o_proj and down_proj
+    (the branches' last, linear, projections) are divided by f; without muP it is ignored."""
+    model = random_model(num_key_value_heads=2, **MUP, mup_depth_factor=4.0)
+    reference = llama_twin(model)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p /= 4.0
+    ids = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, reference(ids).logits
+        plain = llama_twin(model)(ids).logits
+    assert (ours - theirs * logit_scale(model)).abs().max().item() <= 1e-5
+    assert (ours - plain * logit_scale(model)).abs().max().item() > 0.1  # the factor really acts
+    sp = random_model(num_key_value_heads=2, mup_depth_factor=4.0)
+    with torch.no_grad():
+        assert torch.equal(sp(ids).logits, random_model(num_key_value_heads=2)(ids).logits)

@@ -101,6 +101,27 @@ def test_standard_parametrization_ignores_width():
     assert {g["mup_class"]: g["lr"] for g in param_groups(model, model.config, HP)}[MATRIX] == HP.matrix_lr
 
 
+def test_depth_factor_keeps_every_init_std_and_learning_rate_of_the_proxy_depth():
+    """CompleteP (alpha = 1): a model 4x deeper than its proxy (mup_depth_factor 4) draws every
+    parameter with the proxy's std (residual outputs / sqrt(2 x proxy layers), not 2 x its own) and
+    gets the proxy's learning rates; without the factor the residual outputs shrink by sqrt(4)."""
+    from teleflm.mup import init_std
+
+    proxy = tiny_config(num_hidden_layers=2, use_mup=True, mup_scale_factor=2.0)
+    deep = tiny_config(num_hidden_layers=8, use_mup=True, mup_scale_factor=2.0, mup_depth_factor=4.0)
+    unscaled = tiny_config(num_hidden_layers=8, use_mup=True, mup_scale_factor=2.0)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        assert init_std(name, deep, HP) == pytest.approx(init_std(name, proxy, HP))
+    down = "model.layers.1.mlp.down_proj.weight"
+    assert init_std(down, unscaled, HP) == pytest.approx(init_std(down, proxy, HP) / 2)
+    with torch.device("meta"):
+        rates = [
+            {g["mup_class"]: g["lr"] for g in param_groups(TeleFLMForCausalLM(c), c, HP)}
+            for c in (proxy, deep)
+        ]
+    assert rates[0] == rates[1]
+
+
 @pytest.mark.parametrize("width", [128, 256])
 def test_optimizer_groups(width):
     model = model_of_width(width)
@@ -145,8 +166,9 @@ def test_initial_values_norms_one_biases_zero_and_every_layout_draws_the_same():
     import torch
 
     from teleflm.model import TeleFLMForCausalLM
-    from teleflm.mup import MupHyperParams, initial_value
-    from teleflm.parallel.parallelize import ParallelDims, init_weights, parallelize
+    from teleflm.mup import MupHyperParams, init_weights, initial_value
+    from teleflm.parallel.mesh import ParallelDims
+    from teleflm.parallel.parallelize import parallelize
     from teleflm.train.config import ParallelSection
     from tests.conftest import tiny_config
 

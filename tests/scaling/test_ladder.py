@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from teleflm.cli.main import main
-from teleflm.mup.runs import to_toml
-from tests.mup.test_search import proxy_config
+from teleflm.tune.runs import to_toml
 from tests.train.common import pattern_sequences
+from tests.tune.test_search import proxy_config
 
 
 def write_ladder(tmp_path, **keys):

@@ -4,7 +4,7 @@
 import math
 from pathlib import Path
 
-from teleflm.mup.runs import SEARCHED, base_width, hyperparams_of, to_toml
+from teleflm.tune.runs import SEARCHED, base_depth, base_width, hyperparams_of, to_toml
 
 
 def best_record(records: list[dict]) -> dict:
@@ -15,10 +15,13 @@ def best_record(records: list[dict]) -> dict:
 
 
 def best_config(raw: dict, record: dict) -> dict:
-    """The best set as TOML tables: [mup] and [model] values and the proxy width they were found at."""
+    """The best set as TOML tables: [mup] and [model] values and the proxy width and depth they were
+    found at."""
     values = {**hyperparams_of(raw), **record["values"]}
+    use_mup = raw["model"].get("use_mup")
     return {
-        "proxy_width": base_width(raw) if raw["model"].get("use_mup") else raw["model"]["hidden_size"],
+        "proxy_width": base_width(raw) if use_mup else raw["model"]["hidden_size"],
+        "proxy_depth": base_depth(raw) if use_mup else raw["model"]["num_hidden_layers"],
         "use_mup": bool(raw["model"].get("use_mup", False)),
         "objective": record["objective"],
         "trial": record["trial"],

@@ -9,6 +9,8 @@ attention, no dropout), so the estimate can be checked against a measured peak (
 
 from dataclasses import dataclass
 
+from teleflm.model.size import flops_per_token, parameter_counts
+
 GIB = 2**30
 
 # name: (memory in GiB, peak dense bf16 FLOP/s)
@@ -24,29 +26,6 @@ DEVICES = {
     "v100": (32, 125e12),
     "mi300x": (192, 1307e12),
 }
-
-
-def parameter_counts(c) -> dict[str, int]:
-    """Exact parameter counts of a TeleFLMConfig (no biases; untied embedding and readout)."""
-    d, hd = c.hidden_size, c.head_dim
-    attention = d * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-    layer = attention + 3 * d * c.intermediate_size + 2 * d
-    counts = {
-        "embedding": c.vocab_size * d,
-        "layers": c.num_hidden_layers * layer,
-        "final_norm": d,
-        "readout": 0 if c.tie_word_embeddings else c.vocab_size * d,
-    }
-    counts["per_layer"] = layer
-    counts["total"] = counts["embedding"] + counts["layers"] + counts["final_norm"] + counts["readout"]
-    return counts
-
-
-def flops_per_token(c, context_length: int) -> float:
-    """Training FLOPs per token: 6 x non-embedding parameters + the attention term 12 x L x d x T."""
-    n = parameter_counts(c)
-    non_embedding = n["layers"] + n["final_norm"] + c.vocab_size * c.hidden_size
-    return 6 * non_embedding + 12 * c.num_hidden_layers * c.hidden_size * context_length
 
 
 @dataclass
@@ -93,7 +72,7 @@ def stage_memory(
     from forward to backward, two layers are gathered at a time, and a group's unsharded gradient
     lives until its reduce-scatter (the root's, the largest, at the start of backward). Without
     FSDP, bf16 autocast caches a bf16 copy of every weight. The readout: without pipeline parallel the
-    trainer's chunked loss (teleflm.train.loss) holds one chunk of fp32 logits at a time and keeps
+    trainer's chunked loss (teleflm.model.loss) holds one chunk of fp32 logits at a time and keeps
     the gradients of the hidden states and of the readout weight that its forward computes; a
     pipeline's last stage has the whole logits, their own copy, log-softmax's saved fp32 output and
     two fp32 gradients."""
@@ -115,7 +94,7 @@ def stage_memory(
     if not last:
         logits = 0
     elif layout.pp == 1:
-        from teleflm.train.loss import CHUNK_LOGITS
+        from teleflm.model.loss import CHUNK_LOGITS
 
         chunk = min(tokens, max(1, CHUNK_LOGITS // vocab))
         lower = mixed_precision == "bf16"  # a bf16 copy of the chunk's gradient and of the weight
@@ -158,7 +137,7 @@ def memory_per_device(
 
 def growth_shards_per_device(c, world: int) -> float:
     """Bytes of a rank's shards of a grown model and its two AdamW moments while growth builds them
-    (fp32, plain FSDP over all `world` ranks, teleflm.grow.checkpoint)."""
+    (fp32, plain FSDP over all `world` ranks, teleflm.train.growth)."""
     return 12 * parameter_counts(c)["total"] / world
 
 

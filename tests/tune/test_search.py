@@ -1,5 +1,6 @@
 """Hyper-parameter search: resumable table, best set, and muP transfer to a wider config."""
 
+import copy
 import signal
 import subprocess
 import sys
@@ -10,10 +11,10 @@ import numpy as np
 import pytest
 
 from teleflm.cli.main import main
-from teleflm.mup.report import write_results
-from teleflm.mup.runs import to_toml
-from teleflm.mup.search import load_space, planned_trials, search
-from teleflm.mup.transfer import transfer
+from teleflm.tune.report import write_results
+from teleflm.tune.runs import to_toml
+from teleflm.tune.search import load_space, planned_trials, search
+from teleflm.tune.transfer import transfer
 from tests.train.common import CONTEXT, pattern_sequences
 
 REPO = Path(__file__).resolve().parents[2]
@@ -134,7 +135,7 @@ def test_two_workers_share_one_study(setup):
 # dead mid-trial, at that point whatever the timing.
 KILL_IN_SECOND_TRIAL = """
 import os, signal, sys
-import teleflm.mup.search as search
+import teleflm.tune.search as search
 
 real, calls = search.scored_run, []
 
@@ -182,6 +183,7 @@ def test_tpe_runs_its_trials(setup):
 def test_transfer_keeps_values_and_sets_the_width_multiplier(setup, tmp_path):
     best = {
         "proxy_width": 32.0,
+        "proxy_depth": 1.0,
         "use_mup": True,
         "mup": {"lr": 3e-3, "matrix_lr": 3e-3, "min_lr": 3e-4, "std": 0.01, "matrix_std": 0.02},
         "model": {"input_mult": 1.0, "output_mult": 2.0},
@@ -198,6 +200,15 @@ def test_transfer_keeps_values_and_sets_the_width_multiplier(setup, tmp_path):
     report = (tmp_path / "big-mup.md").read_text()
     assert "| matrix | 0.003 | 0.000375 |" in report  # matrix lr / width_mult 8; embedding keeps lr
     assert "| embedding | 0.003 | 0.003 |" in report and (tmp_path / "big-mup.png").is_file()
+    assert written["model"]["mup_depth_factor"] == 1.0  # same depth as the proxy: no branch multiplier
+    deep = copy.deepcopy(big)
+    deep["model"]["num_hidden_layers"] = 8
+    (tmp_path / "deep.toml").write_text(to_toml(deep))
+    args = ["mup", "transfer", "--best", str(tmp_path / "best.toml"), "--to", str(tmp_path / "deep.toml")]
+    assert main(args) == 0
+    written = tomllib.loads((tmp_path / "deep-mup.toml").read_text())
+    assert written["model"]["mup_depth_factor"] == 8.0 and written["mup"] == best["mup"]
+    assert "each residual branch is multiplied by 0.125" in (tmp_path / "deep-mup.md").read_text()
     big["model"]["use_mup"] = False
     with pytest.raises(ValueError, match="use_mup = false"):
         transfer(best, big)
@@ -208,7 +219,7 @@ def test_held_out_loss_gives_padded_ids_no_mass():
     import torch.nn.functional as F
 
     from teleflm.model import TeleFLMForCausalLM
-    from teleflm.mup.runs import heldout_loss
+    from teleflm.tune.runs import heldout_loss
     from tests.conftest import tiny_config
 
     torch.manual_seed(0)

@@ -3,12 +3,14 @@ parameter class gets at the proxy and at the target."""
 
 from pathlib import Path
 
-from teleflm.mup.runs import with_hyperparams
+from teleflm.tune.runs import with_hyperparams
 
 
 def transfer(best: dict, target: dict) -> dict:
     """The target config with the best set: under muP the searched values carry over unchanged and
-    only mup_scale_factor changes, to the target's width over the proxy's."""
+    only the multipliers change: mup_scale_factor to the target's width over the proxy's, and
+    mup_depth_factor to its depth over the proxy's (CompleteP; a best set from before proxy_depth
+    was recorded leaves the target's own)."""
     if not best.get("use_mup", False):
         raise ValueError("the best set was searched without muP: its values do not transfer across widths")
     model = target.get("model", {})
@@ -17,6 +19,8 @@ def transfer(best: dict, target: dict) -> dict:
     proxy_width = float(best["proxy_width"])
     out = with_hyperparams(target, {**best["mup"], **best["model"]})
     out["model"]["mup_scale_factor"] = model["hidden_size"] / proxy_width
+    if "proxy_depth" in best:
+        out["model"]["mup_depth_factor"] = model["num_hidden_layers"] / float(best["proxy_depth"])
     return out
 
 
@@ -47,8 +51,11 @@ def transfer_report(best: dict, transferred: dict, path: Path) -> Path:
         return {"width": config.hidden_size, "lr": lr, "std": std, "logit_scale": config.logit_scale}
 
     # Per-class settings depend on the width alone, so one head stands in for the proxy's heads.
+    target_depth = transferred["model"]["num_hidden_layers"]
+    proxy_depth = int(best.get("proxy_depth", target_depth))
     proxy_fields = {**transferred["model"], **best["model"], "hidden_size": int(best["proxy_width"])}
     proxy_fields.update(mup_scale_factor=1.0, num_attention_heads=1, num_key_value_heads=1)
+    proxy_fields.update(num_hidden_layers=proxy_depth, mup_depth_factor=1.0)
     at = {"proxy": effective(proxy_fields), "target": effective(transferred["model"])}
     classes = sorted(at["target"]["lr"])
     rows = [
@@ -70,6 +77,11 @@ def transfer_report(best: dict, transferred: dict, path: Path) -> Path:
             "",
             f"Logit scale (output_mult / mup_scale_factor): {at['proxy']['logit_scale']:.4g} at the proxy, "
             f"{at['target']['logit_scale']:.4g} at the target.",
+            "",
+            f"Depth {proxy_depth} -> {target_depth} (mup_depth_factor "
+            f"{transferred['model'].get('mup_depth_factor', 1.0):g}): each residual branch is multiplied by "
+            f"{1 / transferred['model'].get('mup_depth_factor', 1.0):.4g} (CompleteP); init std and learning "
+            "rates do not change with depth.",
             "",
             f"![transfer]({path.with_suffix('.png').name})",
             "",

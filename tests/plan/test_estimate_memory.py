@@ -25,9 +25,10 @@ def _train_and_measure(shape: dict, context: int, micro_batch: int, checkpointin
     """Train 3 steps; (peak resident bytes added by training, the planner's estimate for this rank)."""
     import torch
 
+    from teleflm.config import build
     from teleflm.data.synthetic import ArrayStream
-    from teleflm.parallel.plan import Layout, memory_per_device
-    from teleflm.train.config import TrainConfig, _build
+    from teleflm.plan.estimate import Layout, memory_per_device
+    from teleflm.train.config import TrainConfig
     from teleflm.train.trainer import Trainer
 
     torch.set_num_threads(1)
@@ -43,7 +44,7 @@ def _train_and_measure(shape: dict, context: int, micro_batch: int, checkpointin
         "logging": {"progress_bar": False},
         "stability": {"warmup_steps": 10**9},
     }
-    cfg = _build(TrainConfig, raw, "memory test")
+    cfg = build(TrainConfig, raw, "memory test")
     data = np.random.default_rng(0).integers(
         4, shape["vocab_size"], size=(steps * micro_batch * world, context + 1)
     )
