@@ -74,10 +74,14 @@ def add_parser(sub) -> None:
 def run_prepare(args) -> int:
     from teleflm.data.prepare import plan_job, prepare
 
+    test_items = None
+    if args.decontaminate_tasks:
+        from teleflm.eval.harness import task_items
+
+        test_items = task_items(args.decontaminate_tasks, args.include)
     decontamination = dict(
         decontaminate=args.decontaminate,
-        decontaminate_tasks=args.decontaminate_tasks,
-        task_include=args.include,
+        test_items=test_items,
         ngram=args.ngram,
         min_item_tokens=args.min_item_tokens,
         decontaminate_action=args.decontaminate_action,

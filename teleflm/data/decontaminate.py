@@ -1,9 +1,8 @@
 """Test-set decontamination by token n-grams (the "strict n-gram method" of Tele-FLM's data).
 
-Test items come from files (any format teleflm.data.sources reads) or from lm-evaluation-harness
-tasks, named as `teleflm eval harness` names them (local task definitions, read offline): an item is
-what the model is scored on, the task's decontamination query when it defines one, else its prompt
-followed by the gold answer.
+Test items come from files (any format teleflm.data.sources reads) or are given as texts by name:
+the documents of lm-evaluation-harness tasks, as teleflm.eval.harness.task_items renders them from
+local task definitions (what the model is scored on).
 
 Every n-token window of every test item is hashed to 64 bits; a training document that shares any
 window with a test item is contaminated and is removed (or only counted). The test side is a sorted
@@ -128,59 +127,17 @@ class _HashSet:
         return self.sorted
 
 
-def task_items(tasks: list[str], include: list[str | Path] = ()) -> tuple[list[str], dict[str, int]]:
-    """The scored text of every evaluation document of lm-evaluation-harness tasks, read offline from
-    their local definitions (teleflm/eval/tasks/ and `include` folders, as `teleflm eval harness`
-    reads them): the task's decontamination query if it has one, else the prompt, the target
-    delimiter and the gold answer. Returns (items, documents per task)."""
-    import os
-
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from teleflm.eval.harness import task_configs
-
-    available = task_configs(include)
-    unknown = [t for t in tasks if t not in available]
-    if unknown:
-        raise ValueError(
-            f"--decontaminate-tasks: unknown task(s) {unknown}; local tasks: {sorted(available)}"
-        )
-    try:
-        from lm_eval.api.task import ConfigurableTask
-    except ImportError:
-        raise ValueError(
-            "--decontaminate-tasks needs lm-evaluation-harness: pip install -c constraints.txt 'teleflm[eval]'"
-        ) from None
-    items, counts = [], {}
-    for name in tasks:
-        task = ConfigurableTask(config=available[name])
-        docs = list(task.eval_docs)
-        for doc in docs:
-            if task.config.should_decontaminate:
-                items.append(str(task.doc_to_decontamination_query(doc)))
-                continue
-            target = task.doc_to_target(doc)
-            if task.OUTPUT_TYPE == "multiple_choice" and isinstance(target, int):
-                target = task.doc_to_choice(doc)[target]
-            elif isinstance(target, list):  # several gold answers: the first
-                target = target[0] if target else ""
-            items.append(f"{task.doc_to_text(doc)}{task.config.target_delimiter}{target}")
-        counts[name] = len(docs)
-    return items, counts
-
-
 def load_test_ngrams(
     patterns: list[str],
     encoder,
     n: int = DEFAULT_NGRAM,
     text_field: str = "text",
-    tasks: list[str] = (),
-    task_include: list[str | Path] = (),
+    items: dict[str, list[str]] | None = None,
     min_item_tokens: int = MIN_ITEM_TOKENS,
 ) -> NgramIndex:
-    """Read test items (files or globs, any format teleflm.data.sources reads, and lm-eval tasks by
-    name), encode them with the shards' tokenizer (`tokenizers.Tokenizer`) and collect their window
-    hashes."""
+    """Read test items (files or globs, any format teleflm.data.sources reads; `items`: more, as texts
+    by the name of their source, e.g. an lm-eval task), encode them with the shards' tokenizer
+    (`tokenizers.Tokenizer`) and collect their window hashes."""
     from teleflm.data.sources import ReadStats, read_documents
 
     if n < 1:
@@ -217,11 +174,9 @@ def load_test_ngrams(
                 add(batch)
                 batch = []
         add(batch)
-    task_counts = {}
-    if tasks:
-        items, task_counts = task_items(list(tasks), task_include)
-        for start in range(0, len(items), 4096):
-            add(items[start : start + 4096])
+    for texts in (items or {}).values():
+        for start in range(0, len(texts), 4096):
+            add(texts[start : start + 4096])
     hashes = {m: sets[m].merge() for m in sorted(sets)}
     info = {
         "ngram": n,
@@ -229,7 +184,7 @@ def load_test_ngrams(
         "test_files": [
             {"path": str(f), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files
         ],
-        "test_tasks": task_counts,
+        "test_tasks": {name: len(texts) for name, texts in (items or {}).items()},
         **counts,
         "test_ngrams": int(sum(len(h) for h in hashes.values())),
     }

@@ -17,7 +17,8 @@ atomically; a rerun skips every task whose record matches, so a failed worker is
 finished work is never redone, and a changed input redoes only what depends on it. Every stage holds
 a few chunks of documents, never the corpus: memory per worker does not grow with the corpus.
 
-The engines that run the stages (N local processes, Slurm job arrays) are teleflm.data.cluster.
+The stages run here, in N local processes (`run_local`), or as Slurm job arrays
+(teleflm.data.cluster); every engine runs the same command per worker (`worker_command`).
 """
 
 import glob
@@ -26,7 +27,10 @@ import itertools
 import json
 import multiprocessing
 import os
+import shlex
 import shutil
+import subprocess
+import sys
 import time
 import tomllib
 import uuid
@@ -220,8 +224,7 @@ def plan_job(
     tokenizer: str | Path | None = None,
     out: str | Path | None = None,
     decontaminate: list[str] = (),
-    decontaminate_tasks: list[str] = (),
-    task_include: list[str] = (),
+    test_items: dict[str, list[str]] | None = None,
     ngram: int = DEFAULT_NGRAM,
     min_item_tokens: int = MIN_ITEM_TOKENS,
     decontaminate_action: str = "remove",
@@ -244,14 +247,9 @@ def plan_job(
     encoder = raw_tokenizer(tokenizer)
     inputs = {d.name: resolve_inputs(d.inputs, base, d.name) for d in cfg.domains}
     test_set = None
-    if decontaminate or decontaminate_tasks:
+    if decontaminate or test_items:
         test_set = load_test_ngrams(
-            list(decontaminate),
-            encoder,
-            ngram,
-            tasks=list(decontaminate_tasks),
-            task_include=list(task_include),
-            min_item_tokens=min_item_tokens,
+            list(decontaminate), encoder, ngram, items=test_items, min_item_tokens=min_item_tokens
         )
     job = out / JOB
     job.mkdir(parents=True, exist_ok=True)
@@ -880,25 +878,21 @@ def prepare(
     progress: bool = True,
     workers: int = 0,
     jobs: int = 1,
-    decontaminate_tasks: list[str] = (),
-    task_include: list[str] = (),
+    test_items: dict[str, list[str]] | None = None,
     min_item_tokens: int = MIN_ITEM_TOKENS,
 ) -> dict:
     """Prepare every domain of a data config (`tokenizer` and `out` override the config's) on this
-    machine; returns the manifest. `decontaminate`: test-set files or globs, `decontaminate_tasks`:
-    lm-eval task names (`task_include`: folders of more task definitions), whose n-grams (`ngram`
-    tokens) mark training documents to "remove" or "report" (`decontaminate_action`). `jobs`: workers
+    machine; returns the manifest. `decontaminate`: test-set files or globs, `test_items`: test texts
+    by source (lm-eval tasks: teleflm.eval.harness.task_items), whose n-grams (`ngram` tokens) mark
+    training documents to "remove" or "report" (`decontaminate_action`). `jobs`: workers
     run as separate processes (1: all here); `workers`: encoding processes per job (0: the cores,
     shared among the jobs)."""
-    from teleflm.data.cluster import run_local
-
     job = plan_job(
         config_path,
         tokenizer,
         out,
         decontaminate,
-        decontaminate_tasks,
-        task_include,
+        test_items,
         ngram,
         min_item_tokens,
         decontaminate_action,
@@ -907,6 +901,105 @@ def prepare(
     )
     run_local(job, workers=workers, progress=progress)
     return merge(job)
+
+
+class WorkerFailed(RuntimeError):
+    pass
+
+
+def worker_command(job: Path, stage: str, worker: str, workers: int) -> list[str]:
+    """The command that runs one worker of one stage (`worker` may be a shell variable)."""
+    return [
+        sys.executable,
+        "-m",
+        "teleflm.cli.main",
+        "data",
+        "worker",
+        "--job",
+        str(Path(job).resolve()),
+        "--stage",
+        stage,
+        "--worker",
+        worker,
+        "--workers",
+        str(workers),
+    ]
+
+
+def run_local(job: str | Path, workers: int = 0, progress: bool = True) -> None:
+    """Every stage of the job on this machine: with one job worker, here; with N, N processes at
+    once (each with `workers` encoding processes, default the cores shared among them), stage after
+    stage. A failed worker stops the job after the others finish their tasks; the error says how to
+    rerun it alone."""
+    job = Path(job)
+    plan = read_plan(job)
+    jobs = plan["jobs"]
+    for stage in plan["stages"]:
+        if jobs == 1:
+            run_worker(job, stage, 0, workers, progress)
+            continue
+        per_worker = workers or max(1, _cores() // jobs)
+        logs = job / "logs"
+        logs.mkdir(exist_ok=True)
+        processes = []
+        for w in range(jobs):
+            with (logs / f"{stage}-{w:05d}.log").open("w") as log:
+                command = worker_command(job, stage, str(w), per_worker)
+                processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+        _watch(job, stage, processes, progress)
+        failed = [(w, p.returncode) for w, p in enumerate(processes) if p.returncode != 0]
+        if failed:
+            lines = [
+                f"worker {w} of {jobs} failed in stage {stage} (exit {rc}); its log: {logs / f'{stage}-{w:05d}.log'}; "
+                f"rerun it alone: {shlex.join(worker_command(job, stage, str(w), per_worker))}"
+                for w, rc in failed
+            ]
+            raise WorkerFailed("\n".join(lines) + "\nthen run the same prepare again: finished work is kept")
+
+
+def _watch(job: Path, stage: str, processes: list, progress: bool) -> None:
+    """Wait for the processes, with one progress bar for all of them (from their progress files)."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        plan = read_plan(job)
+        total = sum(plan["sizes"][stage]) if stage != "dedup" else len(plan["tasks"][stage])
+        bar = tqdm(total=total, unit="B" if stage != "dedup" else "bucket", unit_scale=True, desc=stage)
+    while any(p.poll() is None for p in processes):
+        if bar is not None:
+            figures = stage_progress(job, stage)
+            bar.n = figures["bytes"]
+            bar.set_postfix(documents=f"{figures['documents']:,}", running=figures["running"], refresh=False)
+            bar.refresh()
+        time.sleep(0.5)  # polling the workers' files, not a wait for any result
+    if bar is not None:
+        bar.n = stage_progress(job, stage)["bytes"]
+        bar.close()
+
+
+def stage_progress(job: Path, stage: str) -> dict:
+    """The whole job's progress in one stage, summed over its workers' progress files: documents,
+    bytes (of input), bytes_total, MB/s since the first worker started, ETA in seconds."""
+    states = [json.loads(p.read_text()) for p in sorted((job / "progress").glob(f"{stage}-*.json"))]
+    plan = read_plan(job)
+    total = sum(plan["sizes"][stage]) if stage != "dedup" else len(plan["tasks"][stage])
+    done = sum(s["bytes"] for s in states)
+    started = min((s["started"] for s in states), default=time.time())
+    ended = max((s["updated"] for s in states), default=started)
+    rate = done / max(ended - started, 1e-9)
+    return {
+        "stage": stage,
+        "workers": len(states),
+        "running": sum(s["finished"] is None for s in states),
+        "tasks_done": sum(s["tasks_done"] for s in states),
+        "tasks": len(plan["tasks"][stage]),
+        "documents": sum(s["documents"] for s in states),
+        "bytes": done,
+        "bytes_total": total,
+        "mb_per_s": rate / 1e6,
+        "eta_s": (total - done) / rate if rate > 0 else None,
+    }
 
 
 def encode_documents(encoder, docs: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -939,8 +1032,7 @@ class ChunkEncoder:
     def __init__(self, encoder, tokenizer_dir: Path, workers: int = 0):
         self.encoder, self.tokenizer_dir = encoder, tokenizer_dir
         self.dtype = token_dtype(encoder.get_vocab_size())
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        self.workers = workers or cores
+        self.workers = workers or _cores()
         self.pool = None
 
     def __enter__(self) -> "ChunkEncoder":
@@ -973,6 +1065,10 @@ class ChunkEncoder:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _write_json_atomic(path: Path, value: dict) -> None:

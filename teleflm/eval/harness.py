@@ -41,6 +41,42 @@ def task_configs(include: list[str | Path] = ()) -> dict[str, dict]:
     return configs
 
 
+def task_items(tasks: list[str], include: list[str | Path] = ()) -> dict[str, list[str]]:
+    """The scored text of every evaluation document of lm-evaluation-harness tasks, by task name, read
+    offline from their local definitions (teleflm/eval/tasks/ and `include` folders, as `teleflm eval
+    harness` reads them): the task's decontamination query if it has one, else the prompt, the target
+    delimiter and the gold answer (what teleflm.data.decontaminate matches training text against)."""
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    available = task_configs(include)
+    unknown = [t for t in tasks if t not in available]
+    if unknown:
+        raise ValueError(
+            f"--decontaminate-tasks: unknown task(s) {unknown}; local tasks: {sorted(available)}"
+        )
+    try:
+        from lm_eval.api.task import ConfigurableTask
+    except ImportError:
+        raise ValueError(
+            "--decontaminate-tasks needs lm-evaluation-harness: pip install -c constraints.txt 'teleflm[eval]'"
+        ) from None
+    out = {}
+    for name in tasks:
+        task = ConfigurableTask(config=available[name])
+        items = out[name] = []
+        for doc in task.eval_docs:
+            if task.config.should_decontaminate:
+                items.append(str(task.doc_to_decontamination_query(doc)))
+                continue
+            target = task.doc_to_target(doc)
+            if task.OUTPUT_TYPE == "multiple_choice" and isinstance(target, int):
+                target = task.doc_to_choice(doc)[target]
+            elif isinstance(target, list):  # several gold answers: the first
+                target = target[0] if target else ""
+            items.append(f"{task.doc_to_text(doc)}{task.config.target_delimiter}{target}")
+    return out
+
+
 def masked_export(model_dir: str | Path, dtype: str = "float32", device: str = "cpu"):
     """(model, tokenizer) of an export, the model's logits at padded vocabulary ids set to -inf."""
     import torch

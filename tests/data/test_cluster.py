@@ -16,8 +16,18 @@ import zstandard
 
 from teleflm.cli.main import main
 from teleflm.data import sample
-from teleflm.data.cluster import WorkerFailed, describe_progress, run_local, worker_command
-from teleflm.data.prepare import JOB, merge, plan_job, prepare, read_plan, run_worker
+from teleflm.data.cluster import describe_progress
+from teleflm.data.prepare import (
+    JOB,
+    WorkerFailed,
+    merge,
+    plan_job,
+    prepare,
+    read_plan,
+    run_local,
+    run_worker,
+    worker_command,
+)
 from teleflm.data.shards import open_shards, verify_shards
 from teleflm.data.synthetic import synthetic_documents
 from tests.data.conftest import write_jsonl

@@ -10,6 +10,7 @@ from teleflm.data.decontaminate import NgramIndex, load_test_ngrams, ngram_hashe
 from teleflm.data.prepare import prepare
 from teleflm.data.shards import open_shards
 from teleflm.data.tokenizer import load_tokenizer, raw_tokenizer
+from teleflm.eval.harness import task_items
 from tests.data.conftest import data_toml
 
 PASSAGE = "Behold the wonderful machine sang of rivers and mountains under seven silver moons tonight"
@@ -92,3 +93,77 @@ def test_shorter_ngram_catches_the_near_misses(tmp_path, tokenizer_dir):
     tokens = np.array(near + far)
     offsets = np.array([0, len(near), len(near) + len(far)])
     assert index.contaminated(tokens, offsets).tolist() == [True, False]
+
+
+def write_task(folder, name, items, prompt="Question: {{question}}\\nAnswer:"):
+    """A local lm-eval task in the format of teleflm/eval/tasks/ (multiple choice, JSONL data)."""
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {name}.jsonl\n"
+        f'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{prompt}"\n'
+        'target_delimiter: " "\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n"
+    )
+
+
+def test_a_planted_lm_eval_task_is_found_and_removed(tmp_path, tokenizer_dir):
+    """The tasks' documents, rendered as lm-eval scores them (prompt, delimiter, gold answer), are
+    found inside training documents; a short item is matched whole, a tiny one is skipped and counted."""
+    questions = [
+        "Which river did the seven silver moons of the wonderful machine sing about tonight",
+        "How many mountains stood between the farmer and the sea in the old story of rivers",
+        "What did the carpenter build for the king after the great flood had passed away",
+    ]
+    choices = ["the first", "the gold one", "the third"]
+    write_task(
+        tmp_path / "tasks",
+        "planted_qa",
+        [{"question": q, "choices": choices, "answer": 1} for q in questions],
+    )
+    short_items = [
+        {"question": "Who wrote it?", "choices": ["Paul", "Peter"], "answer": 0},  # 8 to 12 tokens
+        {"question": "Why", "choices": ["yes", "no"], "answer": 0},  # too short to match alone
+    ]
+    write_task(tmp_path / "tasks", "planted_short", short_items, prompt="{{question}}")
+    encoder = raw_tokenizer(tokenizer_dir)
+    short, tiny = "Who wrote it? Paul", "Why yes"
+    assert 8 <= len(encoder.encode(short).ids) < 13 and len(encoder.encode(tiny).ids) < 8
+    planted = [
+        f"Some notes {i}. Question: {q}\nAnswer: the gold one. More notes." for i, q in enumerate(questions)
+    ]
+    planted.append(f"A forum post quoting {short} and nothing else.")
+    clean = [f"Doc {i} about farming, rivers and the sea." for i in range(20)]
+    clean.append(f"{tiny}, said the farmer.")  # the tiny item is too common a text to count
+    toml = data_toml(tmp_path, tokenizer_dir, {"d": (clean + planted, 1.0, 1.0)}, heldout=0.0)
+
+    items = task_items(["planted_qa", "planted_short"], [tmp_path / "tasks"])
+    assert items["planted_short"] == [short, tiny]
+    manifest = prepare(toml, test_items=items, progress=False)
+    info = manifest["decontamination"]
+    assert info["test_tasks"] == {"planted_qa": 3, "planted_short": 2} and info["test_documents"] == 5
+    assert info["test_documents_matched_whole"] == 1 and info["test_documents_too_short"] == 1
+    assert manifest["domains"]["d"]["removed_documents"] == 4
+    tok = load_tokenizer(tokenizer_dir)
+    kept = [tok.decode(ids.tolist()) for ids, _ in open_shards(tmp_path / "shards").documents("d")]
+    assert sorted(kept) == sorted(clean)
+
+
+def test_the_shipped_kjv_task_marks_the_chapters_it_was_made_from(tokenizer_dir):
+    """teleflm_kjv_next_verse's items (a chapter's heading, two verses, the next one) are cut from
+    held-out chapters of the sample: every one of those chapters is found. (Others are too: 13 tokens
+    of this 1000-token vocabulary are three or four words, and the KJV repeats its formulas.)"""
+    from teleflm.data import sample
+
+    encoder = raw_tokenizer(tokenizer_dir)
+    items = task_items(["teleflm_kjv_next_verse"])
+    index = load_test_ngrams([], encoder, items=items)
+    chapters = sample.kjv_chapters()
+    heading = {c.split("\n\n", 1)[0]: i for i, c in enumerate(chapters)}
+    sources = {heading[item.split("\n\n", 1)[0]] for item in items["teleflm_kjv_next_verse"]}
+    encodings = encoder.encode_batch_fast(chapters, add_special_tokens=False)
+    tokens = np.concatenate([e.ids for e in encodings])
+    offsets = np.concatenate([[0], np.cumsum([len(e.ids) for e in encodings])])
+    dirty = set(np.flatnonzero(index.contaminated(tokens, offsets)).tolist())
+    assert len(items["teleflm_kjv_next_verse"]) == 200 and len(sources) > 40
+    assert sources <= dirty  # every chapter a test item was cut from

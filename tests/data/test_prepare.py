@@ -189,6 +189,12 @@ def test_bad_configs_are_refused_naming_file_and_key(tmp_path, tokenizer_dir):
         base + "[[domains]\n": r"Expected ']]' at the end of an array declaration \(at line 3",
         base: r"missing key\(s\) \['domains'\]",
         'out = "s"\n[[domains]]\nname = "d"\ninputs = ["x"]\n': r"missing key\(s\) \['tokenizer'\]",
+        base
+        + '[dedup]\nnear = true\nthreshold = 1.5\n[[domains]]\nname = "d"\ninputs = ["x"]\n': r"\[dedup\]\.threshold = 1\.5 must be in \(0, 1\)",
+        base
+        + '[[domains]]\nname = "d"\ninputs = ["x"]\n[domains.filters]\nmin_word = 3\n': r"domains\[0\]: \[filters\]: unknown key\(s\) \['min_word'\]",
+        base
+        + '[[domains]]\nname = "d"\ninputs = ["x"]\n[domains.filters]\nlanguages = ["xx"]\n': r"filters\.languages: \['xx'\] not known",
     }
     for text, message in cases.items():
         path.write_text(text)
