@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from teleflm.mup.runs import read_toml
+    from teleflm.mup.runs import read_toml, training_flops
     from teleflm.scaling.ladder import (
         describe,
         forecast,
@@ -35,7 +35,8 @@ def run(args) -> int:
     ):
         print("warning: the target's depth differs from the ladder's; muScaling varies width only")
     rungs = run_ladder(spec)
-    result = forecast(rungs, n_target, Path(args.target).stem, metric_name(spec))
+    flops = training_flops(target) if "total_tokens" in target.get("schedule", {}) else None
+    result = forecast(rungs, n_target, Path(args.target).stem, metric_name(spec), flops)
     what = "non-embedding" if spec.non_embedding else "total"
     report = write_report(result, Path(args.report) if args.report else spec.out, args.ladder, what)
     print(describe(result))
