@@ -208,7 +208,7 @@ class GrowthStage:
     parallel: dict[str, Any] = field(default_factory=dict)  # [parallel] keys that change from this stage on
     ramp_steps: int = 100  # optimizer steps over which the growth masks ramp 0 -> 1
     layers_at: list[int] = field(default_factory=list)  # grown-model positions of new layers; empty: spread
-    layer_init: str = "copy"  # new layers copy the layer before them, or "interpolate" their neighbours
+    layer_init: str = "copy"  # new layers copy the one before them, or "interpolate", or "stack"
 
     RANGES = dict(at_tokens=AT_LEAST_ONE, ramp_steps=AT_LEAST_ONE)
 
