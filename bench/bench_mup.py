@@ -21,31 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from teleflm.data.sample import kjv_chapters
+from teleflm.data.sample import kjv_windows
 from teleflm.mup.runs import RunData, at_depth, at_width, scored_run
 
 CONTEXT, BATCH, VOCAB = 64, 8, 1024
 LR_GRID = [0.025 / 2**k for k in range(8)]  # 2.5e-2 .. 2e-4, a 2x grid
 # Per axis: the parametrization under test, then the one it is contrasted with.
 PARAMETRIZATIONS = {"width": ("muP", "SP"), "depth": ("CompleteP", "muP")}
-
-
-def kjv_sequences(n_chars: int = 1_500_000, vocab: int = VOCAB, context: int = CONTEXT) -> np.ndarray:
-    """Packed (n, context + 1) token windows of the KJV, with a byte-level BPE trained on the slice."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    text = "\n\n".join(kjv_chapters())[:n_chars]  # the KJV shipped with teleflm
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        text.splitlines(),
-        trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
-    )
-    ids = np.array([i for line in tok.encode_batch(text.splitlines()) for i in line.ids], dtype=np.int64)
-    n = len(ids) // (context + 1)
-    windows = ids[: n * (context + 1)].reshape(n, context + 1)
-    return windows[np.random.default_rng(0).permutation(n)]  # held-out rows come from the whole book
 
 
 def base_config(steps: int) -> dict:
@@ -158,7 +140,7 @@ def main() -> None:
     if saved.get("steps", args.steps) != args.steps:
         raise SystemExit(f"{args.json} holds runs of {saved['steps']} steps, not {args.steps}")
     runs = saved.get("runs", {})
-    sequences = kjv_sequences()
+    sequences = kjv_windows(vocab_size=VOCAB, context=CONTEXT)
     heldout = sequences[:64]
     print(
         f"KJV: {len(sequences)} windows of {CONTEXT + 1} tokens (BPE {VOCAB}); {args.steps} steps of {BATCH} "

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.bench_mup import base_config, kjv_sequences
+from bench.bench_mup import CONTEXT, VOCAB, base_config
+from teleflm.data.sample import kjv_windows
 from teleflm.mup.runs import at_width, parameter_count, training_flops
 from teleflm.scaling.fit import FitError
 from teleflm.scaling.ladder import LadderSpec, describe, forecast, run_ladder, write_report
@@ -33,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    np.save(args.out / "sequences.npy", kjv_sequences())
+    np.save(args.out / "sequences.npy", kjv_windows(vocab_size=VOCAB, context=CONTEXT))
     base = base_config(args.steps)
     base["mup"].update(lr=args.lr, matrix_lr=args.lr, min_lr=args.lr / 10)
     spec = LadderSpec(

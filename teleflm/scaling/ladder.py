@@ -210,9 +210,10 @@ def forecast(
     return Forecast(rungs, target, target_name, held_out, metric, target_flops)
 
 
-def plot(result: Forecast, path: Path) -> None:
+def plot(result: Forecast, path: Path, measured: float | None = None) -> None:
     """Each seed's loss (dots) and each rung's mean (circles), the fit on every rung with the target's
-    interval, and the held-out fit with its predictions of the largest rungs."""
+    interval, the held-out fit with its predictions of the largest rungs, and the target's measured
+    loss when there is one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,7 +235,9 @@ def plot(result: Forecast, path: Path) -> None:
         error = [[p.loss - p.low], [p.high - p.loss]] if p.has_interval else None
         ax.errorbar([p.size], [p.loss], yerr=error, fmt=fmt, color=color, ms=9, capsize=3, label=label)
 
-    point(t, "*", "C3", f"{result.target_name}: {t.loss:.4f}")
+    point(t, "*", "C3", f"{result.target_name}: forecast {t.loss:.4f}")
+    if measured is not None:
+        ax.plot([t.size], [measured], "D", color="k", ms=6, mfc="none", label=f"measured {measured:.4f}")
     if result.held_out:
         law = result.held_out[0].law
         ax.plot(
