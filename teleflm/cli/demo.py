@@ -186,11 +186,11 @@ def generate_samples(export: Path) -> tuple[dict[str, str], list[str]]:
     model reads as garbage only after the first token)."""
     import torch
 
-    from teleflm.data.tokenizer import real_vocab_size
+    from teleflm.data.tokenizer import padded_ids
     from teleflm.model.io import load_pretrained
 
     model, tokenizer = load_pretrained(export, dtype="fp32", device="cpu")
-    padded = list(range(real_vocab_size(tokenizer), model.config.vocab_size))
+    padded = padded_ids(tokenizer, model.config.vocab_size)
     samples, mismatch = {}, []
     for name, prompt in PROMPTS.items():
         inputs = tokenizer(prompt, return_tensors="pt")

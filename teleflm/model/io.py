@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from teleflm.data.tokenizer import add_chat_template, has_tokenizer, load_tokenizer
+from teleflm.data.tokenizer import add_chat_template, has_tokenizer, load_tokenizer, padded_ids
 from teleflm.model.configuration_teleflm import TeleFLMConfig
 from teleflm.model.modeling_teleflm import TeleFLMForCausalLM
 
@@ -413,7 +413,7 @@ def export_hf(
         if pad_token_id is None and tokenizer is not None:
             pad_token_id = tokenizer.pad_token_id
         # Padded embedding rows (past the tokenizer) are never generated, whoever calls `generate`.
-        padded = list(range(len(tokenizer), config.vocab_size)) if tokenizer is not None else []
+        padded = padded_ids(tokenizer, config.vocab_size) if tokenizer is not None else []
         generation = GenerationConfig(
             bos_token_id=config.bos_token_id,
             eos_token_id=config.eos_token_id,

@@ -27,7 +27,8 @@ def _train_and_measure(shape: dict, context: int, micro_batch: int, checkpointin
 
     from teleflm.config import build
     from teleflm.data.synthetic import ArrayStream
-    from teleflm.plan.estimate import Layout, memory_per_device
+    from teleflm.parallel.mesh import ParallelDims
+    from teleflm.plan.estimate import memory_per_device
     from teleflm.train.config import TrainConfig
     from teleflm.train.trainer import Trainer
 
@@ -54,7 +55,7 @@ def _train_and_measure(shape: dict, context: int, micro_batch: int, checkpointin
     trainer.save_checkpoint = lambda: trainer.checkpoint_root  # measure training, not checkpoint writes
     trainer.run()
     estimate = memory_per_device(
-        cfg.model_config(), Layout(dp_shard=world), context, micro_batch, checkpointing, "fp32"
+        cfg.model_config(), ParallelDims(dp_shard=world), context, micro_batch, checkpointing, "fp32"
     )["total"]
     return {"measured": _resident("VmHWM") - before, "estimate": estimate}
 
