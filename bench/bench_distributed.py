@@ -30,8 +30,9 @@ def worker(out: str, steps: int, tp: int) -> None:
     """One rank's run (under torchrun): the trainer on synthetic tokens; rank 0 writes its rates."""
     import torch
 
+    from teleflm.config import build
     from teleflm.data.synthetic import ArrayStream
-    from teleflm.train.config import TrainConfig, _build
+    from teleflm.train.config import TrainConfig
     from teleflm.train.trainer import Trainer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -49,7 +50,7 @@ def worker(out: str, steps: int, tp: int) -> None:
         "stability": {"warmup_steps": 10**9},
     }
     data = np.random.default_rng(0).integers(4, SHAPE["vocab_size"], size=(steps * SEQUENCES, CONTEXT + 1))
-    trainer = Trainer(_build(TrainConfig, raw, "bench_distributed"), lambda r, n: ArrayStream(data, r, n))
+    trainer = Trainer(build(TrainConfig, raw, "bench_distributed"), lambda r, n: ArrayStream(data, r, n))
     trainer.save_checkpoint = lambda: Path(out)  # time training, not checkpoint writes
     trainer.run()
 

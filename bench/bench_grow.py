@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from teleflm.config import build
 from teleflm.data.synthetic import ArrayStream
 from teleflm.grow.masks import GrowthMasks
-from teleflm.parallel.plan import flops_per_token
+from teleflm.model.size import flops_per_token
 from teleflm.train.checkpoint import load_model
-from teleflm.train.config import GrowthStage, TrainConfig, _build
-from teleflm.train.trainer import Trainer
+from teleflm.train.config import GrowthStage, TrainConfig
+from teleflm.train.stages import run as run_stages
 
 VOCAB, CONTEXT, SEQUENCES = 512, 64, 16
 SMALL = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2)
@@ -83,8 +84,8 @@ def config(out: Path, steps: int, shape: dict, growth: list[dict], seed: int = 0
         },
         "logging": {"progress_bar": False},
     }
-    cfg = _build(TrainConfig, raw, "bench_grow")
-    cfg.growth = [_build(GrowthStage, g, "growth") for g in growth]
+    cfg = build(TrainConfig, raw, "bench_grow")
+    cfg.growth = [build(GrowthStage, g, "growth") for g in growth]
     return cfg
 
 
@@ -201,7 +202,7 @@ def main() -> None:
                 out = Path(tmp) / f"{name}-{seed}"
                 t0 = time.perf_counter()
                 cfg = config(out, args.steps, shape, stages, seed)
-                Trainer(cfg, lambda r, n, data=order: ArrayStream(data, r, n)).run()
+                run_stages(cfg, lambda r, n, data=order: ArrayStream(data, r, n))
                 seconds[name, seed] = time.perf_counter() - t0
                 curves[name, seed] = held_out_curve(out, held_out)
                 print(

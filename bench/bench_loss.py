@@ -1,5 +1,5 @@
 """Readout + cross-entropy, forward and backward, at Tele-FLM's vocabulary: the chunked loss
-(`teleflm.train.loss.readout_loss_sum`) against the full logits (`lm_head`, muP scale, then
+(`teleflm.model.loss.readout_loss_sum`) against the full logits (`lm_head`, muP scale, then
 `token_loss_sum`, as the trainer did before), in one run: peak memory (each in a fresh process) and
 tokens/s (interleaved timings, median).
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from bench.memory import peak_bytes
-from teleflm.train.loss import readout_loss_sum, token_loss_sum
+from teleflm.model.loss import readout_loss_sum, token_loss_sum
 
 REAL_VOCAB = 80_000  # of the padded 80,384: the released tokenizer's entries
 SCALE = 1 / 32  # the 52B model's logit scale

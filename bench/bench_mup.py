@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from teleflm.data.sample import kjv_windows
-from teleflm.mup.runs import RunData, at_depth, at_width, scored_run
+from teleflm.tune.runs import RunData, at_depth, at_width, scored_run
 
 CONTEXT, BATCH, VOCAB = 64, 8, 1024
 LR_GRID = [0.025 / 2**k for k in range(8)]  # 2.5e-2 .. 2e-4, a 2x grid

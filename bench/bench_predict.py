@@ -19,9 +19,9 @@ import torch
 
 from bench.bench_mup import CONTEXT, VOCAB, base_config
 from teleflm.data.sample import kjv_windows
-from teleflm.mup.runs import at_width, parameter_count, training_flops
 from teleflm.scaling.fit import FitError
 from teleflm.scaling.ladder import LadderSpec, describe, forecast, run_ladder, write_report
+from teleflm.tune.runs import at_width, parameter_count, training_flops
 
 
 def main() -> None:

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from teleflm.config import build
 from teleflm.data.synthetic import ArrayStream
-from teleflm.parallel.plan import flops_per_token
-from teleflm.train.config import TrainConfig, _build
+from teleflm.model.size import flops_per_token
+from teleflm.train.config import TrainConfig
 from teleflm.train.precision import bf16_is_fast, matmul_rate
 from teleflm.train.trainer import Trainer
 
@@ -85,7 +86,7 @@ def ours(size: str, dtype: str, compile: bool) -> float:
             "logging": {"progress_bar": False},
             "stability": {"warmup_steps": 10**9},
         }
-        cfg = _build(TrainConfig, raw, "bench")
+        cfg = build(TrainConfig, raw, "bench")
         data = batches(size)
         trainer = Trainer(cfg, stream_factory=lambda r, n: ArrayStream(data, r, n))
         trainer.checkpoint_root.mkdir(parents=True)
@@ -146,7 +147,7 @@ def main() -> None:
         for size, (shape, context, batch, _) in SIZES.items():
             SIZES[size] = (shape, context, batch, args.steps)
     from teleflm.model import TeleFLMConfig
-    from teleflm.parallel.plan import parameter_counts
+    from teleflm.model.size import parameter_counts
 
     native_bf16 = bf16_is_fast()
     peak = {

@@ -15,7 +15,8 @@ def load_model_any(path: str | Path, dtype=None, device=None):
     checkpoint (`step-N` folder), one of our exports, or the official Hugging Face layout."""
     import torch
 
-    from teleflm.model.io import default_device, has_tokenizer, load_pretrained, load_tokenizer
+    from teleflm.data.tokenizer import has_tokenizer, load_tokenizer
+    from teleflm.model.io import default_device, load_pretrained
     from teleflm.train.checkpoint import TRAINER_STATE, load_model
 
     path = Path(path)

@@ -57,7 +57,7 @@ def token_budget(cfg, seconds: float) -> int:
     reaches on this model (about half the matmul rate, measured on 2 cores), rounded down to whole steps (at least 20 steps)."""
     import torch
 
-    from teleflm.parallel.plan import flops_per_token
+    from teleflm.model.size import flops_per_token
 
     n = 512
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -186,10 +186,11 @@ def generate_samples(export: Path) -> tuple[dict[str, str], list[str]]:
     model reads as garbage only after the first token)."""
     import torch
 
-    from teleflm.model.io import load_pretrained, real_vocab_size
+    from teleflm.data.tokenizer import padded_ids
+    from teleflm.model.io import load_pretrained
 
     model, tokenizer = load_pretrained(export, dtype="fp32", device="cpu")
-    padded = list(range(real_vocab_size(tokenizer), model.config.vocab_size))
+    padded = padded_ids(tokenizer, model.config.vocab_size)
     samples, mismatch = {}, []
     for name, prompt in PROMPTS.items():
         inputs = tokenizer(prompt, return_tensors="pt")

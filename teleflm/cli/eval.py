@@ -81,8 +81,8 @@ def bpb_by_domain(
     from teleflm.data.shards import open_shards
     from teleflm.data.tokenizer import load_tokenizer, tokenizer_hash
     from teleflm.eval.bpb import bits_per_byte
+    from teleflm.model.loss import token_loss_sum
     from teleflm.train.attention import document_attention
-    from teleflm.train.loss import token_loss_sum
 
     model, _, tokenizer_dir = load_model_any(model_path)
     if tokenizer_dir is None:

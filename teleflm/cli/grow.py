@@ -34,9 +34,9 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import torch.distributed as dist
 
-    from teleflm.grow.checkpoint import grow_checkpoint, plan_for_checkpoint
-    from teleflm.parallel.parallelize import init_distributed
+    from teleflm.parallel.mesh import init_distributed
     from teleflm.train.config import load_config
+    from teleflm.train.growth import grow_checkpoint, plan_for_checkpoint
 
     cfg = load_config(args.config)
     init_distributed(cfg.parallel.timeout_s)

@@ -50,8 +50,8 @@ def add_parser(sub) -> None:
 def run_coord_check(args) -> int:
     import torch
 
-    from teleflm.mup.coord_check import check_values, coord_check, passes, slope_table, write_report
-    from teleflm.mup.runs import read_toml
+    from teleflm.config import read_toml
+    from teleflm.tune.coord_check import check_values, coord_check, passes, slope_table, write_report
 
     axes = {}
     for axis, text in (("width", args.widths), ("depth", args.depths)):
@@ -81,9 +81,9 @@ def run_coord_check(args) -> int:
 
 
 def run_search(args) -> int:
-    from teleflm.mup.report import write_results
-    from teleflm.mup.runs import read_toml
-    from teleflm.mup.search import load_space, search
+    from teleflm.config import read_toml
+    from teleflm.tune.report import write_results
+    from teleflm.tune.search import load_space, search
 
     raw = read_toml(args.config)
     space = load_space(args.space)
@@ -101,13 +101,15 @@ def run_search(args) -> int:
 
 
 def run_transfer(args) -> int:
-    from teleflm.mup.runs import build_config, read_toml, to_toml
-    from teleflm.mup.transfer import transfer, transfer_report
+    from teleflm.config import read_toml
+    from teleflm.train.config import config_from
+    from teleflm.tune.runs import to_toml
+    from teleflm.tune.transfer import transfer, transfer_report
 
     best = read_toml(args.best)
     target = read_toml(args.target)
     out_raw = transfer(best, target)
-    build_config(out_raw, args.target)  # the written config must load
+    config_from(out_raw, args.target)  # the written config must load
     out = Path(args.out) if args.out else Path(args.target).with_name(Path(args.target).stem + "-mup.toml")
     header = (
         f"# {args.target} with the muP hyper-parameters of {args.best} (proxy width "

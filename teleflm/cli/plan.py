@@ -6,7 +6,7 @@ from teleflm.cli.common import add_override_argument
 
 
 def add_parser(sub) -> None:
-    from teleflm.parallel.plan import DEVICES
+    from teleflm.plan.estimate import DEVICES
 
     p = sub.add_parser("plan", help="memory, time and cost of a run before renting the GPUs")
     p.add_argument("--config", required=True, help="a pre-training TOML config (its [parallel] layout)")
@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from teleflm.parallel.plan import format_plan, plan
+    from teleflm.plan.estimate import format_plan, plan
     from teleflm.train.config import load_config
 
     cfg = load_config(args.config, ["data.shards=''", "data.tokenizer=''", *args.overrides])
@@ -39,7 +39,7 @@ def run(args) -> int:
         result = plan(cfg, args.gpus, args.gpu_type, args.tokens, args.price_per_gpu_hour, args.mfu)
         print(format_plan(result, args.gpus, args.gpu_type))
     if args.simulate:
-        from teleflm.parallel.simulate import format_simulation, simulate
+        from teleflm.plan.simulate import format_simulation, simulate
 
         bad = [r for r in args.ranks or [] if not 0 <= r < args.gpus]
         if bad:

@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from teleflm.mup.runs import read_toml, training_flops
+    from teleflm.config import read_toml
     from teleflm.scaling.ladder import (
         describe,
         forecast,
@@ -25,6 +25,7 @@ def run(args) -> int:
         target_params,
         write_report,
     )
+    from teleflm.tune.runs import training_flops
 
     torch.set_num_threads(1)  # ladder rungs are tiny: one thread beats two contended ones
     spec = load_ladder(args.ladder)

@@ -11,12 +11,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from teleflm.train import stages
     from teleflm.train.config import load_config
-    from teleflm.train.trainer import Trainer, close
+    from teleflm.train.trainer import close
 
     cfg = load_config(args.config, args.overrides)
     try:
-        result = Trainer(cfg).run()
+        result = stages.run(cfg)
     finally:
         close()
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))

@@ -6,13 +6,16 @@ loads it.
 """
 
 import hashlib
+import json
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-# Ids 0..3 as in the released tokenizer, then the instruct model's chat turn markers.
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<_system>", "<_user>", "<_bot>"]
+# The instruct model's chat turn markers, one per role.
+ROLE_MARKERS = {"system": "<_system>", "user": "<_user>", "assistant": "<_bot>"}
+# Ids 0..3 as in the released tokenizer, then the turn markers.
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", *ROLE_MARKERS.values()]
 EOS_ID = 2
 PAD_ID = 3
 
@@ -22,13 +25,13 @@ PAD_ID = 3
 # (teleflm.sft.template renders the same ids with a loss mask; a test checks the two agree).
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{{ '<_system>' + message['content'] }}"
-    "{%- elif message['role'] == 'user' -%}{{ '<_user>' + message['content'] }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ '<_bot>' + message['content'] + '</s>' }}"
+    f"{{%- if message['role'] == 'system' -%}}{{{{ '{ROLE_MARKERS['system']}' + message['content'] }}}}"
+    f"{{%- elif message['role'] == 'user' -%}}{{{{ '{ROLE_MARKERS['user']}' + message['content'] }}}}"
+    f"{{%- elif message['role'] == 'assistant' -%}}{{{{ '{ROLE_MARKERS['assistant']}' + message['content'] + '</s>' }}}}"
     "{%- else -%}{{ raise_exception('unknown role ' + message['role'] + ': use system, user or assistant') }}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<_bot>' }}{%- endif -%}"
+    f"{{%- if add_generation_prompt -%}}{{{{ '{ROLE_MARKERS['assistant']}' }}}}{{%- endif -%}}"
 )
 
 
@@ -133,12 +136,46 @@ def _file_texts(patterns: list[str | Path]) -> Iterator[str]:
         yield from read_documents(path)
 
 
-def load_tokenizer(folder: str | Path):
-    """The transformers tokenizer of a folder (what AutoTokenizer.from_pretrained gives, without
-    remote code)."""
-    from teleflm.model.io import load_tokenizer as load
+def has_tokenizer(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
 
-    return load(folder)
+
+def load_tokenizer(folder: str | Path):
+    """The tokenizer of a folder: fast `tokenizer.json` if present, else the SentencePiece
+    `tokenizer.model` (converted by transformers' LlamaTokenizer: byte fallback, no BOS unless
+    tokenizer_config.json says so). The class named by tokenizer_config.json is used when it is one
+    of transformers' own; a custom class (which would need remote code) is never imported."""
+    import transformers
+    from transformers import LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        fallback = PreTrainedTokenizerFast
+    elif (folder / "tokenizer.model").is_file():
+        fallback = LlamaTokenizer
+    else:
+        raise FileNotFoundError(f"{folder}: no tokenizer (expected tokenizer.json or tokenizer.model)")
+    config_path = folder / "tokenizer_config.json"
+    named = json.loads(config_path.read_text()).get("tokenizer_class") if config_path.is_file() else None
+    cls = getattr(transformers, named, None) if named else None
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedTokenizerBase)):
+        cls = fallback
+    return cls.from_pretrained(str(folder), local_files_only=True)
+
+
+def padded_ids(tokenizer, vocab_size: int) -> list[int]:
+    """The embedding rows past the tokenizer (model `vocab_size` over its entries): never to be
+    generated (`suppress_tokens`) nor given probability mass."""
+    return list(range(len(tokenizer), vocab_size))
+
+
+def real_vocab_size(source) -> int:
+    """How many ids the tokenizer can produce, from a tokenizer or a folder holding one. The
+    embedding may be padded past it (80,000 entries, 80,384 rows in Tele-FLM 52B): ids from here to
+    `config.vocab_size` are padding and must be masked out of any softmax (loss, BPB, sampling)."""
+    tokenizer = load_tokenizer(source) if isinstance(source, (str, Path)) else source
+    return len(tokenizer)
 
 
 def add_chat_template(tokenizer) -> bool:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from teleflm.data.mixture import document_ids
-from teleflm.train.loss import IGNORE_INDEX, token_loss_sum
+from teleflm.model.loss import IGNORE_INDEX, token_loss_sum
 
 EOS = 2
 # loss_fn(inputs [n, T], targets [n, T] (IGNORE_INDEX where none), doc_ids [n, T] or None) -> summed

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from teleflm.grow.plan import GrowthPlan
-from teleflm.parallel.parallelize import model_fqn
+from teleflm.parallel.mesh import model_fqn
 
 NORMS = ("input_layernorm", "post_attention_layernorm")
 
@@ -133,3 +133,14 @@ def advance_ramp(masks: GrowthMasks | None, step: int) -> GrowthMasks | None:
         return None
     masks.set_step(step)
     return masks
+
+
+def install_masks(
+    masks: GrowthMasks | None, state: dict, module, tp_rank: int = 0, tp_size: int = 1
+) -> GrowthMasks | None:
+    """After a checkpoint load: drop the masks installed before, install the checkpoint's (if any)."""
+    if masks is not None:
+        masks.remove()
+    if not state.get("growth_masks"):
+        return None
+    return GrowthMasks.from_state(state["growth_masks"], tp_rank, tp_size).install(module)

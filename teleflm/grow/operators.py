@@ -7,7 +7,7 @@ those have been widened. Function preservation is the masks' job (teleflm.grow.m
 
 One function computes any rectangular region of any grown tensor (`grown_region`) from the parts of
 the old tensors that land in it, so a rank builds its own shards of the grown model and optimizer
-reading only those parts (teleflm.grow.checkpoint); `grow_weights` and `grow_adam_state` apply it to
+reading only those parts (teleflm.train.growth); `grow_weights` and `grow_adam_state` apply it to
 whole tensors in memory.
 """
 

@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from teleflm.data.tokenizer import add_chat_template, has_tokenizer, load_tokenizer, padded_ids
 from teleflm.model.configuration_teleflm import TeleFLMConfig
 from teleflm.model.modeling_teleflm import TeleFLMForCausalLM
 
@@ -114,45 +115,6 @@ def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# ----- tokenizer -----
-
-
-def has_tokenizer(folder: str | Path) -> bool:
-    folder = Path(folder)
-    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
-
-
-def load_tokenizer(folder: str | Path):
-    """The tokenizer of a folder: fast `tokenizer.json` if present, else the SentencePiece
-    `tokenizer.model` (converted by transformers' LlamaTokenizer: byte fallback, no BOS unless
-    tokenizer_config.json says so). The class named by tokenizer_config.json is used when it is one
-    of transformers' own; a custom class (which would need remote code) is never imported."""
-    import transformers
-    from transformers import LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
-
-    folder = Path(folder)
-    if (folder / "tokenizer.json").is_file():
-        fallback = PreTrainedTokenizerFast
-    elif (folder / "tokenizer.model").is_file():
-        fallback = LlamaTokenizer
-    else:
-        raise FileNotFoundError(f"{folder}: no tokenizer (expected tokenizer.json or tokenizer.model)")
-    config_path = folder / "tokenizer_config.json"
-    named = json.loads(config_path.read_text()).get("tokenizer_class") if config_path.is_file() else None
-    cls = getattr(transformers, named, None) if named else None
-    if not (isinstance(cls, type) and issubclass(cls, PreTrainedTokenizerBase)):
-        cls = fallback
-    return cls.from_pretrained(str(folder), local_files_only=True)
-
-
-def real_vocab_size(source) -> int:
-    """How many ids the tokenizer can produce, from a tokenizer or a folder holding one. The
-    embedding may be padded past it (80,000 entries, 80,384 rows in Tele-FLM 52B): ids from here to
-    `config.vocab_size` are padding and must be masked out of any softmax (loss, BPB, sampling)."""
-    tokenizer = load_tokenizer(source) if isinstance(source, (str, Path)) else source
-    return len(tokenizer)
 
 
 def new_token_budget(prompt_tokens: int, max_new_tokens: int, context: int) -> int:
@@ -451,7 +413,7 @@ def export_hf(
         if pad_token_id is None and tokenizer is not None:
             pad_token_id = tokenizer.pad_token_id
         # Padded embedding rows (past the tokenizer) are never generated, whoever calls `generate`.
-        padded = list(range(len(tokenizer), config.vocab_size)) if tokenizer is not None else []
+        padded = padded_ids(tokenizer, config.vocab_size) if tokenizer is not None else []
         generation = GenerationConfig(
             bos_token_id=config.bos_token_id,
             eos_token_id=config.eos_token_id,
@@ -461,8 +423,6 @@ def export_hf(
         generation.save_pretrained(staging)
 
         if tokenizer is not None:
-            from teleflm.data.tokenizer import add_chat_template
-
             # A tokenizer with the turn markers but trained before templates were saved with it gets
             # the instruct template, so `apply_chat_template` works on every export that can chat.
             add_chat_template(tokenizer)

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from teleflm.model.modeling_teleflm import TeleFLMRotaryEmbedding
+from teleflm.parallel.mesh import local_region, model_fqn
+
 MATRIX = "matrix"  # hidden-to-hidden weights: q, k, v, o, gate, up, down
 EMBEDDING = "embedding"
 READOUT = "readout"  # lm_head
@@ -92,16 +95,6 @@ def initial_value(
     return out.mul_(std)
 
 
-def init_weights(model: nn.Module, config, hp: MupHyperParams) -> None:
-    """Initialise every parameter of `model` in place by the muP (or SP) rule."""
-    for name, p in model.named_parameters():
-        std = init_std(name, config, hp)
-        if std is None:
-            nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
-        else:
-            nn.init.normal_(p, mean=0.0, std=std)
-
-
 def param_groups(model: nn.Module, config, hp: MupHyperParams) -> list[dict]:
     """AdamW parameter groups: matrices at `matrix_lr / width_mult` with weight decay scaled by
     `width_mult` (so decoupled decay lr * wd stays width-independent); embedding and readout at `lr`
@@ -124,3 +117,20 @@ def param_groups(model: nn.Module, config, hp: MupHyperParams) -> list[dict]:
         for k, (lr, wd) in spec.items()
         if params[k]
     ]
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module, config, hp: MupHyperParams, seed: int = 0) -> None:
+    """Initialise by the muP rules, every row of a parameter from its own generator seeded by the
+    parameter's name and the row: every layout (one process, FSDP, TP, a pipeline stage) gets the
+    very same values as the unsharded model, and each rank draws only its own shard's rows (no
+    communication, no full tensor)."""
+    for name, p in module.named_parameters():
+        local, region = local_region(p)
+        if local.numel():
+            rows = range(region[0].start, region[0].stop)
+            local.copy_(initial_value(model_fqn(name), p.shape, config, hp, seed, rows)[:, *region[1:]])
+    # Non-persistent buffers (RoPE frequencies) are not parameters: recompute them on the device.
+    for m in module.modules():
+        if isinstance(m, TeleFLMRotaryEmbedding):
+            m.inv_freq.copy_(TeleFLMRotaryEmbedding(config).inv_freq)

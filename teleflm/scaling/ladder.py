@@ -23,16 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from teleflm.mup.runs import (
-    RunData,
-    at_width,
-    parameter_count,
-    read_toml,
-    scored_run,
-    seeded,
-    training_flops,
-)
+from teleflm.config import read_toml
 from teleflm.scaling.fit import FitError, Prediction, check_ladder, predict
+from teleflm.tune.runs import RunData, at_width, parameter_count, scored_run, seeded, training_flops
 
 KNOWN_KEYS = {"config", "widths", "seeds", "out", "sequences", "head_dim", "parameters", "points"}
 HELD_OUT = 2  # the largest rungs predicted from the rest; needs 3 more to fit

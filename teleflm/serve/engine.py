@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from teleflm.model.io import real_vocab_size
+from teleflm.data.tokenizer import real_vocab_size
 from teleflm.serve.constrain import Constraint, GrammarTokenizer
 from teleflm.serve.embed import embed
 

@@ -12,17 +12,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from teleflm.train.config import (
-    AT_LEAST_ONE,
-    FRACTION,
-    POSITIVE,
-    ConfigError,
-    TrainConfig,
-    _build,
-    model_fields,
-    read_raw,
-    validate,
-)
+from teleflm.config import AT_LEAST_ONE, FRACTION, POSITIVE, ConfigError, build, model_fields, read_raw
+from teleflm.train.config import TrainConfig, validate
 
 
 @dataclass
@@ -61,7 +52,8 @@ class SFTConfig:
 
 def source_model(init: str, where: str) -> tuple[dict, str]:
     """(model config fields, tokenizer folder) of the checkpoint or export to fine-tune."""
-    from teleflm.model.io import has_tokenizer, load_config
+    from teleflm.data.tokenizer import has_tokenizer
+    from teleflm.model.io import load_config
     from teleflm.train.checkpoint import TRAINER_STATE, read_state
 
     path = Path(init)
@@ -87,7 +79,7 @@ def load_sft_config(path: str | Path, overrides: list[str] = (), table: str = "s
             raise ConfigError(
                 f"{where}: a `teleflm {table}` config has no [{other}]: the model is {table}.init's"
             )
-    section = _build(DPOSection if table == "dpo" else SFTSection, raw.pop(table, {}), f"{where}: [{table}]")
+    section = build(DPOSection if table == "dpo" else SFTSection, raw.pop(table, {}), f"{where}: [{table}]")
     if section.on_error not in ("fail", "skip"):
         raise ConfigError(f"{where}: {table}.on_error must be 'fail' or 'skip', got {section.on_error!r}")
     if not section.data:
@@ -111,7 +103,7 @@ def load_sft_config(path: str | Path, overrides: list[str] = (), table: str = "s
     derive_length = schedule.get("total_tokens", 0) == 0
     if derive_length:
         schedule["total_tokens"] = 1  # a placeholder that validates; `complete` sets the length
-    train = _build(TrainConfig, raw, where)
+    train = build(TrainConfig, raw, where)
     validate(train, where)
     if derive_length:
         train.schedule.total_tokens = 0

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from teleflm.sft.data import ChatDataError, check_messages, expand
 from teleflm.sft.template import ChatFormat
@@ -136,28 +134,6 @@ def split_heldout(pairs: PairSet, fraction: float, seed: int) -> tuple[PairSet, 
     order = np.random.default_rng(seed).permutation(len(pairs))
     n = min(len(pairs) - 1, max(1, round(fraction * len(pairs)))) if fraction > 0 else 0
     return pairs.subset(np.sort(order[n:])), pairs.subset(np.sort(order[:n]))
-
-
-# ----- the objective -----
-
-
-def sequence_logps(
-    logits: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor, real_vocab_size: int
-) -> torch.Tensor:
-    """Per row, the summed log-probability (fp32) of the learned tokens; position t predicts t + 1 and
-    padded vocabulary ids get no mass. logits: (rows, T, V) for tokens (rows, T + 1)."""
-    logps = torch.log_softmax(logits[..., :real_vocab_size].float(), dim=-1)
-    picked = logps.gather(-1, tokens[:, 1:, None]).squeeze(-1)
-    return (picked * loss_mask[:, 1:]).sum(-1)
-
-
-def dpo_losses(
-    logps: torch.Tensor, ref_logps: torch.Tensor, beta: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-pair losses, per-pair reward margins) for rows interleaved chosen, rejected, chosen, ..."""
-    ratios = (logps - ref_logps).view(-1, 2)
-    margins = ratios[:, 0] - ratios[:, 1]
-    return -F.logsigmoid(beta * margins), margins
 
 
 class PairStream:

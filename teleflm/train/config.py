@@ -7,66 +7,24 @@ check (`_table`): unknown keys and wrong types are refused by name, and each num
 """
 
 import dataclasses
-import functools
-import inspect
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, get_args, get_origin, get_type_hints
+from typing import Any
 
+from teleflm.config import (
+    AT_LEAST_ONE,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    ConfigError,
+    ModelTable,
+    Range,
+    build,
+    read_raw,
+)
+from teleflm.grow.plan import SHAPE_FIELDS, GrowthError, make_plan
 from teleflm.mup import MupHyperParams
-
-
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric key may take: `low` to `high` (each bound itself allowed unless open),
-    or one of `also`."""
-
-    low: float = -math.inf
-    high: float = math.inf
-    open_low: bool = False
-    open_high: bool = False
-    also: tuple = ()
-
-    def __contains__(self, value) -> bool:
-        above = value > self.low if self.open_low else value >= self.low
-        below = value < self.high if self.open_high else value <= self.high
-        return (above and below) or value in self.also
-
-    def __str__(self) -> str:
-        low = f"> {self.low:g}" if self.open_low else f">= {self.low:g}"
-        high = f"< {self.high:g}" if self.open_high else f"<= {self.high:g}"
-        if math.isinf(self.high):
-            text = low
-        elif math.isinf(self.low):
-            text = high
-        else:
-            text = f"{low} and {high}"
-        return " or ".join([text, *map(str, self.also)])
-
-
-POSITIVE = Range(0, open_low=True)
-NON_NEGATIVE = Range(0)
-AT_LEAST_ONE = Range(1)
-FRACTION = Range(0, 1, open_high=True)  # in [0, 1)
-
-# A [model] table: TeleFLMConfig's fields by their config.json names, checked like any other table.
-ModelTable = Annotated[dict[str, Any], "TeleFLMConfig fields"]
-MODEL_RANGES = {
-    **dict.fromkeys(
-        ["vocab_size", "hidden_size", "intermediate_size", "max_position_embeddings"], AT_LEAST_ONE
-    ),
-    **dict.fromkeys(["num_hidden_layers", "num_attention_heads", "num_key_value_heads"], AT_LEAST_ONE),
-    **dict.fromkeys(
-        ["rms_norm_eps", "rope_theta", "mup_scale_factor", "mup_depth_factor", "output_mult", "input_mult"],
-        POSITIVE,
-    ),
-    **dict.fromkeys(["pad_token_id", "bos_token_id", "eos_token_id"], NON_NEGATIVE),
-    "pretraining_tp": AT_LEAST_ONE,
-    "initializer_range": NON_NEGATIVE,
-    "attention_dropout": FRACTION,
-}
 
 
 @dataclass
@@ -243,106 +201,15 @@ class TrainConfig:
         return math.ceil(self.schedule.total_tokens / self.batch.global_batch_tokens)
 
 
-class ConfigError(ValueError):
-    pass
-
-
-def _build(cls, raw: dict, where: str):
-    """Build dataclass `cls` from a TOML table, refusing unknown keys, wrong types and values out of
-    range by name."""
-    hints = get_type_hints(cls, include_extras=True)
-    kwargs = _table(raw, hints, getattr(cls, "RANGES", {}), where)
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
-@functools.cache
-def model_fields() -> dict[str, Any]:
-    """The keys a [model] table may hold, with their types: TeleFLMConfig's own fields."""
-    from teleflm.model import TeleFLMConfig
-
-    hints = get_type_hints(TeleFLMConfig.__init__)
-    names = [p for p in inspect.signature(TeleFLMConfig.__init__).parameters if p not in ("self", "kwargs")]
-    # `int | None` takes an int in TOML (which has no null).
-    return {
-        name: next((a for a in get_args(hints[name]) if a is not type(None)), hints[name]) for name in names
-    }
-
-
-def _table(raw, hints: dict[str, Any], ranges: dict[str, Range], where: str) -> dict:
-    """The checked values of a TOML table whose keys have the types `hints` and the `ranges`."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a table, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(hints))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(hints)}")
-    values = {}
-    for key, value in raw.items():
-        values[key] = value = _coerce(hints[key], value, f"{where}.{key}")
-        if key in ranges and value not in ranges[key]:
-            raise ConfigError(f"{where}.{key} = {value!r} is out of range: it must be {ranges[key]}")
-    return values
-
-
-def _coerce(hint, value, where: str):
-    origin = get_origin(hint)
-    if hint == ModelTable:
-        return _table(value, model_fields(), MODEL_RANGES, where)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
-    if origin is list:
-        (item,) = get_args(hint)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool) and not (
-        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
-    ):
-        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
-    return value
-
-
-def _parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected section.key=value")
-    key, raw = text.split("=", 1)
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # a bare string
-    return key.strip().split("."), value
-
-
-def read_raw(path: str | Path, overrides: list[str] = ()) -> dict:
-    """A TOML config as tables, with `section.key=value` overrides (values in TOML syntax) applied."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    for text in overrides:
-        keys, value = _parse_override(text)
-        table = raw
-        for k in keys[:-1]:
-            table = table.setdefault(k, {})
-        table[keys[-1]] = value
-    return raw
-
-
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     """Read a TOML config, apply overrides, and validate."""
-    cfg = _build(TrainConfig, read_raw(path, overrides), str(path))
-    validate(cfg, str(path))
+    return config_from(read_raw(path, overrides), str(path))
+
+
+def config_from(raw: dict, where: str = "config") -> TrainConfig:
+    """A validated TrainConfig from TOML tables (ConfigError, a ValueError, names the field)."""
+    cfg = build(TrainConfig, raw, where)
+    validate(cfg, where)
     return cfg
 
 
@@ -416,8 +283,6 @@ def validate(cfg: TrainConfig, where: str = "config", world_size: int | None = N
         if value and not Path(value).exists():
             raise ConfigError(f"{where}: data.{section} {value} does not exist")
     if cfg.growth:
-        from teleflm.grow.schedule import validate_growth
-
         validate_growth(cfg, where)
 
 
@@ -429,3 +294,48 @@ def dp_shard_degree(cfg: TrainConfig, world_size: int) -> int:
     if world_size % rest:
         raise ConfigError(f"world size {world_size} is not divisible by dp_replicate x tp x pp = {rest}")
     return world_size // rest
+
+
+# ----- a [[growth]] schedule (its stages run by teleflm.train.stages) -----
+
+
+def stage_config(cfg: TrainConfig, stage: int) -> TrainConfig:
+    """The run's config as stage `stage` sees it: model shape and layout after `stage` growths.
+    Raises GrowthError naming the stage when a growth is impossible."""
+    model, parallel = dict(cfg.model), dataclasses.asdict(cfg.parallel)
+    for k, g in enumerate(cfg.growth[:stage], start=1):
+        try:
+            target, _ = make_plan(TrainConfig(model=model).model_config(), g.model, g.layers_at, g.layer_init)
+        except GrowthError as e:
+            raise GrowthError(f"growth[{k - 1}]: {e}") from None
+        model.update({f: getattr(target, f) for f in (*SHAPE_FIELDS, "mup_scale_factor")})
+        parallel.update(g.parallel)
+    where = f"growth[{stage - 1}].parallel" if stage else "parallel"
+    # The stage's view has no schedule of its own: growth decisions read the run's config.
+    return dataclasses.replace(cfg, model=model, parallel=build(ParallelSection, parallel, where), growth=[])
+
+
+def validate_growth(cfg: TrainConfig, where: str) -> None:
+    """Every stage can be grown to and trained in, and ramps end before the next stage and the run."""
+    batch = cfg.batch.global_batch_tokens
+    previous_end = 0
+    for k, g in enumerate(cfg.growth):
+        name = f"{where}: growth[{k}]"
+        if g.ramp_steps < 1:
+            raise ConfigError(f"{name}.ramp_steps must be >= 1")
+        if g.at_tokens < previous_end or g.at_tokens <= 0:
+            raise ConfigError(
+                f"{name}.at_tokens ({g.at_tokens}) must be positive and not before the previous stage's "
+                f"ramp ends ({previous_end} tokens)"
+            )
+        previous_end = g.at_tokens + g.ramp_steps * batch
+        if previous_end > cfg.schedule.total_tokens:
+            raise ConfigError(
+                f"{name}: its ramp ends at {previous_end} tokens, past schedule.total_tokens "
+                f"({cfg.schedule.total_tokens}): the final model would still carry masks"
+            )
+        try:
+            stage = stage_config(cfg, k + 1)
+        except GrowthError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        validate(stage, f"{name} (stage {k + 1})")

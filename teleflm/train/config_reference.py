@@ -7,7 +7,8 @@ import io
 import tokenize
 import typing
 
-from teleflm.train.config import MODEL_RANGES, TrainConfig, model_fields
+from teleflm.config import MODEL_RANGES, model_fields
+from teleflm.train.config import TrainConfig
 
 
 def field_comments(cls) -> dict[str, str]:

@@ -25,6 +25,17 @@ def keep_history(metrics: Path, start_step: int) -> list[dict]:
     return records
 
 
+def event_line(step: int, kind: str, details: dict) -> str:
+    return json.dumps({"step": step, "time": time.time(), "event": kind, **details}) + "\n"
+
+
+def append_event(out: Path, step: int, kind: str, **details) -> None:
+    """An event of the run recorded outside a trainer (growth between two stages' trainers)."""
+    with (out / "events.jsonl").open("a") as events:
+        events.write(event_line(step, kind, details))
+    print(f"[step {step}] {kind}: {details}")
+
+
 class Monitor:
     """Writes only on the process that owns it (rank 0); elsewhere every method is a no-op."""
 
@@ -69,8 +80,7 @@ class Monitor:
     def event(self, step: int, kind: str, **details) -> None:
         if not self.enabled:
             return
-        record = {"step": step, "time": time.time(), "event": kind, **details}
-        self.events.write(json.dumps(record) + "\n")
+        self.events.write(event_line(step, kind, details))
         self.events.flush()
         self.bar.write(f"[step {step}] {kind}: {details}")
 

@@ -21,21 +21,15 @@ from torch.distributed.fsdp import register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 from teleflm import mup
-from teleflm.grow import schedule as growth
-from teleflm.grow.masks import advance_ramp
-from teleflm.parallel.parallelize import (
-    ParallelDims,
-    build_mesh,
-    build_module,
-    dp_mesh,
-    dp_rank,
-    init_distributed,
-    init_weights,
-)
-from teleflm.parallel.plan import flops_per_token
+from teleflm.grow.masks import advance_ramp, install_masks
+from teleflm.model.loss import IGNORE_INDEX, token_loss_sum
+from teleflm.model.size import flops_per_token
+from teleflm.mup import init_weights
+from teleflm.parallel.mesh import ParallelDims, build_mesh, dp_mesh, dp_rank, init_distributed
+from teleflm.parallel.parallelize import build_module
 from teleflm.train import checkpoint
 from teleflm.train.config import TrainConfig, dp_shard_degree, validate
-from teleflm.train.loss import IGNORE_INDEX, TeleFLMForTraining, token_loss_sum
+from teleflm.train.model import TeleFLMForTraining
 from teleflm.train.monitor import Monitor
 from teleflm.train.schedule import lr_factor
 from teleflm.train.stability import SpikeGuard
@@ -72,15 +66,16 @@ def make_optimizer(module: torch.nn.Module, model_config, cfg: TrainConfig) -> t
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, stream_factory=None, dpo_beta: float | None = None):
-        """`stream_factory(dp_rank, dp_size)` replaces the configured data mixture: it returns an object
-        with MixtureStream's methods (tests and benchmarks use synthetic streams). With `dpo_beta` the
-        objective is DPO's (teleflm.sft.dpo): batches are pairs of rows with reference log-probabilities."""
-        # A [[growth]] schedule: this trainer trains the stage of the latest checkpoint (its shape and
-        # layout); at the next stage boundary it grows that checkpoint and hands over to a new Trainer.
-        self.run_cfg, self.stream_factory = cfg, stream_factory
-        self.growth_stage, cfg = growth.current_stage(cfg)
-        self.growth_masks = None
+    def __init__(
+        self, cfg: TrainConfig, stream_factory=None, dpo_beta: float | None = None, growth_stage: int = 0
+    ):
+        """Trains one model: the run `cfg` (one stage of a growth schedule: teleflm.train.stages runs
+        them). `stream_factory(dp_rank, dp_size)` replaces the configured data mixture: it returns an
+        object with MixtureStream's methods (tests and benchmarks use synthetic streams). With
+        `dpo_beta` the objective is DPO's (teleflm.sft.dpo): batches are pairs of rows with reference
+        log-probabilities. `growth_stage` is recorded in checkpoints, for the stage driver."""
+        self.growth_stage = growth_stage
+        self.growth_masks = None  # a grown checkpoint's masks, ramping while training goes on
         self.cfg = cfg
         self.out = Path(cfg.out)
         world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -178,7 +173,8 @@ class Trainer:
             dp_size=self.dims.dp,
             document_mask=d.document_mask,
         )
-        stream.check_budget(self.run_cfg.total_steps() * self.cfg.sequences_per_step(), d.repeat_past_epochs)
+        # A stage sees the whole run's schedule: the budget is the run's.
+        stream.check_budget(self.cfg.total_steps() * self.cfg.sequences_per_step(), d.repeat_past_epochs)
         return stream
 
     def _build_pipeline_schedule(self):
@@ -234,7 +230,7 @@ class Trainer:
         """DPO: rows come as (chosen, rejected) pairs with their reference log-probabilities; the loss
         is each pair's `-log sigmoid(beta * reward margin)`, summed here and normalised by the pairs of
         the global batch. Returns this rank's summed pair loss."""
-        from teleflm.sft.preference import dpo_losses
+        from teleflm.model.loss import dpo_losses
 
         learned = torch.from_numpy(batch["loss_mask"]).to(self.device)[:, 1:]
         targets = targets.masked_fill(~learned, IGNORE_INDEX)
@@ -358,7 +354,7 @@ class Trainer:
         self.events = max(self.events, state["events"])
         checkpoint.set_rng_state(state["rng"])
         tp = (self.mesh["tp"].get_local_rank(), self.dims.tp) if self.dims.tp > 1 else (0, 1)
-        self.growth_masks = growth.install_masks(self.growth_masks, state, self.module, *tp)
+        self.growth_masks = install_masks(self.growth_masks, state, self.module, *tp)
         if restore_stream:
             self.stream.load_state_dict(state["stream"])
 
@@ -383,15 +379,9 @@ class Trainer:
             raise checkpoint.CheckpointError("; ".join(why for _, why in failed) + ": no checkpoint loads")
         return None, []
 
-    def grow_checkpoint(self) -> Path:
-        """Stage boundary: the checkpoint of this step (written unless it exists) is grown into
-        `step-N-grown`, which the next stage's trainer resumes from. This stage's model and optimizer
-        are freed first: every rank then holds only its shards of the grown ones."""
-        source = checkpoint.step_dir(self.checkpoint_root, self.step)
-        if not checkpoint.is_complete(source):
-            source = self.save_checkpoint()
+    def close(self) -> None:
+        """Free the model and optimizer (between growth stages: the grown ones take their place)."""
         self.module = self.optimizer = self.params = self.schedule = self.growth_masks = None
-        return growth.grow_run_checkpoint(self.run_cfg, self.growth_stage, source)
 
     # ----- evaluation -----
 
@@ -470,7 +460,10 @@ class Trainer:
 
     # ----- the loop -----
 
-    def run(self) -> dict:
+    def run(self, until_tokens: int | None = None) -> dict:
+        """Train to the end of the run (final evaluation, export), or stop at the first step that has
+        trained `until_tokens` (a growth stage's boundary): then its checkpoint is written and the
+        figures carry `stopped_at`, its path."""
         c = self.cfg
         total_steps = c.total_steps()
         latest, set_aside = self.restore_latest()
@@ -479,12 +472,14 @@ class Trainer:
             monitor.event(self.step, "unloadable_checkpoint", set_aside_as=str(path), error=why)
         if latest is not None:
             monitor.event(self.step, "resumed", checkpoint=str(latest))
-        last_loss, final_eval, grown = float("nan"), {}, None
+        last_loss, final_eval, stopped_at = float("nan"), {}, None
         try:
             while self.step < total_steps:
-                if growth.growth_due(self.run_cfg, self.growth_stage, self.tokens):
-                    grown = self.grow_checkpoint()
-                    monitor.event(self.step, "grown", checkpoint=str(grown))
+                if until_tokens is not None and self.tokens >= until_tokens:
+                    stopped_at = checkpoint.step_dir(self.checkpoint_root, self.step)
+                    if not checkpoint.is_complete(stopped_at):
+                        stopped_at = self.save_checkpoint()
+                    monitor.event(self.step, "stage_end", checkpoint=str(stopped_at))
                     break
                 self.growth_masks = advance_ramp(self.growth_masks, self.step)
                 t0 = time.perf_counter()
@@ -521,7 +516,7 @@ class Trainer:
                     path = self.save_checkpoint()
                     monitor.event(self.step, "checkpoint", path=str(path))
                     monitor.plot()
-            if grown is None:
+            if stopped_at is None:
                 final_eval = self.evaluate()
                 if final_eval:
                     monitor.log(self.step, {"tokens": self.tokens, **final_eval})
@@ -529,11 +524,8 @@ class Trainer:
                     self.export()
         finally:
             monitor.close()
-        if grown is not None:
-            # The next stage: a fresh trainer at the grown shape and the stage's layout resumes from it.
-            self.module = self.optimizer = self.params = self.schedule = None
-            return Trainer(self.run_cfg, self.stream_factory).run()
-        return {"step": self.step, "tokens": self.tokens, "loss": last_loss, **final_eval}
+        result = {"step": self.step, "tokens": self.tokens, "loss": last_loss, **final_eval}
+        return result if stopped_at is None else {**result, "stopped_at": stopped_at}
 
     def step_record(self, loss: float, norm: float, lr: float, dt: float) -> dict:
         tokens_per_s = self.cfg.batch.global_batch_tokens / dt

@@ -123,7 +123,7 @@ def test_bad_growth_is_refused_before_any_change(change, args, message, source_r
     assert main(["grow", "--from", str(source), "--to", str(config), *args]) == 2
     assert capsys.readouterr().err.count("teleflm grow: error:") == 1
     with pytest.raises(GrowthError, match=message):
-        from teleflm.grow.checkpoint import plan_for_checkpoint
+        from teleflm.train.growth import plan_for_checkpoint
 
         plan_for_checkpoint(source, load_config(config).model, [int(a) for a in args[1:]] or None)
     assert fingerprint(source) == before
@@ -150,7 +150,7 @@ def test_plan_errors_name_the_problem(target, message):
 
 
 def test_growing_mid_ramp_is_refused(tmp_path):
-    from teleflm.grow.checkpoint import plan_for_checkpoint
+    from teleflm.train.growth import plan_for_checkpoint
 
     ckpt = tmp_path / "step-00000005"
     ckpt.mkdir()

@@ -26,28 +26,29 @@ GROWTH = {
 }
 
 
-def make_trainer(out: str, growth: list[dict], parallel: dict | None = None, export: bool = False):
-    from teleflm.train.config import GrowthStage, _build
-    from teleflm.train.trainer import Trainer
+def run_schedule(out: str, growth: list[dict], parallel: dict | None = None, export: bool = False) -> dict:
+    """The run with its growth schedule, by the stage driver; returns the last stage's figures."""
+    from teleflm.config import build
+    from teleflm.train import stages
+    from teleflm.train.config import GrowthStage
 
     cfg = tiny_train_config(
         Path(out), parallel=parallel or {}, checkpoint={"interval_steps": 5, "export_at_end": export}
     )
-    cfg.growth = [_build(GrowthStage, g, "growth") for g in growth]
+    cfg.growth = [build(GrowthStage, g, "growth") for g in growth]
     sequences = pattern_sequences()
-    return Trainer(cfg, stream_factory=lambda rank, size: ArrayStream(sequences, rank, size))
+    return stages.run(cfg, stream_factory=lambda rank, size: ArrayStream(sequences, rank, size))
 
 
 def train_losses(out: str, growth: list[dict], parallel: dict | None = None) -> dict[int, float]:
-    make_trainer(out, growth, parallel).run()
+    run_schedule(out, growth, parallel)
     return logged_losses(out) if (Path(out) / "metrics.jsonl").exists() else None
 
 
 @pytest.fixture(scope="module")
 def grown_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("grown")
-    trainer = make_trainer(str(out), [GROWTH], export=True)
-    result = trainer.run()
+    result = run_schedule(str(out), [GROWTH], export=True)
     return out, logged_losses(out), result
 
 
@@ -92,12 +93,12 @@ def test_resume_in_the_middle_of_the_ramp_is_exact(grown_run, tmp_path):
     shutil.rmtree(resumed / "checkpoints" / "step-00000010")
     state = json.loads((resumed / "checkpoints" / "step-00000005" / "trainer.json").read_text())
     assert state["growth_masks"]["start_step"] == 3  # step 5 is mid-ramp (m = 2/4)
-    trainer = make_trainer(str(resumed), [GROWTH])
-    trainer.run()
+    run_schedule(str(resumed), [GROWTH])
     again = logged_losses(resumed)
     for step in range(6, 11):
         assert again[step] == straight[step], step
-    assert trainer.growth_masks is None
+    final = json.loads((resumed / "checkpoints" / "step-00000010" / "trainer.json").read_text())
+    assert final["growth_masks"] is None  # the ramp ended
 
 
 def test_a_crash_in_the_middle_of_growth_grows_again_and_trains_the_same(grown_run, tmp_path, monkeypatch):
@@ -116,25 +117,25 @@ def test_a_crash_in_the_middle_of_growth_grows_again_and_trains_the_same(grown_r
 
     monkeypatch.setattr(dcp, "save", dies_after_the_grown_shards)
     with pytest.raises(RuntimeError, match="middle of growth"):
-        make_trainer(str(tmp_path), [GROWTH]).run()
+        run_schedule(str(tmp_path), [GROWTH])
     ckpts = tmp_path / "checkpoints"
     assert (ckpts / "step-00000003-grown.tmp" / ".metadata").is_file()
     assert not (ckpts / "step-00000003-grown").exists()
     monkeypatch.undo()
-    make_trainer(str(tmp_path), [GROWTH]).run()
+    run_schedule(str(tmp_path), [GROWTH])
     assert logged_losses(tmp_path) == straight
     assert not list(ckpts.glob("*.tmp"))
 
 
 def test_bad_schedule_is_refused_before_training(tmp_path):
-    from teleflm.train.config import ConfigError
+    from teleflm.config import ConfigError
 
     shrink = {**GROWTH, "model": {**GROWTH["model"], "intermediate_size": 64}}
     with pytest.raises(ConfigError, match=r"growth\[0\].*intermediate_size \(64\) is smaller"):
-        make_trainer(str(tmp_path), [shrink])
+        run_schedule(str(tmp_path), [shrink])
     late = {**GROWTH, "at_tokens": 8 * TOKENS_PER_STEP}
     with pytest.raises(ConfigError, match="ramp ends at .* past schedule.total_tokens"):
-        make_trainer(str(tmp_path), [late])
+        run_schedule(str(tmp_path), [late])
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -34,7 +34,7 @@ def grown_config(out: Path):
 
 
 def grow(source: str, target: str) -> dict[str, int]:
-    from teleflm.grow.checkpoint import grow_checkpoint
+    from teleflm.train.growth import grow_checkpoint
 
     return grow_checkpoint(Path(source), Path(target), grown_config(Path(target).parent), 5, seed=7)[2]
 
@@ -70,7 +70,7 @@ def test_four_ranks_grow_what_one_process_grows_exactly(grown):
 
 
 def test_the_grown_checkpoint_is_the_in_memory_growth_of_the_whole_tensors(grown):
-    from teleflm.grow.checkpoint import plan_for_checkpoint
+    from teleflm.train.growth import plan_for_checkpoint
 
     source, root, _, _ = grown
     cfg = grown_config(root)
@@ -111,7 +111,7 @@ def test_no_rank_holds_the_whole_model(grown):
 def test_plan_simulate_counts_what_the_real_sharded_growth_read(grown):
     """`teleflm plan --simulate`'s growth figures, on a fake world of 4, against the real growth's
     counts on each of the 4 gloo ranks."""
-    from teleflm.parallel.simulate import simulate_growth
+    from teleflm.plan.simulate import simulate_growth
     from teleflm.train.config import GrowthStage
 
     source, root, sharded, _ = grown

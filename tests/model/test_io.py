@@ -9,13 +9,13 @@ import torch
 from safetensors.torch import load_file
 
 import teleflm.model.io as io
+from teleflm.data.tokenizer import real_vocab_size
 from teleflm.model.io import (
     AUTO_MAP,
     OFFICIAL_CONFIG_FIELDS,
     CheckpointError,
     export_hf,
     load_pretrained,
-    real_vocab_size,
     write_official_layout,
 )
 from tests.model.reference import MUP, llama_twin, logit_scale, random_model

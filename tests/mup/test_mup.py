@@ -166,8 +166,9 @@ def test_initial_values_norms_one_biases_zero_and_every_layout_draws_the_same():
     import torch
 
     from teleflm.model import TeleFLMForCausalLM
-    from teleflm.mup import MupHyperParams, initial_value
-    from teleflm.parallel.parallelize import ParallelDims, init_weights, parallelize
+    from teleflm.mup import MupHyperParams, init_weights, initial_value
+    from teleflm.parallel.mesh import ParallelDims
+    from teleflm.parallel.parallelize import parallelize
     from teleflm.train.config import ParallelSection
     from tests.conftest import tiny_config
 

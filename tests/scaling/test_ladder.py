@@ -10,11 +10,11 @@ import pytest
 
 from teleflm.cli.main import main
 from teleflm.model import TeleFLMConfig
-from teleflm.mup.runs import to_toml
-from teleflm.parallel.plan import flops_per_token
+from teleflm.model.size import flops_per_token
 from teleflm.scaling.ladder import load_ladder, rung_config
-from tests.mup.test_search import proxy_config
+from teleflm.tune.runs import to_toml
 from tests.train.common import CONTEXT, pattern_sequences
+from tests.tune.test_search import proxy_config
 
 
 def write_ladder(tmp_path, **keys):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from teleflm.train.config import TrainConfig, _build
+from teleflm.config import build
+from teleflm.train.config import TrainConfig
 
 COLORS = ["red", "green", "blue", "black", "white", "brown", "grey", "pink"]
 ANIMALS = ["cat", "dog", "horse", "mouse", "bird", "fish", "sheep", "goat"]
@@ -81,7 +82,7 @@ def base_config(out: Path, **sections) -> TrainConfig:
     }
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
-    return _build(TrainConfig, raw, "tiny base config")
+    return build(TrainConfig, raw, "tiny base config")
 
 
 def pretrain_base(out: Path, tokenizer_dir: Path) -> Path:

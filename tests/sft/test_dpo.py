@@ -7,13 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from teleflm.sft.preference import (
-    PairStream,
-    dpo_losses,
-    prepare_pairs,
-    sequence_logps,
-    split_heldout,
-)
+from teleflm.model.loss import dpo_losses, sequence_logps
+from teleflm.sft.preference import PairStream, prepare_pairs, split_heldout
 from tests.model.reference import MUP, random_model
 
 BETA = 0.1

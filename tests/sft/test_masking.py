@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from teleflm.train.loss import token_loss_sum
+from teleflm.model.loss import token_loss_sum
 from teleflm.train.trainer import Trainer
 from tests.sft.common import CONTEXT, base_config
 

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from teleflm.cli.main import main
+from teleflm.config import ConfigError
 from teleflm.sft.config import load_sft_config
-from teleflm.train.config import ConfigError
 from tests.sft.common import (
     SYSTEM,
     answer_accuracy,

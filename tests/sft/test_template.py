@@ -68,7 +68,7 @@ def test_loss_mask_is_assistant_content_and_its_end(chat_tokenizer_dir):
 
 
 def test_tokenizer_without_markers_is_refused(tmp_path):
-    from teleflm.model.io import load_tokenizer as load
+    from teleflm.data.tokenizer import load_tokenizer as load
     from tests.model.tiny_tokenizers import train_byte_level_bpe
 
     folder = train_byte_level_bpe(tmp_path / "plain")

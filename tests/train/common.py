@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from teleflm.train.config import TrainConfig, _build
+from teleflm.config import build
+from teleflm.train.config import TrainConfig
 
 CONTEXT = 32
 SEQUENCES_PER_STEP = 8
@@ -37,7 +38,7 @@ def tiny_train_config(out: Path, **sections) -> TrainConfig:
     }
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
-    return _build(TrainConfig, raw, "tiny test config")
+    return build(TrainConfig, raw, "tiny test config")
 
 
 def pattern_sequences(n: int = 256, seed: int = 0) -> np.ndarray:

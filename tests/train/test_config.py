@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from teleflm.config import ConfigError
 from teleflm.model import TeleFLMForCausalLM
-from teleflm.train.config import ConfigError, load_config, validate
+from teleflm.train.config import load_config, validate
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 NO_DATA = ["data.shards=''", "data.tokenizer=''"]  # shipped configs point at data made later
@@ -182,7 +183,7 @@ def test_every_numeric_key_has_a_range():
     import dataclasses
     import typing
 
-    from teleflm.train.config import MODEL_RANGES, model_fields
+    from teleflm.config import MODEL_RANGES, model_fields
 
     unset = {"total_tokens", "at_tokens"}
     for cls in config_tables():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from teleflm.eval.bpb import bits_per_byte, logits_loss
+from teleflm.model.loss import token_loss_sum
 from teleflm.train.attention import (
     FlexDocumentAttention,
     SlicedDocumentAttention,
@@ -14,7 +15,6 @@ from teleflm.train.attention import (
     document_attention,
     document_spans,
 )
-from teleflm.train.loss import token_loss_sum
 from tests.sft.common import base_config
 from tests.train.test_loss import REAL_VOCABS, TOKENS, assert_close, batch, loss_and_grads, training_model
 

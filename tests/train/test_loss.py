@@ -5,8 +5,9 @@ vocabulary-parallel under tensor parallel 2 on gloo against the unsharded model.
 import pytest
 import torch
 
-from teleflm.train import loss as chunked
-from teleflm.train.loss import IGNORE_INDEX, TeleFLMForTraining, token_loss_sum
+from teleflm.model import loss as chunked
+from teleflm.model.loss import IGNORE_INDEX, token_loss_sum
+from teleflm.train.model import TeleFLMForTraining
 from tests.conftest import tiny_config
 from tests.distributed import run_ranks
 from tests.model.reference import MUP

@@ -121,10 +121,10 @@ def write_config(tmp_path, prepared, name="c.toml", shards="shards", **out) -> P
 
 
 def final_eval(config, *overrides) -> dict:
+    from teleflm.train import stages
     from teleflm.train.config import load_config
-    from teleflm.train.trainer import Trainer
 
-    return Trainer(load_config(config, list(overrides))).run()
+    return stages.run(load_config(config, list(overrides)))
 
 
 def test_held_out_bpb_under_pipeline_parallel_equals_one_process(prepared, tmp_path):
@@ -172,7 +172,8 @@ def test_an_empty_held_out_split_still_finishes_and_exports(prepared, no_held_ou
 
 
 def test_a_search_objective_without_held_out_data_is_an_error(prepared, no_held_out, tmp_path):
-    from teleflm.mup.runs import RunData, read_toml, scored_run
+    from teleflm.config import read_toml
+    from teleflm.tune.runs import RunData, scored_run
 
     raw = read_toml(write_config(tmp_path, prepared, shards=no_held_out.name))
     with pytest.raises(ValueError, match="no held-out bits per byte"):

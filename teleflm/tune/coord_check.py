@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from teleflm import mup
-from teleflm.mup.runs import at_depth, at_width, base_depth, base_width
+from teleflm.tune.runs import at_depth, at_width, base_depth, base_width
 
 # Per axis: the parametrization that must be flat, the one it is contrasted with, and the quantity
 # of the latter that must grow (proof that the check can see a missing rule).
@@ -113,11 +113,12 @@ def coord_check(
     the other dimensions, vocabulary, FFN ratio and proxy width and depth; its [mup] section the
     hyper-parameters (constant lr, no schedule). Over depth, per-layer sizes are averaged over the
     layers ("attn", "mlp"), since depths differ in their layers."""
+    from teleflm.config import build
     from teleflm.model import TeleFLMConfig, TeleFLMForCausalLM
-    from teleflm.train.config import MupSection, _build
+    from teleflm.train.config import MupSection
 
     check_values(axis, values)
-    section = _build(MupSection, raw.get("mup", {}), "[mup]")
+    section = build(MupSection, raw.get("mup", {}), "[mup]")
     hp = mup.MupHyperParams(
         lr=section.lr,
         matrix_lr=section.matrix_lr,

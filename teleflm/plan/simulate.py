@@ -7,7 +7,7 @@ training would. Per rank it reports what the local shards hold: fp32 master weig
 shard), gradients of the same size, AdamW's two moments; beside the planner's figures for that
 rank's pipeline stage (`plan.stage_memory`) and the planner's activation estimate. For a `[[growth]]`
 schedule it does so for every stage, and for every growth the per-rank peak of building the grown
-shards (teleflm.grow.checkpoint): the grown model on the growth's own layout, the parts of the old
+shards (teleflm.train.growth): the grown model on the growth's own layout, the parts of the old
 tensors those shards read (counted by the growth's own code), and the fresh rows drawn at once.
 """
 
@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from teleflm.parallel.parallelize import ParallelDims, build_mesh, build_module, local_region, model_fqn
-from teleflm.parallel.plan import GIB, Layout, growth_shards_per_device, parameter_counts, stage_memory
+from teleflm.model.size import parameter_counts
+from teleflm.parallel.mesh import ParallelDims, build_mesh, local_region, model_fqn
+from teleflm.parallel.parallelize import build_module
+from teleflm.plan.estimate import GIB, growth_shards_per_device, stage_memory
 from teleflm.train.config import dp_shard_degree
 
 
@@ -73,7 +75,7 @@ def simulate_rank(cfg, world_size: int, rank: int) -> RankReport:
         weights = sum(shard_bytes(q) for q in module.parameters())
         moments = sum(8 * local_region(q)[0].numel() for q in module.parameters())
     pp_rank = coords.get("pp", 0)
-    layout = Layout(dp_shard=dims.dp_shard, tp=dims.tp, pp=dims.pp, dp_replicate=dims.dp_replicate)
+    layout = dims
     planned = stage_memory(
         c,
         layout,
@@ -89,10 +91,10 @@ def simulate_rank(cfg, world_size: int, rank: int) -> RankReport:
 
 
 def simulate_growth(old_cfg, new_cfg, growth, world_size: int, rank: int) -> dict[str, float]:
-    """One rank's bytes while it builds its shards of the grown model (teleflm.grow.checkpoint): the
+    """One rank's bytes while it builds its shards of the grown model (teleflm.train.growth): the
     grown weights and moments, the old parts they read (fp32), the fresh rows of one parameter."""
-    from teleflm.grow.checkpoint import KINDS, growth_module, parts_read
     from teleflm.grow.plan import make_plan
+    from teleflm.train.growth import KINDS, growth_module, parts_read
 
     _, plan = make_plan(old_cfg.model_config(), new_cfg.model, growth.layers_at, growth.layer_init)
     c = new_cfg.model_config()
@@ -131,7 +133,7 @@ def planner_gaps(reports: list[RankReport]) -> dict[str, float]:
 def simulate(cfg, world_size: int, ranks: list[int] | None = None) -> list[dict]:
     """Every stage of the run (one without `[[growth]]`): its config's layout on `world_size` ranks,
     per chosen rank; and, for each growth, the chosen ranks' peak while growing into that stage."""
-    from teleflm.grow.schedule import stage_config
+    from teleflm.train.config import stage_config
 
     stages = []
     for k in range(len(cfg.growth) + 1):

@@ -8,7 +8,6 @@ user can read and run with `teleflm pretrain`.
 import copy
 import math
 import shutil
-import tomllib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -27,25 +26,6 @@ SEARCHED = {
     "input_mult": "model",
     "output_mult": "model",
 }
-
-
-def read_toml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: not valid TOML: {e}") from None
-
-
-def build_config(raw: dict, where: str = "config"):
-    """A validated TrainConfig from a raw TOML dict (ConfigError, a ValueError, names the field)."""
-    from teleflm.train.config import TrainConfig, _build, validate
-
-    cfg = _build(TrainConfig, raw, where)
-    validate(cfg, where)
-    return cfg
 
 
 def base_width(raw: dict) -> float:
@@ -112,16 +92,12 @@ def hyperparams_of(raw: dict) -> dict:
 
 
 def parameter_count(model: dict, non_embedding: bool = True) -> int:
-    """Parameters of a Tele-FLM model from its config fields (no model is built: works for 1T)."""
-    d, ff, layers = model["hidden_size"], model["intermediate_size"], model["num_hidden_layers"]
-    heads = model["num_attention_heads"]
-    kv = model.get("num_key_value_heads", heads)
-    head_dim = d // heads
-    per_layer = d * head_dim * (2 * heads + 2 * kv) + 3 * d * ff + 2 * d
-    total = layers * per_layer + d  # + final norm
-    if not non_embedding:
-        total += 2 * model["vocab_size"] * d  # untied embedding and readout
-    return total
+    """Parameters of the Tele-FLM of config fields `model` (nothing is built: works for 1T); the
+    non-embedding ones (the N of scaling laws) or all of them."""
+    from teleflm.model import TeleFLMConfig
+    from teleflm.model.size import parameter_counts
+
+    return parameter_counts(TeleFLMConfig(**model))["non_embedding" if non_embedding else "total"]
 
 
 def load_sequences(path: str | Path) -> np.ndarray:
@@ -174,7 +150,7 @@ def seeded(raw: dict, seed: int) -> dict:
 def training_flops(raw: dict) -> float:
     """Training FLOPs of a config's whole run: FLOPs per token (6N + attention) x its token budget."""
     from teleflm.model import TeleFLMConfig
-    from teleflm.parallel.plan import flops_per_token
+    from teleflm.model.size import flops_per_token
     from teleflm.train.config import DataSection
 
     context = raw.get("data", {}).get("context_length", DataSection.context_length)
@@ -211,12 +187,13 @@ def scored_run(raw: dict, out: Path, data: RunData, keep_checkpoints: bool = Fal
     """Train `raw` from scratch in `out` and score it. Returns {"loss" (final training loss),
     "objective" (held-out NLL, or val.bpb on shards), "status" ("ok" or "diverged"), "step"}."""
     from teleflm.data.synthetic import ArrayStream
+    from teleflm.train.config import config_from
     from teleflm.train.trainer import SpikeStop, Trainer
 
     out = Path(out)
     if out.exists():  # a run killed half-way is started over, so every score comes from a full run
         shutil.rmtree(out)
-    cfg = build_config(short_run_config(raw, out), str(out))
+    cfg = config_from(short_run_config(raw, out), str(out))
     factory = partial(ArrayStream, data.train) if data.train is not None else None
     trainer = Trainer(cfg, stream_factory=factory)
     try:

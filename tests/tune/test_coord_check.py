@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from teleflm.cli.main import main
-from teleflm.mup.coord_check import coord_check, passes, write_report
-from teleflm.mup.runs import read_toml
+from teleflm.config import read_toml
+from teleflm.tune.coord_check import coord_check, passes, write_report
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "mup" / "coord-check.toml"
 WIDTHS = [64, 128, 256, 512]

@@ -1,4 +1,5 @@
-"""The training loss: readout and cross-entropy over chunks of tokens, never the whole logits.
+"""Losses over the Tele-FLM readout: cross-entropy over chunks of tokens (never the whole logits), the
+same from logits, per-sequence log-probabilities and the DPO objective.
 
 At vocabulary 80,384 and 4,096 tokens the fp32 logits are 1.3 GB per sequence, and as much again for
 their gradient. `readout_loss_sum` computes, chunk by chunk, the logits of a few tokens, their
@@ -17,9 +18,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
-
-from teleflm.model.modeling_teleflm import TeleFLMForCausalLM
-from teleflm.train.attention import document_attention
 
 # A target of this value is not learned (a prompt or padding token under a batch's loss_mask).
 IGNORE_INDEX = -100
@@ -142,30 +140,20 @@ def _chunked(h, weight, targets, scale, real_vocab_size, vocab_start, group, dty
     return lse_sum - target_sum, grad_h, grad_w
 
 
-class TeleFLMForTraining(TeleFLMForCausalLM):
-    """The model as the trainer runs it: `loss_sum` goes from token ids to the summed loss without the
-    whole logits, attending within packed documents when given their ids; `sequence_nll` gives each
-    row's summed loss (DPO's log-probabilities, negated). FSDP knows both as forward methods
-    (`register_fsdp_forward_method`); parameter names are the model's own."""
+def sequence_logps(
+    logits: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor, real_vocab_size: int
+) -> torch.Tensor:
+    """Per row, the summed log-probability (fp32) of the learned tokens; position t predicts t + 1 and
+    padded vocabulary ids get no mass. logits: (rows, T, V) for tokens (rows, T + 1)."""
+    logps = torch.log_softmax(logits[..., :real_vocab_size].float(), dim=-1)
+    picked = logps.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    return (picked * loss_mask[:, 1:]).sum(-1)
 
-    def loss_sum(
-        self,
-        input_ids: torch.Tensor,
-        targets: torch.Tensor,
-        real_vocab_size: int,
-        doc_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        mask = document_attention(doc_ids) if doc_ids is not None else None
-        h = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
-        return readout_loss_sum(h, self.lm_head.weight, targets, self.config.logit_scale, real_vocab_size)
 
-    def sequence_nll(
-        self, input_ids: torch.Tensor, targets: torch.Tensor, real_vocab_size: int
-    ) -> torch.Tensor:
-        """Per row, the summed NLL (fp32) of its targets, without the whole logits: (rows,). Each row's
-        readout is its own chunked loss, so autograd carries each row's own weight back (DPO's)."""
-        h = self.model(input_ids=input_ids, use_cache=False).last_hidden_state
-        weight, scale = self.lm_head.weight, self.config.logit_scale
-        return torch.stack(
-            [readout_loss_sum(h[r], weight, targets[r], scale, real_vocab_size) for r in range(len(h))]
-        )
+def dpo_losses(
+    logps: torch.Tensor, ref_logps: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-pair losses, per-pair reward margins) for rows interleaved chosen, rejected, chosen, ..."""
+    ratios = (logps - ref_logps).view(-1, 2)
+    margins = ratios[:, 0] - ratios[:, 1]
+    return -F.logsigmoid(beta * margins), margins

@@ -4,7 +4,7 @@
 import math
 from pathlib import Path
 
-from teleflm.mup.runs import SEARCHED, base_depth, base_width, hyperparams_of, to_toml
+from teleflm.tune.runs import SEARCHED, base_depth, base_width, hyperparams_of, to_toml
 
 
 def best_record(records: list[dict]) -> dict:

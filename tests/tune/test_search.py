@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from teleflm.cli.main import main
-from teleflm.mup.report import write_results
-from teleflm.mup.runs import to_toml
-from teleflm.mup.search import load_space, planned_trials, search
-from teleflm.mup.transfer import transfer
+from teleflm.tune.report import write_results
+from teleflm.tune.runs import to_toml
+from teleflm.tune.search import load_space, planned_trials, search
+from teleflm.tune.transfer import transfer
 from tests.train.common import CONTEXT, pattern_sequences
 
 REPO = Path(__file__).resolve().parents[2]
@@ -135,7 +135,7 @@ def test_two_workers_share_one_study(setup):
 # dead mid-trial, at that point whatever the timing.
 KILL_IN_SECOND_TRIAL = """
 import os, signal, sys
-import teleflm.mup.search as search
+import teleflm.tune.search as search
 
 real, calls = search.scored_run, []
 
@@ -219,7 +219,7 @@ def test_held_out_loss_gives_padded_ids_no_mass():
     import torch.nn.functional as F
 
     from teleflm.model import TeleFLMForCausalLM
-    from teleflm.mup.runs import heldout_loss
+    from teleflm.tune.runs import heldout_loss
     from tests.conftest import tiny_config
 
     torch.manual_seed(0)

@@ -114,7 +114,7 @@ def fill_grown(
     state to the growth of checkpoint `source`. Returns this rank's element counts: its shards of
     the weights ("local"), the old parts it read ("read"), the most elements drawn at once for a
     parameter's fresh rows ("drawn")."""
-    from teleflm.parallel.parallelize import local_region, model_fqn
+    from teleflm.parallel.mesh import local_region, model_fqn
 
     jobs, wanted = [], {}
     for name, p in module.named_parameters():
@@ -150,7 +150,8 @@ def fill_grown(
 def growth_module(config: TeleFLMConfig, world_size: int, device):
     """This rank's part of the grown model in the growth's layout: plain FSDP over every rank, the
     fewest bytes per rank (the checkpoint it writes loads into any layout)."""
-    from teleflm.parallel.parallelize import ParallelDims, build_mesh, build_module
+    from teleflm.parallel.mesh import ParallelDims, build_mesh
+    from teleflm.parallel.parallelize import build_module
     from teleflm.train.config import ParallelSection
 
     dims = ParallelDims(dp_shard=world_size)
@@ -173,7 +174,7 @@ def grow_checkpoint(
     masks starting their ramp at the source's step; sharded over every rank of the process group
     (call it on all of them). Every check runs before anything is written. Returns (target, plan,
     this rank's element counts from `fill_grown`)."""
-    from teleflm.parallel.parallelize import device_and_backend
+    from teleflm.parallel.mesh import device_and_backend
     from teleflm.train.trainer import make_optimizer
 
     if ramp_steps < 1:

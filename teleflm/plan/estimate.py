@@ -7,7 +7,8 @@ activations. Activations are counted from what the model's own forward saves for
 attention, no dropout), so the estimate can be checked against a measured peak (tests/parallel).
 """
 
-from dataclasses import dataclass
+from teleflm.model.size import flops_per_token, parameter_counts
+from teleflm.parallel.mesh import ParallelDims
 
 GIB = 2**30
 
@@ -26,45 +27,6 @@ DEVICES = {
 }
 
 
-def parameter_counts(c) -> dict[str, int]:
-    """Exact parameter counts of a TeleFLMConfig (no biases; untied embedding and readout)."""
-    d, hd = c.hidden_size, c.head_dim
-    attention = d * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-    layer = attention + 3 * d * c.intermediate_size + 2 * d
-    counts = {
-        "embedding": c.vocab_size * d,
-        "layers": c.num_hidden_layers * layer,
-        "final_norm": d,
-        "readout": 0 if c.tie_word_embeddings else c.vocab_size * d,
-    }
-    counts["per_layer"] = layer
-    counts["total"] = counts["embedding"] + counts["layers"] + counts["final_norm"] + counts["readout"]
-    return counts
-
-
-def flops_per_token(c, context_length: int) -> float:
-    """Training FLOPs per token: 6 x non-embedding parameters + the attention term 12 x L x d x T."""
-    n = parameter_counts(c)
-    non_embedding = n["layers"] + n["final_norm"] + c.vocab_size * c.hidden_size
-    return 6 * non_embedding + 12 * c.num_hidden_layers * c.hidden_size * context_length
-
-
-@dataclass
-class Layout:
-    dp_shard: int
-    tp: int = 1
-    pp: int = 1
-    dp_replicate: int = 1
-
-    @property
-    def gpus(self) -> int:
-        return self.dp_shard * self.dp_replicate * self.tp * self.pp
-
-    def __str__(self) -> str:
-        rep = f" x HSDP {self.dp_replicate}" if self.dp_replicate > 1 else ""
-        return f"TP {self.tp} / PP {self.pp} / DP {self.dp_shard * self.dp_replicate}{rep}"
-
-
 def layer_activation_elements(c, tp: int) -> float:
     """Elements one decoder layer saves for backward per token (fused attention, no dropout, no
     sequence parallel), counted from the model's own forward: each RMSNorm keeps its input, the
@@ -77,7 +39,7 @@ def layer_activation_elements(c, tp: int) -> float:
 
 def stage_memory(
     c,
-    layout: Layout,
+    layout: ParallelDims,
     context_length: int,
     micro_batch_size: int,
     activation_checkpointing: bool,
@@ -93,7 +55,7 @@ def stage_memory(
     from forward to backward, two layers are gathered at a time, and a group's unsharded gradient
     lives until its reduce-scatter (the root's, the largest, at the start of backward). Without
     FSDP, bf16 autocast caches a bf16 copy of every weight. The readout: without pipeline parallel the
-    trainer's chunked loss (teleflm.train.loss) holds one chunk of fp32 logits at a time and keeps
+    trainer's chunked loss (teleflm.model.loss) holds one chunk of fp32 logits at a time and keeps
     the gradients of the hidden states and of the readout weight that its forward computes; a
     pipeline's last stage has the whole logits, their own copy, log-softmax's saved fp32 output and
     two fp32 gradients."""
@@ -115,7 +77,7 @@ def stage_memory(
     if not last:
         logits = 0
     elif layout.pp == 1:
-        from teleflm.train.loss import CHUNK_LOGITS
+        from teleflm.model.loss import CHUNK_LOGITS
 
         chunk = min(tokens, max(1, CHUNK_LOGITS // vocab))
         lower = mixed_precision == "bf16"  # a bf16 copy of the chunk's gradient and of the weight
@@ -142,7 +104,7 @@ def stage_memory(
 
 def memory_per_device(
     c,
-    layout: Layout,
+    layout: ParallelDims,
     context_length: int,
     micro_batch_size: int,
     activation_checkpointing: bool,
@@ -158,7 +120,7 @@ def memory_per_device(
 
 def growth_shards_per_device(c, world: int) -> float:
     """Bytes of a rank's shards of a grown model and its two AdamW moments while growth builds them
-    (fp32, plain FSDP over all `world` ranks, teleflm.grow.checkpoint)."""
+    (fp32, plain FSDP over all `world` ranks, teleflm.train.growth)."""
     return 12 * parameter_counts(c)["total"] / world
 
 
@@ -168,12 +130,12 @@ def run_time(c, tokens: float, context_length: int, gpus: int, peak: float, mfu:
     return {"flops": flops, "seconds": seconds, "days": seconds / 86400, "tflops_per_gpu": peak * mfu / 1e12}
 
 
-def pipeline_bubble(layout: Layout, micro_batches: int) -> float:
+def pipeline_bubble(layout: ParallelDims, micro_batches: int) -> float:
     """Idle share of a 1F1B / GPipe step: (pp - 1) / (micro_batches + pp - 1)."""
     return (layout.pp - 1) / (micro_batches + layout.pp - 1)
 
 
-def candidate_layouts(c, gpus: int) -> list[Layout]:
+def candidate_layouts(c, gpus: int) -> list[ParallelDims]:
     """Every TP (within a node, dividing heads) x PP (dividing layers) whose DP fills the GPUs."""
     layouts = []
     for tp in (1, 2, 4, 8):
@@ -182,7 +144,7 @@ def candidate_layouts(c, gpus: int) -> list[Layout]:
         for pp in range(1, c.num_hidden_layers + 1):
             if c.num_hidden_layers % pp or gpus % (tp * pp) or pp > 32:
                 continue
-            layouts.append(Layout(dp_shard=gpus // (tp * pp), tp=tp, pp=pp))
+            layouts.append(ParallelDims(dp_shard=gpus // (tp * pp), tp=tp, pp=pp))
     return layouts
 
 
@@ -207,7 +169,7 @@ def plan(
     rest = p.dp_replicate * p.tp * p.pp
     if gpus % rest:
         raise ValueError(f"{gpus} GPUs do not divide into dp_replicate x tp x pp = {rest}")
-    layout = Layout(dp_shard=gpus // rest, tp=p.tp, pp=p.pp, dp_replicate=p.dp_replicate)
+    layout = ParallelDims(dp_shard=gpus // rest, tp=p.tp, pp=p.pp, dp_replicate=p.dp_replicate)
     tokens = tokens or cfg.schedule.total_tokens
     per_dp = mbs * T * layout.dp_shard * layout.dp_replicate
     micro_batches = max(cfg.batch.global_batch_tokens // per_dp, 1)

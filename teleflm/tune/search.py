@@ -46,7 +46,8 @@ from pathlib import Path
 
 import optuna
 
-from teleflm.mup.runs import SEARCHED, RunData, read_toml, scored_run, with_hyperparams
+from teleflm.config import AT_LEAST_ONE, ConfigError, build, read_toml
+from teleflm.tune.runs import SEARCHED, RunData, scored_run, with_hyperparams
 
 METHODS = ("grid", "random", "tpe")
 
@@ -60,13 +61,28 @@ class ParamRange:
 
 
 @dataclass
+class SpaceTable:
+    """The search space TOML, as written."""
+
+    params: dict[str, ParamRange] = field(default_factory=dict)
+    derived: dict[str, str] = field(default_factory=dict)  # name -> "SOURCE" or "NUMBER * SOURCE"
+    method: str = "grid"
+    trials: int = 16
+    seed: int = 0
+    parallel: int = 1  # worker processes `teleflm mup search` starts here (each runs one trial at a time)
+    threads_per_trial: int = 1
+
+    RANGES = dict(trials=AT_LEAST_ONE, parallel=AT_LEAST_ONE, threads_per_trial=AT_LEAST_ONE)
+
+
+@dataclass
 class SearchSpace:
     params: dict[str, ParamRange]
     derived: dict[str, tuple[str, float]] = field(default_factory=dict)  # name -> (source, factor)
     method: str = "grid"
     trials: int = 16
     seed: int = 0
-    parallel: int = 1  # worker processes `teleflm mup search` starts here (each runs one trial at a time)
+    parallel: int = 1
     threads_per_trial: int = 1
 
 
@@ -92,50 +108,30 @@ def _derived(name: str, expression: str, searched: set[str]) -> tuple[str, float
 
 
 def load_space(path: str | Path) -> SearchSpace:
-    raw = read_toml(path)
     where = str(path)
-    known = {"method", "trials", "seed", "parallel", "threads_per_trial", "params", "derived"}
-    if set(raw) - known:
-        raise ValueError(f"{where}: unknown key(s) {sorted(set(raw) - known)}; known: {sorted(known)}")
-    params = {}
-    for name, spec in raw.get("params", {}).items():
+    table = build(SpaceTable, read_toml(path), where)
+    for name, p in table.params.items():
         if name not in SEARCHED:
-            raise ValueError(f"{where}: [params.{name}] is not one of the searched {sorted(SEARCHED)}")
-        unknown = set(spec) - {"values", "low", "high", "log"}
-        if unknown:
-            raise ValueError(f"{where}: [params.{name}]: unknown key(s) {sorted(unknown)}")
-        p = ParamRange(
-            values=[float(v) for v in spec["values"]] if "values" in spec else None,
-            low=spec.get("low"),
-            high=spec.get("high"),
-            log=spec.get("log", True),
-        )
+            raise ConfigError(f"{where}: [params.{name}] is not one of the searched {sorted(SEARCHED)}")
         if p.values is None and (p.low is None or p.high is None or not 0 < p.low < p.high):
-            raise ValueError(f"{where}: [params.{name}] needs `values` or 0 < `low` < `high`")
+            raise ConfigError(f"{where}: [params.{name}] needs `values` or 0 < `low` < `high`")
         if p.values is not None and not p.values:
-            raise ValueError(f"{where}: [params.{name}].values is empty")
-        params[name] = p
-    if not params:
-        raise ValueError(f"{where}: no [params.NAME] table: nothing to search")
+            raise ConfigError(f"{where}: [params.{name}].values is empty")
+    if not table.params:
+        raise ConfigError(f"{where}: no [params.NAME] table: nothing to search")
     derived = {}
-    for name, expression in raw.get("derived", {}).items():
-        if name not in SEARCHED or name in params:
-            raise ValueError(
+    for name, expression in table.derived.items():
+        if name not in SEARCHED or name in table.params:
+            raise ConfigError(
                 f"{where}: [derived] {name}: must be a searched name that is not itself searched"
             )
-        derived[name] = _derived(name, str(expression), set(params))
-    space = SearchSpace(
-        params,
-        derived,
-        **{k: raw[k] for k in ("method", "trials", "seed", "parallel", "threads_per_trial") if k in raw},
-    )
-    if space.method not in METHODS:
-        raise ValueError(f"{where}: method must be one of {METHODS}, got {space.method!r}")
-    if space.method == "grid" and any(p.values is None for p in params.values()):
-        raise ValueError(f"{where}: grid search needs `values` for every parameter")
-    if space.parallel < 1 or space.trials < 1:
-        raise ValueError(f"{where}: parallel and trials must be >= 1")
-    return space
+        derived[name] = _derived(name, expression, set(table.params))
+    if table.method not in METHODS:
+        raise ConfigError(f"{where}: method must be one of {METHODS}, got {table.method!r}")
+    if table.method == "grid" and any(p.values is None for p in table.params.values()):
+        raise ConfigError(f"{where}: grid search needs `values` for every parameter")
+    fields = {k: getattr(table, k) for k in ("method", "trials", "seed", "parallel", "threads_per_trial")}
+    return SearchSpace(table.params, derived, **fields)
 
 
 def full_values(space: SearchSpace, sampled: dict) -> dict:

@@ -3,7 +3,7 @@ parameter class gets at the proxy and at the target."""
 
 from pathlib import Path
 
-from teleflm.mup.runs import with_hyperparams
+from teleflm.tune.runs import with_hyperparams
 
 
 def transfer(best: dict, target: dict) -> dict:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from teleflm.parallel.simulate import planner_gaps, shard_bytes, simulate, simulate_rank
-from teleflm.train.config import GrowthStage, _build
+from teleflm.config import build
+from teleflm.plan.simulate import planner_gaps, shard_bytes, simulate, simulate_rank
+from teleflm.train.config import GrowthStage
 from tests.distributed import run_ranks
 from tests.train.common import tiny_train_config
 
@@ -41,7 +42,7 @@ def layered_config(out: Path, **parallel):
         "model": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8),
         "parallel": {"tp": 4},
     }
-    cfg.growth = [_build(GrowthStage, growth, "growth")]
+    cfg.growth = [build(GrowthStage, growth, "growth")]
     return cfg
 
 
@@ -68,7 +69,8 @@ def real_and_simulated(out: str) -> tuple[int, int]:
     """On a real gloo rank: the bytes of its shards as training builds them, and the simulation's."""
     import torch.distributed as dist
 
-    from teleflm.parallel.parallelize import ParallelDims, build_mesh, build_module
+    from teleflm.parallel.mesh import ParallelDims, build_mesh
+    from teleflm.parallel.parallelize import build_module
 
     cfg = layered_config(Path(out), dp_shard=1)
     cfg.growth = []

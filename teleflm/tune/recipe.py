@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from teleflm.mup.runs import (
+from teleflm.config import read_toml
+from teleflm.tune.runs import (
     RunData,
     at_depth,
     at_width,
     parameter_count,
-    read_toml,
     scored_run,
     to_toml,
     training_flops,
@@ -66,11 +66,11 @@ def proxy_config(spec: dict, out: Path) -> dict:
 
 def run_recipe(spec: dict, out: Path, log=print) -> dict:
     """Every stage (skipping finished ones); returns the figures of the report."""
-    from teleflm.mup.report import write_results
-    from teleflm.mup.search import load_space, search
-    from teleflm.mup.transfer import transfer, transfer_report
     from teleflm.scaling.ladder import LadderSpec, forecast, run_ladder
     from teleflm.scaling.ladder import write_report as write_ladder_report
+    from teleflm.tune.report import write_results
+    from teleflm.tune.search import load_space, search
+    from teleflm.tune.transfer import transfer, transfer_report
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.toml").write_text(to_toml(spec))  # what this folder was made with

@@ -1,0 +1,173 @@
+"""Typed configuration from TOML, for every config of the project: one reader (`read_toml`, and
+`read_raw` with `--set section.key=value` overrides) and one builder (`build`) that makes a dataclass of
+a table, refusing unknown keys, wrong types and values out of range by name. A dataclass's `RANGES`
+gives its numeric keys' ranges; a `ModelTable` field is a `[model]` table checked against
+TeleFLMConfig's own fields (`MODEL_RANGES`)."""
+
+import dataclasses
+import functools
+import inspect
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key may take: `low` to `high` (each bound itself allowed unless open),
+    or one of `also`."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+    also: tuple = ()
+
+    def __contains__(self, value) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return (above and below) or value in self.also
+
+    def __str__(self) -> str:
+        low = f"> {self.low:g}" if self.open_low else f">= {self.low:g}"
+        high = f"< {self.high:g}" if self.open_high else f"<= {self.high:g}"
+        if math.isinf(self.high):
+            text = low
+        elif math.isinf(self.low):
+            text = high
+        else:
+            text = f"{low} and {high}"
+        return " or ".join([text, *map(str, self.also)])
+
+
+POSITIVE = Range(0, open_low=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_ONE = Range(1)
+FRACTION = Range(0, 1, open_high=True)  # in [0, 1)
+
+# A [model] table: TeleFLMConfig's fields by their config.json names, checked like any other table.
+ModelTable = Annotated[dict[str, Any], "TeleFLMConfig fields"]
+MODEL_RANGES = {
+    **dict.fromkeys(
+        ["vocab_size", "hidden_size", "intermediate_size", "max_position_embeddings"], AT_LEAST_ONE
+    ),
+    **dict.fromkeys(["num_hidden_layers", "num_attention_heads", "num_key_value_heads"], AT_LEAST_ONE),
+    **dict.fromkeys(
+        ["rms_norm_eps", "rope_theta", "mup_scale_factor", "mup_depth_factor", "output_mult", "input_mult"],
+        POSITIVE,
+    ),
+    **dict.fromkeys(["pad_token_id", "bos_token_id", "eos_token_id"], NON_NEGATIVE),
+    "pretraining_tp": AT_LEAST_ONE,
+    "initializer_range": NON_NEGATIVE,
+    "attention_dropout": FRACTION,
+}
+
+
+class ConfigError(ValueError):
+    """A config that cannot work; the message names the file and the key."""
+
+
+def build(cls, raw: dict, where: str):
+    """Build dataclass `cls` from a TOML table, refusing unknown keys, wrong types and values out of
+    range by name."""
+    hints = get_type_hints(cls, include_extras=True)
+    kwargs = check_table(raw, hints, getattr(cls, "RANGES", {}), where)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+@functools.cache
+def model_fields() -> dict[str, Any]:
+    """The keys a [model] table may hold, with their types: TeleFLMConfig's own fields."""
+    from teleflm.model import TeleFLMConfig
+
+    hints = get_type_hints(TeleFLMConfig.__init__)
+    names = [p for p in inspect.signature(TeleFLMConfig.__init__).parameters if p not in ("self", "kwargs")]
+    # `int | None` takes an int in TOML (which has no null).
+    return {
+        name: next((a for a in get_args(hints[name]) if a is not type(None)), hints[name]) for name in names
+    }
+
+
+def check_table(raw, hints: dict[str, Any], ranges: dict[str, Range], where: str) -> dict:
+    """The checked values of a TOML table whose keys have the types `hints` and the `ranges`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(hints)}")
+    values = {}
+    for key, value in raw.items():
+        values[key] = value = _coerce(hints[key], value, f"{where}.{key}")
+        if key in ranges and value not in ranges[key]:
+            raise ConfigError(f"{where}.{key} = {value!r} is out of range: it must be {ranges[key]}")
+    return values
+
+
+def _coerce(hint, value, where: str):
+    origin = get_origin(hint)
+    if hint == ModelTable:
+        return check_table(value, model_fields(), MODEL_RANGES, where)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, where)
+    if origin is list:
+        (item,) = get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        if origin is dict:  # dict[str, T]: each value a T
+            _, item = get_args(hint)
+            return {k: _coerce(item, v, f"{where}.{k}") for k, v in value.items()}
+        return value
+    if origin in (Union, UnionType) and type(None) in get_args(hint):  # `T | None`: TOML has no null
+        (inner,) = [a for a in get_args(hint) if a is not type(None)]
+        return _coerce(inner, value, where)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (
+        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string
+    return key.strip().split("."), value
+
+
+def read_toml(path: str | Path) -> dict:
+    """A TOML file as tables; a missing file or a syntax error is named with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def read_raw(path: str | Path, overrides: list[str] = ()) -> dict:
+    """A TOML config as tables, with `section.key=value` overrides (values in TOML syntax) applied."""
+    raw = read_toml(path)
+    for text in overrides:
+        keys, value = _parse_override(text)
+        table = raw
+        for k in keys[:-1]:
+            table = table.setdefault(k, {})
+        table[keys[-1]] = value
+    return raw
