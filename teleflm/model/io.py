@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from teleflm.config import read_json
 from teleflm.data.tokenizer import add_chat_template, has_tokenizer, load_tokenizer, padded_ids
 from teleflm.model.configuration_teleflm import TeleFLMConfig
 from teleflm.model.modeling_teleflm import TeleFLMForCausalLM
@@ -147,10 +148,7 @@ def load_config(model_dir: str | Path) -> TeleFLMConfig:
     path = Path(model_dir) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (is {model_dir} a model folder?)")
-    try:
-        fields = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    fields = read_json(path, CheckpointError)
     if str(fields.get("model_type", "")).lower() != "teleflm":
         raise CheckpointError(f"{path}: model_type is {fields.get('model_type')!r}, expected 'TeleFLM'")
     try:
