@@ -1,6 +1,6 @@
 """`teleflm recipe [--config RECIPE.toml] [--out DIR]`: search on a proxy, transfer to a wider and
 deeper target, forecast its loss from a ladder, train it, and report the forecast beside the
-measured loss (teleflm.tune.recipe), on the embedded sample."""
+measured loss (teleflm.scaling.recipe), on the embedded sample."""
 
 from importlib.resources import files
 from pathlib import Path
@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from teleflm.tune.recipe import load_recipe, run_recipe
+    from teleflm.scaling.recipe import load_recipe, run_recipe
 
     torch.set_num_threads(1)  # tiny models: one thread beats two contended ones
     spec = load_recipe(args.config)
