@@ -1,13 +1,18 @@
 """Progressive growth vs training the final size from scratch, for the same token budget, on the demo
-data (the embedded KJV sample, byte-level BPE of 512). The grown run trains a small model for half the
-budget, grows it width x2 and depth x2 by MSG (masks ramp over 1/12 of the steps), and trains on; the scratch
-run trains the final shape throughout. Held-out loss is measured at every checkpoint (mid-ramp ones
-with their masks installed).
+data (the embedded KJV sample, byte-level BPE of 512), over several seeds. Three runs per seed:
 
-    .venv/bin/python -m bench.bench_grow [--steps 240] [--json out.json]
+- msg: a small model (hidden 64, 2 layers) trained for half the budget, grown width x2 and depth x2 by
+  masked structural growth (masks ramp over 1/12 of the steps), trained on;
+- stack: the final width with half the layers, stacked at half the budget to the final depth (layers
+  0, 1, 0, 1: G_stack's operator, arXiv 2405.15319) with a one-step ramp, so no fade-in;
+- scratch: the final shape throughout.
 
-Reports the training FLOPs (6N + attention per token, per stage's shape) each run needs to reach the
-same held-out loss (the worse of the two final losses) and both final losses.
+    .venv/bin/python -m bench.bench_grow [--steps 240] [--seeds 0,1,2] [--json out.json] [--plot F.png]
+
+Held-out loss is measured every 1/24 of the run (mid-ramp checkpoints with their masks installed).
+Reports, per seed, the training FLOPs (6N + attention per token, at each stage's shape) each run
+needs to reach the scratch run's final held-out loss (linear between checkpoints), their ratio to
+scratch's, and the mean ratio with a 90% t-interval over the seeds.
 """
 
 import argparse
@@ -30,9 +35,10 @@ from teleflm.train.stages import run as run_stages
 VOCAB, CONTEXT, SEQUENCES = 512, 64, 16
 SMALL = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2)
 FINAL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4)
+STACK_SMALL = {**FINAL, "num_hidden_layers": 2}
 HELD_OUT = 32
-# Masks ramp, and held-out loss is measured, every 1/12 of the run (20 steps of the default 240).
-INTERVALS = 12
+# Masks ramp over 1/12 of the run (20 steps of the default 240); held-out loss every 1/24.
+RAMP_SHARE, INTERVALS = 12, 24
 
 
 def demo_tokens() -> tuple[np.ndarray, np.ndarray]:
@@ -54,9 +60,10 @@ def demo_tokens() -> tuple[np.ndarray, np.ndarray]:
     return sequences[:-HELD_OUT], sequences[-HELD_OUT:]
 
 
-def config(out: Path, steps: int, shape: dict, growth: list[dict]) -> TrainConfig:
+def config(out: Path, steps: int, shape: dict, growth: list[dict], seed: int = 0) -> TrainConfig:
     raw = {
         "out": str(out),
+        "seed": seed,
         "model": dict(
             vocab_size=VOCAB,
             max_position_embeddings=CONTEXT,
@@ -104,59 +111,140 @@ def held_out_curve(out: Path, held_out: np.ndarray) -> list[dict]:
 
 
 def flops_to_reach(curve: list[dict], target: float) -> float | None:
-    return next((p["flops"] for p in curve if p["held_out_loss"] <= target), None)
+    """FLOPs at which the held-out loss first reaches `target`, linear between the checkpoints that
+    bracket the crossing; None if it never does."""
+    previous = None
+    for p in curve:
+        if p["held_out_loss"] <= target:
+            if previous is None:
+                return p["flops"]
+            share = (previous["held_out_loss"] - target) / (previous["held_out_loss"] - p["held_out_loss"])
+            return previous["flops"] + share * (p["flops"] - previous["flops"])
+        previous = p
+    return None
+
+
+def t_interval(values: list[float], level: float = 0.9) -> tuple[float, float, float]:
+    """Mean and the `level` Student-t interval of the mean."""
+    from scipy.stats import t
+
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return mean, mean, mean
+    half = t.ppf((1 + level) / 2, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def plot(curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    colors = {"msg": "C0", "stack": "C2", "scratch": "C3"}
+    for (name, seed), curve in curves.items():
+        ax.plot(
+            [p["flops"] for p in curve],
+            [p["held_out_loss"] for p in curve],
+            "-",
+            color=colors[name],
+            lw=1,
+            alpha=0.8,
+            label=name if seed == min(s for _, s in curves) else None,
+        )
+    finals = [c[-1]["held_out_loss"] for (n, _), c in curves.items() if n == "scratch"]
+    ax.axhline(np.mean(finals), color="C3", ls=":", lw=1, label="scratch final (seed mean)")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_ylim(min(finals) - 0.15, min(finals) + 1.2)
+    ax.legend(fontsize=8)
+    ax.set_title("growth vs scratch, one line per seed", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=240)
+    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path, default=Path("runs/bench/grow.png"))
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     train, held_out = demo_tokens()
-    growth = [
-        {
-            "at_tokens": CONTEXT * SEQUENCES * args.steps // 2,
-            "ramp_steps": max(args.steps // INTERVALS, 1),
-            "model": FINAL,
-        }
-    ]
-    runs = {"grown": (SMALL, growth), "scratch": (FINAL, [])}
+    seeds = [int(x) for x in args.seeds.split(",")]
+    at_tokens = CONTEXT * SEQUENCES * args.steps // 2
+    ramp = max(args.steps // RAMP_SHARE, 1)
+    runs = {
+        "msg": (SMALL, [{"at_tokens": at_tokens, "ramp_steps": ramp, "model": FINAL}]),
+        "stack": (
+            STACK_SMALL,
+            [
+                {
+                    "at_tokens": at_tokens,
+                    "ramp_steps": 1,
+                    "model": FINAL,
+                    "layers_at": [2, 3],
+                    "layer_init": "stack",
+                }
+            ],
+        ),
+        "scratch": (FINAL, []),
+    }
     curves, seconds = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (shape, stages) in runs.items():
-            out = Path(tmp) / name
-            t0 = time.perf_counter()
-            run_stages(config(out, args.steps, shape, stages), lambda r, n: ArrayStream(train, r, n))
-            seconds[name] = time.perf_counter() - t0
-            curves[name] = held_out_curve(out, held_out)
-    target = max(c[-1]["held_out_loss"] for c in curves.values())
-    result = {
-        "steps": args.steps,
-        "tokens": CONTEXT * SEQUENCES * args.steps,
-        "target_held_out_loss": target,
-        **{
-            name: {
-                "final_held_out_loss": c[-1]["held_out_loss"],
-                "total_flops": c[-1]["flops"],
-                "flops_to_target": flops_to_reach(c, target),
-                "wall_seconds": seconds[name],
+        for seed in seeds:
+            order = train[np.random.default_rng(seed).permutation(len(train))] if seed else train
+            for name, (shape, stages) in runs.items():
+                out = Path(tmp) / f"{name}-{seed}"
+                t0 = time.perf_counter()
+                cfg = config(out, args.steps, shape, stages, seed)
+                run_stages(cfg, lambda r, n, data=order: ArrayStream(data, r, n))
+                seconds[name, seed] = time.perf_counter() - t0
+                curves[name, seed] = held_out_curve(out, held_out)
+                print(
+                    f"seed {seed} {name:8s} final held-out loss {curves[name, seed][-1]['held_out_loss']:.4f} "
+                    f"({seconds[name, seed]:.0f} s)",
+                    flush=True,
+                )
+    result = {"steps": args.steps, "tokens": CONTEXT * SEQUENCES * args.steps, "seeds": seeds, "per_seed": {}}
+    ratios = {"msg": [], "stack": []}
+    for seed in seeds:
+        target = curves["scratch", seed][-1]["held_out_loss"]
+        scratch = flops_to_reach(curves["scratch", seed], target)
+        row = {"target_held_out_loss": target}
+        for name in runs:
+            reach = flops_to_reach(curves[name, seed], target)
+            row[name] = {
+                "final_held_out_loss": curves[name, seed][-1]["held_out_loss"],
+                "total_flops": curves[name, seed][-1]["flops"],
+                "flops_to_target": reach,
+                "ratio": reach / scratch if reach is not None else None,
             }
-            for name, c in curves.items()
-        },
-        "curves": curves,
-    }
-    result["flops_ratio_grown_over_scratch"] = (
-        result["grown"]["flops_to_target"] / result["scratch"]["flops_to_target"]
-    )
-    for name in runs:
-        r = result[name]
+            if name in ratios:
+                # Never reached: the ratio is at least its whole budget over scratch's.
+                ratios[name].append(row[name]["ratio"] or row[name]["total_flops"] / scratch)
+        result["per_seed"][seed] = row
         print(
-            f"{name:8s} final held-out loss {r['final_held_out_loss']:.4f}  total {r['total_flops']:.3g} FLOPs  "
-            f"to reach {target:.4f}: {r['flops_to_target']:.3g} FLOPs  ({r['wall_seconds']:.0f} s)"
+            f"seed {seed}: scratch final {target:.4f}; FLOPs to reach it, over scratch's: "
+            + ", ".join(
+                f"{n} {row[n]['ratio']:.3f}" if row[n]["ratio"] else f"{n} not reached" for n in ratios
+            )
         )
-    print(f"grown / scratch FLOPs to the same held-out loss: {result['flops_ratio_grown_over_scratch']:.3f}")
+    for name, values in ratios.items():
+        mean, low, high = t_interval(values)
+        result[f"{name}_ratio"] = {"mean": mean, "low": low, "high": high, "per_seed": values}
+        print(
+            f"{name}: FLOPs to the scratch loss / scratch's: mean {mean:.3f}, 90% t-interval "
+            f"[{low:.3f}, {high:.3f}] over {len(values)} seeds (per seed {' '.join(f'{v:.3f}' for v in values)})"
+        )
+    plot(curves, args.plot)
+    print(f"plot: {args.plot}")
     if args.json:
+        result["curves"] = {f"{n}/{s}": c for (n, s), c in curves.items()}
         args.json.write_text(json.dumps(result, indent=1))
 
 

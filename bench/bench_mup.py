@@ -1,10 +1,14 @@
-"""muP learning-rate transfer: the best learning rate of a grid at width 64 and at width 256, under muP
-and under standard parametrization (SP), on a slice of the King James Bible.
+"""muP learning-rate transfer over width and depth, on a slice of the King James Bible: the best
+learning rate of a 2x grid at each width (muP vs standard parametrization) and at each depth
+(CompleteP's residual scaling vs width-only muP), for several seeds.
 
-    .venv/bin/python -m bench.bench_mup [--steps 120] [--json out.json]
+    .venv/bin/python -m bench.bench_mup [--axes width,depth] [--widths 64,128,256,512] \
+        [--depths 2,4,8,16] [--seeds 0,1,2] [--steps 100] [--json runs/bench/mup.json]
 
-Every run has the same tokens, depth and other hyper-parameters (matrix_lr = lr, min_lr = lr / 10);
-the score is the held-out loss. muP should keep the best lr within one grid step across widths.
+Every run has the same held-out windows, tokens per step and other hyper-parameters (matrix_lr = lr,
+min_lr = lr / 10); a seed sets the init and the order of the training windows. The proxy is width
+64, 2 layers: over width the depth stays 2, over depth the width stays 64. The score is the held-out
+loss. Finished runs are kept in the JSON file, so a second call only runs what is missing.
 """
 
 import argparse
@@ -17,34 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from teleflm.data.sample import kjv_chapters
-from teleflm.tune.runs import RunData, at_width, scored_run
+from teleflm.data.sample import kjv_windows
+from teleflm.tune.runs import RunData, at_depth, at_width, scored_run
 
 CONTEXT, BATCH, VOCAB = 64, 8, 1024
-LR_GRID = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
-WIDTHS = [64, 256]
-
-
-def kjv_sequences(n_chars: int = 1_500_000, vocab: int = VOCAB, context: int = CONTEXT) -> np.ndarray:
-    """Packed (n, context + 1) token windows of the KJV, with a byte-level BPE trained on the slice."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    text = "\n\n".join(kjv_chapters())[:n_chars]  # the KJV shipped with teleflm
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        text.splitlines(),
-        trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
-    )
-    ids = np.array([i for line in tok.encode_batch(text.splitlines()) for i in line.ids], dtype=np.int64)
-    n = len(ids) // (context + 1)
-    windows = ids[: n * (context + 1)].reshape(n, context + 1)
-    return windows[np.random.default_rng(0).permutation(n)]  # held-out rows come from the whole book
+LR_GRID = [0.025 / 2**k for k in range(8)]  # 2.5e-2 .. 2e-4, a 2x grid
+# Per axis: the parametrization under test, then the one it is contrasted with.
+PARAMETRIZATIONS = {"width": ("muP", "SP"), "depth": ("CompleteP", "muP")}
 
 
 def base_config(steps: int) -> dict:
-    """A 2-layer muP model defined against a width-64 proxy."""
+    """A 2-layer muP model defined against a width-64, 2-layer proxy."""
     return {
         "model": dict(
             vocab_size=VOCAB,
@@ -66,62 +53,136 @@ def base_config(steps: int) -> dict:
     }
 
 
-def run_config(steps: int, width: int, lr: float, parametrization: str) -> dict:
-    raw = at_width(base_config(steps), width, head_dim=32)
+def run_config(steps: int, axis: str, value: int, lr: float, parametrization: str, seed: int = 0) -> dict:
+    if axis == "width":
+        raw = at_width(base_config(steps), value, head_dim=32)
+        if parametrization == "SP":
+            raw["model"].update(use_mup=False, mup_scale_factor=1.0)
+    else:
+        raw = at_depth(base_config(steps), value)
+        if parametrization == "muP":  # width-only muP: no branch multiplier
+            raw["model"]["mup_depth_factor"] = 1.0
     raw["mup"].update(lr=lr, matrix_lr=lr, min_lr=lr / 10)
-    if parametrization == "SP":
-        raw["model"].update(use_mup=False, mup_scale_factor=1.0)
+    raw["seed"] = seed
     return raw
+
+
+def best_index(losses: list[float]) -> int:
+    return int(np.argmin([x if math.isfinite(x) else np.inf for x in losses]))
+
+
+def summarize(runs: dict, axis: str, values: list[int], seeds: list[int], lrs: list[float]) -> dict:
+    """Per parametrization and seed: the best lr's grid index at each value, and its shift from the
+    first value to the last."""
+    out = {}
+    for p in PARAMETRIZATIONS[axis]:
+        per_seed = {}
+        for seed in seeds:
+            best = [best_index([runs[f"{axis}/{p}/{v}/{seed}/{lr:g}"] for lr in lrs]) for v in values]
+            per_seed[seed] = {"best": best, "shift": best[-1] - best[0]}
+        out[p] = per_seed
+    return out
+
+
+def plot(runs: dict, axis: str, values: list[int], seeds: list[int], lrs: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = PARAMETRIZATIONS[axis]
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), sharey=True)
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(values)))
+    for ax, p in zip(axes, names, strict=True):
+        for color, v in zip(colors, values, strict=True):
+            losses = np.array([[runs[f"{axis}/{p}/{v}/{s}/{lr:g}"] for lr in lrs] for s in seeds])
+            losses[~np.isfinite(losses)] = np.nan
+            mean = np.nanmean(losses, axis=0)
+            ax.plot(lrs, mean, "-", color=color, label=f"{axis} {v}")
+            ax.fill_between(lrs, np.nanmin(losses, axis=0), np.nanmax(losses, axis=0), color=color, alpha=0.2)
+            for row in losses:  # each seed's best lr
+                i = best_index(list(np.nan_to_num(row, nan=np.inf)))
+                ax.plot([lrs[i]], [row[i]], "v", color=color, ms=5)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("learning rate (lr = matrix_lr)")
+        ax.set_title(f"{p}: best lr per seed (v), mean and range over {len(seeds)} seeds", fontsize=8)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("held-out loss (nats/token)")
+    finite = [x for x in runs.values() if math.isfinite(x)]
+    axes[0].set_ylim(min(finite) - 0.05, min(finite) + 1.0)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--lrs", default=",".join(map(str, LR_GRID)), help="learning-rate grid")
-    parser.add_argument("--json", help="write the curves here")
+    parser.add_argument("--axes", default="width,depth")
+    parser.add_argument("--widths", default="64,128,256,512")
+    parser.add_argument("--depths", default="2,4,8,16")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--lrs", default=",".join(f"{x:g}" for x in LR_GRID), help="learning-rate grid")
+    parser.add_argument(
+        "--json", type=Path, help="finished runs (read back on a second call) and the summary"
+    )
+    parser.add_argument("--plots", type=Path, default=Path("runs/bench"), help="mup_<axis>.png go here")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    lr_grid = [float(x) for x in args.lrs.split(",")]
-    sequences = kjv_sequences()
-    heldout = 64
-    data = RunData(train=sequences[heldout:], heldout=sequences[:heldout])
+    lrs = [float(x) for x in args.lrs.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    values = {
+        "width": [int(v) for v in args.widths.split(",")],
+        "depth": [int(v) for v in args.depths.split(",")],
+    }
+    saved = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
+    if saved.get("steps", args.steps) != args.steps:
+        raise SystemExit(f"{args.json} holds runs of {saved['steps']} steps, not {args.steps}")
+    runs = saved.get("runs", {})
+    sequences = kjv_windows(vocab_size=VOCAB, context=CONTEXT)
+    heldout = sequences[:64]
     print(
-        f"KJV: {len(sequences)} windows of {CONTEXT + 1} tokens (BPE {VOCAB}); {args.steps} steps of {BATCH} windows"
+        f"KJV: {len(sequences)} windows of {CONTEXT + 1} tokens (BPE {VOCAB}); {args.steps} steps of {BATCH} "
+        f"windows; lr grid {[f'{x:.3g}' for x in lrs]}; seeds {seeds}"
     )
-    curves = {}
+    summary = saved.get("summary", {})
     with tempfile.TemporaryDirectory() as tmp:
-        for p in ("muP", "SP"):
-            for width in WIDTHS:
-                losses = []
-                for lr in lr_grid:
-                    t0 = time.perf_counter()
-                    r = scored_run(
-                        run_config(args.steps, width, lr, p), Path(tmp) / f"{p}-{width}-{lr}", data
-                    )
-                    losses.append(r["objective"])
-                    print(
-                        f"{p:>3} width {width:>3} lr {lr:.0e}: held-out loss {r['objective']:.4f} "
-                        f"({r['status']}, {time.perf_counter() - t0:.0f}s)",
-                        flush=True,
-                    )
-                curves[f"{p}/{width}"] = losses
-    print("\nheld-out loss by learning rate")
-    print(f"{'':>10}" + "".join(f"{lr:>9.0e}" for lr in lr_grid) + "   best")
-    best = {}
-    for key, losses in curves.items():
-        i = int(np.argmin([x if math.isfinite(x) else np.inf for x in losses]))
-        best[key] = i
-        print(f"{key:>10}" + "".join(f"{x:>9.4f}" for x in losses) + f"   {lr_grid[i]:.0e}")
-    for p in ("muP", "SP"):
-        shift = best[f"{p}/{WIDTHS[-1]}"] - best[f"{p}/{WIDTHS[0]}"]
-        print(
-            f"{p}: best lr moves {shift:+d} grid step(s) from width {WIDTHS[0]} to {WIDTHS[-1]}"
-            f" ({'within one step' if abs(shift) <= 1 else 'more than one step'})"
-        )
+        for axis in args.axes.split(","):
+            for seed in seeds:
+                order = np.random.default_rng(seed).permutation(len(sequences) - 64)
+                data = RunData(train=sequences[64:][order], heldout=heldout)
+                for p in PARAMETRIZATIONS[axis]:
+                    for v in values[axis]:
+                        for lr in lrs:
+                            key = f"{axis}/{p}/{v}/{seed}/{lr:g}"
+                            if key in runs:
+                                continue
+                            t0 = time.perf_counter()
+                            raw = run_config(args.steps, axis, v, lr, p, seed)
+                            r = scored_run(raw, Path(tmp) / "run", data)
+                            runs[key] = r["objective"]
+                            print(
+                                f"{key}: held-out loss {r['objective']:.4f} ({r['status']}, "
+                                f"{time.perf_counter() - t0:.0f}s)",
+                                flush=True,
+                            )
+                            if args.json:
+                                state = {"runs": runs, "summary": summary, "steps": args.steps}
+                                args.json.write_text(json.dumps(state, indent=0))
+            summary[axis] = summarize(runs, axis, values[axis], seeds, lrs)
+            plot(runs, axis, values[axis], seeds, lrs, args.plots / f"mup_{axis}.png")
+            print(f"\nover {axis} {values[axis]}: best lr's grid index per {axis}, and its shift, per seed")
+            for p, per_seed in summary[axis].items():
+                for seed, s in per_seed.items():
+                    best = " ".join(f"{lrs[i]:.3g}" for i in s["best"])
+                    print(f"  {p:>9} seed {seed}: best lr {best}   shift {s['shift']:+d}")
+                shifts = [abs(s["shift"]) for s in per_seed.values()]
+                print(f"  {p:>9}: |shift| per seed {shifts}, max {max(shifts)}")
+            print(f"plot: {args.plots / f'mup_{axis}.png'}")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"lr_grid": lr_grid, "curves": curves, "steps": args.steps}, indent=1)
-        )
+        state = {"runs": runs, "summary": summary, "lrs": lrs, "steps": args.steps}
+        args.json.write_text(json.dumps(state, indent=0))
 
 
 if __name__ == "__main__":

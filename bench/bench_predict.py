@@ -1,64 +1,77 @@
-"""muScaling on a tiny ladder: train 5 muP widths with the same hyper-parameters and tokens on a slice
-of the King James Bible, fit L(N) = a*N^b + c on the 4 smallest and predict the largest.
+"""muScaling on a tiny ladder, several seeds per rung: train muP widths with the same hyper-parameters
+and tokens on a slice of the King James Bible, fit L(N) = a*N^b + c to all but the two largest and
+predict those (error and whether each lies inside its interval), and forecast width 512.
 
-    .venv/bin/python -m bench.bench_predict [--steps 300] [--lr 3e-3] [--widths 32,48,64,96,128]
+    .venv/bin/python -m bench.bench_predict [--steps 300] [--lr 3e-3] [--widths 32,48,64,96,128,192] \
+        [--seeds 3] [--out runs/bench/predict]
+
+The ladder is `teleflm predict`'s own (teleflm.scaling.ladder): each seed moves the init and the
+order of the training windows; the held-out loss is over the first 10% of the windows. Finished runs
+are read back from `--out` on a second call.
 """
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from bench.bench_mup import base_config, kjv_sequences
+from bench.bench_mup import CONTEXT, VOCAB, base_config
+from teleflm.data.sample import kjv_windows
 from teleflm.scaling.fit import FitError
-from teleflm.scaling.ladder import Rung, forecast, interval_text, write_report
-from teleflm.tune.runs import RunData, at_width, parameter_count, scored_run
+from teleflm.scaling.ladder import LadderSpec, describe, forecast, run_ladder, write_report
+from teleflm.tune.runs import at_width, parameter_count, training_flops
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--widths", default="32,48,64,96,128")
+    parser.add_argument("--widths", default="32,48,64,96,128,192")
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--report", default="runs/bench/predict", help="Markdown + PNG report folder")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/predict"), help="runs and report")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    widths = [int(w) for w in args.widths.split(",")]
-    sequences = kjv_sequences()
-    data = RunData(train=sequences[64:], heldout=sequences[:64])
-    rungs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for width in widths:
-            raw = at_width(base_config(args.steps), width, head_dim=16)
-            raw["mup"].update(lr=args.lr, matrix_lr=args.lr, min_lr=args.lr / 10)
-            t0 = time.perf_counter()
-            r = scored_run(raw, Path(tmp) / f"w{width}", data)
-            n = parameter_count(raw["model"])
-            rungs.append(Rung(float(n), r["objective"], width))
-            print(
-                f"width {width:>3}: N = {n:>9,} non-embedding, held-out loss {r['objective']:.4f} "
-                f"({time.perf_counter() - t0:.0f}s)",
-                flush=True,
-            )
-    target = parameter_count(at_width(base_config(args.steps), 512, head_dim=16)["model"])
+    args.out.mkdir(parents=True, exist_ok=True)
+    np.save(args.out / "sequences.npy", kjv_windows(vocab_size=VOCAB, context=CONTEXT))
+    base = base_config(args.steps)
+    base["mup"].update(lr=args.lr, matrix_lr=args.lr, min_lr=args.lr / 10)
+    spec = LadderSpec(
+        base=base,
+        widths=[int(w) for w in args.widths.split(",")],
+        out=args.out,
+        seeds=args.seeds,
+        sequences=args.out / "sequences.npy",
+        head_dim=16,
+    )
+    t0 = time.perf_counter()
+    rungs = run_ladder(spec)
+    print(f"ladder: {len(rungs)} rungs x {args.seeds} seeds in {time.perf_counter() - t0:.0f}s")
+    for r in rungs:
+        print(
+            f"width {r.width:>3}: N = {r.params:>9,.0f} non-embedding, held-out loss {r.loss:.4f} "
+            f"(seeds {' '.join(f'{x:.4f}' for x in r.losses)}, sd {np.std(r.losses, ddof=1) if len(r.losses) > 1 else 0:.4f})"
+        )
+    target = at_width(base, 512, head_dim=16)
     try:
-        result = forecast(rungs, float(target), "width 512", "held-out loss (nats per token)")
-    except FitError as e:
+        result = forecast(
+            rungs,
+            float(parameter_count(target["model"])),
+            "width 512",
+            "held-out loss (nats per token)",
+            training_flops(target),
+        )
+    except FitError as e:  # e.g. a few steps only (the smoke run), where the loss need not fall
         print(f"no prediction: {e}")
         return
-    h = result.held_out
-    print(
-        f"fit on all rungs: L = {result.target.law.a:.4g} N^{result.target.law.b:.4f} + {result.target.law.c:.4f}"
-    )
-    print(
-        f"held-out largest rung (width {widths[-1]}): predicted {h.loss:.4f} ({interval_text(h)}), "
-        f"measured {rungs[-1].loss:.4f}, error {result.held_out_error:+.2%} "
-        f"({'within' if abs(result.held_out_error) <= 0.02 else 'outside'} 2%)"
-    )
-    print(f"forecast width 512 (N = {target:,}): {result.target.loss:.4f} ({interval_text(result.target)})")
-    print(f"report: {write_report(result, Path(args.report), 'bench_predict', 'non-embedding')}")
+    print(describe(result))
+    for error, inside in zip(result.held_out_errors(), result.held_out_inside(), strict=True):
+        where = {True: "inside", False: "outside", None: "no"}[inside]
+        print(
+            f"held-out: error {error:+.2%} ({'within' if abs(error) <= 0.01 else 'outside'} 1%), {where} its interval"
+        )
+    print(f"report: {write_report(result, args.out, 'bench_predict', 'non-embedding')}")
 
 
 if __name__ == "__main__":

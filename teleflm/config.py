@@ -1,12 +1,11 @@
 """Typed configuration from TOML, for every config of the project: one reader (`read_toml`, and
 `read_raw` with `--set section.key=value` overrides) and one builder (`build`) that makes a dataclass of
 a table, refusing unknown keys, wrong types and values out of range by name. A dataclass's `RANGES`
-gives its numeric keys' ranges; a `ModelTable` field is a `[model]` table checked against
-TeleFLMConfig's own fields (`MODEL_RANGES`)."""
+gives its numeric keys' ranges; a field typed `Annotated[dict, check]` is checked by `check(table,
+where)` (the `[model]` table: teleflm.train.config), and `read_json` reads the project's JSON files."""
 
 import dataclasses
-import functools
-import inspect
+import json
 import math
 import tomllib
 from dataclasses import dataclass
@@ -48,23 +47,6 @@ NON_NEGATIVE = Range(0)
 AT_LEAST_ONE = Range(1)
 FRACTION = Range(0, 1, open_high=True)  # in [0, 1)
 
-# A [model] table: TeleFLMConfig's fields by their config.json names, checked like any other table.
-ModelTable = Annotated[dict[str, Any], "TeleFLMConfig fields"]
-MODEL_RANGES = {
-    **dict.fromkeys(
-        ["vocab_size", "hidden_size", "intermediate_size", "max_position_embeddings"], AT_LEAST_ONE
-    ),
-    **dict.fromkeys(["num_hidden_layers", "num_attention_heads", "num_key_value_heads"], AT_LEAST_ONE),
-    **dict.fromkeys(
-        ["rms_norm_eps", "rope_theta", "mup_scale_factor", "mup_depth_factor", "output_mult", "input_mult"],
-        POSITIVE,
-    ),
-    **dict.fromkeys(["pad_token_id", "bos_token_id", "eos_token_id"], NON_NEGATIVE),
-    "pretraining_tp": AT_LEAST_ONE,
-    "initializer_range": NON_NEGATIVE,
-    "attention_dropout": FRACTION,
-}
-
 
 class ConfigError(ValueError):
     """A config that cannot work; the message names the file and the key."""
@@ -79,19 +61,6 @@ def build(cls, raw: dict, where: str):
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from None
-
-
-@functools.cache
-def model_fields() -> dict[str, Any]:
-    """The keys a [model] table may hold, with their types: TeleFLMConfig's own fields."""
-    from teleflm.model import TeleFLMConfig
-
-    hints = get_type_hints(TeleFLMConfig.__init__)
-    names = [p for p in inspect.signature(TeleFLMConfig.__init__).parameters if p not in ("self", "kwargs")]
-    # `int | None` takes an int in TOML (which has no null).
-    return {
-        name: next((a for a in get_args(hints[name]) if a is not type(None)), hints[name]) for name in names
-    }
 
 
 def check_table(raw, hints: dict[str, Any], ranges: dict[str, Range], where: str) -> dict:
@@ -111,8 +80,8 @@ def check_table(raw, hints: dict[str, Any], ranges: dict[str, Range], where: str
 
 def _coerce(hint, value, where: str):
     origin = get_origin(hint)
-    if hint == ModelTable:
-        return check_table(value, model_fields(), MODEL_RANGES, where)
+    if get_origin(hint) is Annotated:  # a table with a checker of its own (hint's metadata)
+        return hint.__metadata__[0](value, where)
     if dataclasses.is_dataclass(hint):
         return build(hint, value, where)
     if origin is list:
@@ -171,3 +140,11 @@ def read_raw(path: str | Path, overrides: list[str] = ()) -> dict:
             table = table.setdefault(k, {})
         table[keys[-1]] = value
     return raw
+
+
+def read_json(path: Path, error: type[Exception] = ValueError):
+    """A JSON file's content; an unreadable or invalid file is `error` naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise error(f"{path}: cannot be read, not valid JSON ({e})") from None

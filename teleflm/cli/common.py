@@ -1,5 +1,5 @@
-"""What several commands share: loading a model from any of the forms teleflm writes or reads, and
-the sampling options of the commands that generate."""
+"""What several commands share: loading a model from any of the forms teleflm writes or reads, the
+sampling options of the commands that generate, and running a training job."""
 
 import sys
 from pathlib import Path
@@ -75,3 +75,16 @@ def add_override_argument(p, example: str) -> None:
         metavar="SECTION.KEY=VALUE",
         help=f"override a config value (TOML syntax), e.g. --set {example}",
     )
+
+
+def run_training(train, cfg) -> int:
+    """Run `train(cfg)` (pre-training, SFT, DPO), leave the process group whatever happens, and
+    print the final figures."""
+    from teleflm.train.trainer import close
+
+    try:
+        result = train(cfg)
+    finally:
+        close()
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    return 0

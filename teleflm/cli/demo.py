@@ -1,11 +1,13 @@
 """`teleflm demo [--minutes N] [--out DIR]`: the whole system on the embedded sample, in one command.
 
 Stages, each skipped when its output is already there (a re-run continues where it stopped):
-sample corpus -> tokenizer -> shards with a held-out split -> muP training (the token budget set from
-the time budget) -> bits per byte per domain beside xz -9 and gzip -9 -> generations -> Hugging Face
-export -> report.md with figures and plots.
+sample corpus -> tokenizer -> shards with a held-out split -> muP training for the time left (the
+machine's step rate, evaluation and checkpoint times measured on a few warm-up steps first; bf16 where
+this machine runs it natively) -> bits per byte per domain beside xz -9 and gzip -9 -> generations ->
+Hugging Face export -> report.md with figures and plots.
 """
 
+import copy
 import gzip
 import json
 import lzma
@@ -18,8 +20,15 @@ from pathlib import Path
 DEMO_CONFIG = files("teleflm.cli") / "demo.toml"
 VOCAB_SIZE = 8000  # the tokenizer's entries; the model pads its embedding to 8192
 PROMPTS = {"English": "And God said unto Moses,", "Chinese": "床前明月光，", "code": "def __init__(self,"}
-# Shares of the time budget: everything but training is measured in seconds.
-TRAIN_SHARE = 0.75
+# Calibration: steps timed away (first-touch allocations), then steps whose median time counts. It
+# plans the run (its evaluation and checkpoint intervals); a Deadline then keeps it to the budget.
+WARMUP_STEPS, TIMED_STEPS = 2, 4
+# The stages after training beyond its evaluations and checkpoints (export, figures, generations from
+# the export, report): about 15 s on 2 cores, with room to spare.
+TAIL_SECONDS = 25
+BUDGET_SHARE = 0.95  # aim below the budget: the step rate wanders with the machine's load
+MIN_STEPS = 10
+EVALUATIONS = 3  # during training (also checkpoints), besides the final one
 DISK_NEEDED = 400 * 2**20  # corpus, shards, checkpoints (3 x 3 x ~14 MB), export: well under this
 
 
@@ -52,23 +61,40 @@ def stage(name: str) -> None:
     print(f"\n== {name}", flush=True)
 
 
-def token_budget(cfg, seconds: float) -> int:
-    """Tokens the CPU trains in `seconds`: the matmul rate measured now x a utilisation the trainer
-    reaches on this model (about half the matmul rate, measured on 2 cores), rounded down to whole steps (at least 20 steps)."""
-    import torch
+def calibrate(cfg, out: Path) -> dict[str, float]:
+    """Seconds per training step, per held-out evaluation and per checkpoint of `cfg` on this machine
+    now, from a throwaway run of a few steps (its folder is removed)."""
+    import statistics
 
-    from teleflm.model.size import flops_per_token
+    from teleflm.train.trainer import Trainer
 
-    n = 512
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    t0 = time.perf_counter()
-    for _ in range(8):
-        a @ b
-    flops = 2 * n**3 * 8 / (time.perf_counter() - t0)
-    tokens_per_s = 0.5 * flops / flops_per_token(cfg.model_config(), cfg.data.context_length)
-    steps = max(20, int(seconds * tokens_per_s) // cfg.batch.global_batch_tokens)
-    return steps * cfg.batch.global_batch_tokens
+    cfg = copy.deepcopy(cfg)
+    cfg.out = str(out)
+    cfg.schedule.total_tokens = (WARMUP_STEPS + TIMED_STEPS) * cfg.batch.global_batch_tokens
+    cfg.schedule.warmup_steps = 1
+    cfg.checkpoint.export_at_end = False
+    cfg.logging.eval_interval = 0
+    cfg.logging.progress_bar = False
+    shutil.rmtree(out, ignore_errors=True)
+    trainer = Trainer(cfg)
+    trainer.run()  # its last step writes a checkpoint and evaluates: both warmed up below
+    rates = [
+        json.loads(line).get("tokens_per_s") for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
+    timed = [r for r in rates if r][WARMUP_STEPS:]
+    times = {"step": cfg.batch.global_batch_tokens / statistics.median(timed)}
+    for name, call in (("evaluation", trainer.evaluate), ("checkpoint", trainer.save_checkpoint)):
+        started = time.perf_counter()
+        call()
+        times[name] = time.perf_counter() - started
+    shutil.rmtree(out, ignore_errors=True)
+    return times
+
+
+def steps_for(seconds: float, times: dict[str, float]) -> int:
+    """Training steps that fit in `seconds` with the evaluations and checkpoints along the way."""
+    fixed = (EVALUATIONS + 1) * times["evaluation"] + EVALUATIONS * times["checkpoint"] + TAIL_SECONDS
+    return max(MIN_STEPS, int((seconds - fixed) / times["step"]))
 
 
 def compressed_bpb(text: bytes) -> dict[str, float]:
@@ -112,23 +138,46 @@ def run(args) -> int:
     prepare(data_toml, tokenizer=tokenizer, out=shards)
 
     stage("4/6 training a tiny muP Tele-FLM")
+    from teleflm.train.deadline import Deadline
+    from teleflm.train.precision import bf16_is_fast
+
     state_file = out / "demo.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     overrides = [f"out='{out / 'run'}'", f"data.shards='{shards}'", f"data.tokenizer='{tokenizer}'"]
-    cfg = load_config(DEMO_CONFIG, overrides)
     if "total_tokens" not in state:  # fixed at the first run, so a re-run resumes the same schedule
-        elapsed = time.time() - started
-        state["total_tokens"] = token_budget(cfg, max(budget * TRAIN_SHARE - elapsed, 10))
+        state["mixed_precision"] = "bf16" if bf16_is_fast() else "fp32"
+        cfg = load_config(DEMO_CONFIG, [*overrides, f"parallel.mixed_precision='{state['mixed_precision']}'"])
+        times = calibrate(cfg, out / "calibration")
+        left = budget * BUDGET_SHARE - (time.time() - started)
+        state["total_tokens"] = steps_for(left, times) * cfg.batch.global_batch_tokens
+        state["calibration"] = times
         state_file.write_text(json.dumps(state))
-    cfg = load_config(DEMO_CONFIG, [*overrides, f"schedule.total_tokens={state['total_tokens']}"])
+        print(
+            f"measured: {times['step']:.2f} s per step ({state['mixed_precision']}), "
+            f"{times['evaluation']:.1f} s per evaluation, {times['checkpoint']:.1f} s per checkpoint; "
+            f"{left:.0f} s left"
+        )
+    overrides += [
+        f"parallel.mixed_precision='{state['mixed_precision']}'",
+        f"schedule.total_tokens={state['total_tokens']}",
+    ]
+    cfg = load_config(DEMO_CONFIG, overrides)
     cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, cfg.total_steps() // 5)
-    cfg.checkpoint.interval_steps = max(cfg.total_steps() // 3, 1)
+    cfg.checkpoint.interval_steps = max(cfg.total_steps() // EVALUATIONS, 1)
     cfg.logging.eval_interval = cfg.checkpoint.interval_steps
     print(
-        f"{cfg.total_steps()} steps of {cfg.batch.global_batch_tokens} tokens, {cfg.model_config().num_hidden_layers} layers"
+        f"{cfg.total_steps()} steps of {cfg.batch.global_batch_tokens} tokens, "
+        f"{cfg.model_config().num_hidden_layers} layers, {cfg.parallel.mixed_precision}"
     )
     trainer = Trainer(cfg)
+    if not state.get("trained"):  # the end moves with the measured step rate, to finish in the budget
+        times = state["calibration"]
+        trainer.deadline = Deadline(
+            started + budget * BUDGET_SHARE, times["evaluation"], times["checkpoint"], TAIL_SECONDS, MIN_STEPS
+        )
     result = trainer.run()
+    state.update(trained=True, total_tokens=trainer.cfg.schedule.total_tokens)  # a re-run trains no further
+    state_file.write_text(json.dumps(state))
     model_bpb = {k.split(".")[1]: v for k, v in result.items() if k.count(".") == 2 and k.endswith(".bpb")}
 
     stage("5/6 bits per byte on held-out text, beside xz -9 and gzip -9")
@@ -147,7 +196,9 @@ def run(args) -> int:
         f"{len(samples)} prompts"
     )
     n_params = sum(p.numel() for p in trainer.module.parameters())
-    report = write_report(out, cfg, n_params, result, figures, samples, cache_mismatch, time.time() - started)
+    report = write_report(
+        out, cfg, n_params, result, figures, samples, cache_mismatch, time.time() - started, budget
+    )
     print(
         f"\nreport: {report}\nexport: {out / 'run' / 'export'} (loads with transformers, trust_remote_code=True)"
     )
@@ -186,11 +237,11 @@ def generate_samples(export: Path) -> tuple[dict[str, str], list[str]]:
     model reads as garbage only after the first token)."""
     import torch
 
-    from teleflm.data.tokenizer import real_vocab_size
+    from teleflm.data.tokenizer import padded_ids
     from teleflm.model.io import load_pretrained
 
     model, tokenizer = load_pretrained(export, dtype="fp32", device="cpu")
-    padded = list(range(real_vocab_size(tokenizer), model.config.vocab_size))
+    padded = padded_ids(tokenizer, model.config.vocab_size)
     samples, mismatch = {}, []
     for name, prompt in PROMPTS.items():
         inputs = tokenizer(prompt, return_tensors="pt")
@@ -215,6 +266,7 @@ def write_report(
     samples: dict,
     cache_mismatch: list[str],
     seconds: float,
+    budget: float,
 ) -> Path:
     import matplotlib
 
@@ -252,7 +304,8 @@ def write_report(
 
 A muP Tele-FLM of {n_params / 1e6:.1f}M parameters ({mc.num_hidden_layers} layers, width {mc.hidden_size},
 logit scale {mc.output_mult}/{mc.mup_scale_factor}) trained for {result["step"]} steps, {result["tokens"]:,} tokens,
-on the embedded sample (English KJV, Chinese poems, Python code); the whole demo took {seconds / 60:.1f} minutes.
+on the embedded sample (English KJV, Chinese poems, Python code) in {cfg.parallel.mixed_precision}; the whole demo took
+{seconds / 60:.1f} minutes of its {budget / 60:.1f}.
 
 Final training loss: {result["loss"]:.4f} nats/token.
 
@@ -291,7 +344,14 @@ model = AutoModelForCausalLM.from_pretrained("{out / "run" / "export"}", trust_r
     (out / "report.md").write_text(text)
     (out / "report.json").write_text(
         json.dumps(
-            {"result": result, "bpb": figures, "samples": samples, "cache_mismatch": cache_mismatch},
+            {
+                "result": result,
+                "bpb": figures,
+                "samples": samples,
+                "cache_mismatch": cache_mismatch,
+                "seconds": seconds,
+                "budget_seconds": budget,
+            },
             indent=1,
         )
     )

@@ -1,7 +1,7 @@
 """`teleflm dpo --config C [--set section.key=value ...]`: preference tuning (DPO) on chosen/rejected
 pairs (docs/sft.md)."""
 
-from teleflm.cli.common import add_override_argument
+from teleflm.cli.common import add_override_argument, run_training
 
 
 def add_parser(sub) -> None:
@@ -14,12 +14,5 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from teleflm.sft.config import load_sft_config
     from teleflm.sft.dpo import run_dpo
-    from teleflm.train.trainer import close
 
-    cfg = load_sft_config(args.config, args.overrides, table="dpo")
-    try:
-        result = run_dpo(cfg)
-    finally:
-        close()
-    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
-    return 0
+    return run_training(run_dpo, load_sft_config(args.config, args.overrides, table="dpo"))

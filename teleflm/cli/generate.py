@@ -22,7 +22,7 @@ def run(args) -> int:
     from transformers import TextStreamer
 
     from teleflm.cli.common import check_sampling_arguments, load_model_any, note_context_limit
-    from teleflm.data.tokenizer import load_tokenizer, real_vocab_size
+    from teleflm.data.tokenizer import load_tokenizer, padded_ids
     from teleflm.model.io import check_tokenizer_fits, new_token_budget
 
     check_sampling_arguments(args)
@@ -40,12 +40,11 @@ def run(args) -> int:
     note_context_limit(args.max_new_tokens, budget, context)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
     # Rows past the tokenizer are embedding padding: never emit them.
-    padded_ids = list(range(real_vocab_size(tokenizer), model.config.vocab_size))
     model.generate(
         **inputs,
         max_new_tokens=budget,
         repetition_penalty=args.repetition_penalty,
-        suppress_tokens=padded_ids or None,
+        suppress_tokens=padded_ids(tokenizer, model.config.vocab_size) or None,
         streamer=TextStreamer(tokenizer, skip_special_tokens=True),
         **(sampling if args.temperature > 0 else {"do_sample": False}),
     )

@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
         default=[],
         help="grown-model positions of the new layers (default: spread evenly)",
     )
-    p.add_argument("--layer-init", choices=["copy", "interpolate"], default="copy")
+    p.add_argument("--layer-init", choices=["copy", "interpolate", "stack"], default="copy")
     p.add_argument(
         "--out", help="where to write the grown checkpoint (default: <config out>/checkpoints/<CKPT>-grown)"
     )

@@ -20,6 +20,7 @@ SUBCOMMANDS = [
     "teleflm.cli.plan",
     "teleflm.cli.mup",
     "teleflm.cli.predict",
+    "teleflm.cli.recipe",
     "teleflm.cli.sft",
     "teleflm.cli.dpo",
     "teleflm.cli.chat",

@@ -25,6 +25,7 @@ def run(args) -> int:
         target_params,
         write_report,
     )
+    from teleflm.tune.runs import training_flops
 
     torch.set_num_threads(1)  # ladder rungs are tiny: one thread beats two contended ones
     spec = load_ladder(args.ladder)
@@ -35,7 +36,8 @@ def run(args) -> int:
     ):
         print("warning: the target's depth differs from the ladder's; muScaling varies width only")
     rungs = run_ladder(spec)
-    result = forecast(rungs, n_target, Path(args.target).stem, metric_name(spec))
+    flops = training_flops(target) if "total_tokens" in target.get("schedule", {}) else None
+    result = forecast(rungs, n_target, Path(args.target).stem, metric_name(spec), flops)
     what = "non-embedding" if spec.non_embedding else "total"
     report = write_report(result, Path(args.report) if args.report else spec.out, args.ladder, what)
     print(describe(result))

@@ -1,6 +1,6 @@
 """`teleflm pretrain --config C [--set section.key=value ...]`: one process or many under torchrun."""
 
-from teleflm.cli.common import add_override_argument
+from teleflm.cli.common import add_override_argument, run_training
 
 
 def add_parser(sub) -> None:
@@ -13,12 +13,5 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from teleflm.train import stages
     from teleflm.train.config import load_config
-    from teleflm.train.trainer import close
 
-    cfg = load_config(args.config, args.overrides)
-    try:
-        result = stages.run(cfg)
-    finally:
-        close()
-    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
-    return 0
+    return run_training(stages.run, load_config(args.config, args.overrides))

@@ -1,6 +1,6 @@
 """`teleflm sft --config C [--set section.key=value ...]`: fine-tune on chat data (docs/sft.md)."""
 
-from teleflm.cli.common import add_override_argument
+from teleflm.cli.common import add_override_argument, run_training
 
 
 def add_parser(sub) -> None:
@@ -13,12 +13,5 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from teleflm.sft.config import load_sft_config
     from teleflm.sft.run import run_sft
-    from teleflm.train.trainer import close
 
-    cfg = load_sft_config(args.config, args.overrides)
-    try:
-        result = run_sft(cfg)
-    finally:
-        close()
-    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
-    return 0
+    return run_training(run_sft, load_sft_config(args.config, args.overrides))

@@ -14,11 +14,12 @@ refused.
 """
 
 import hashlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from teleflm.config import read_json
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: splits in parts (1: one file per split, read by no version since)
@@ -241,10 +242,7 @@ def read_manifest(root: Path) -> dict:
     path = root / MANIFEST
     if not path.is_file():
         raise ShardError(f"{root}: no {MANIFEST}: not a `teleflm data prepare` output")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{path}: not valid JSON ({e})") from None
+    manifest = read_json(path, ShardError)
     if manifest.get("format") != FORMAT_VERSION:
         raise ShardError(f"{path}: format {manifest.get('format')!r}, this version reads {FORMAT_VERSION}")
     return manifest

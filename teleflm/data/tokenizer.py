@@ -12,8 +12,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-# Ids 0..3 as in the released tokenizer, then the instruct model's chat turn markers.
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<_system>", "<_user>", "<_bot>"]
+# The instruct model's chat turn markers, one per role.
+ROLE_MARKERS = {"system": "<_system>", "user": "<_user>", "assistant": "<_bot>"}
+# Ids 0..3 as in the released tokenizer, then the turn markers.
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", *ROLE_MARKERS.values()]
 EOS_ID = 2
 PAD_ID = 3
 
@@ -23,13 +25,13 @@ PAD_ID = 3
 # (teleflm.sft.template renders the same ids with a loss mask; a test checks the two agree).
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{{ '<_system>' + message['content'] }}"
-    "{%- elif message['role'] == 'user' -%}{{ '<_user>' + message['content'] }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ '<_bot>' + message['content'] + '</s>' }}"
+    f"{{%- if message['role'] == 'system' -%}}{{{{ '{ROLE_MARKERS['system']}' + message['content'] }}}}"
+    f"{{%- elif message['role'] == 'user' -%}}{{{{ '{ROLE_MARKERS['user']}' + message['content'] }}}}"
+    f"{{%- elif message['role'] == 'assistant' -%}}{{{{ '{ROLE_MARKERS['assistant']}' + message['content'] + '</s>' }}}}"
     "{%- else -%}{{ raise_exception('unknown role ' + message['role'] + ': use system, user or assistant') }}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<_bot>' }}{%- endif -%}"
+    f"{{%- if add_generation_prompt -%}}{{{{ '{ROLE_MARKERS['assistant']}' }}}}{{%- endif -%}}"
 )
 
 
@@ -160,6 +162,12 @@ def load_tokenizer(folder: str | Path):
     if not (isinstance(cls, type) and issubclass(cls, PreTrainedTokenizerBase)):
         cls = fallback
     return cls.from_pretrained(str(folder), local_files_only=True)
+
+
+def padded_ids(tokenizer, vocab_size: int) -> list[int]:
+    """The embedding rows past the tokenizer (model `vocab_size` over its entries): never to be
+    generated (`suppress_tokens`) nor given probability mass."""
+    return list(range(len(tokenizer), vocab_size))
 
 
 def real_vocab_size(source) -> int:

@@ -19,7 +19,7 @@ SHAPE_FIELDS = (
     "num_attention_heads",
     "num_key_value_heads",
 )
-LAYER_INITS = ("copy", "interpolate")
+LAYER_INITS = ("copy", "interpolate", "stack")
 
 
 class GrowthError(ValueError):
@@ -137,8 +137,9 @@ def make_plan(
     layer_init: str = "copy",
 ) -> tuple[TeleFLMConfig, GrowthPlan]:
     """Validate a growth and decide it. `layers_at`: grown-model positions of the new layers (empty:
-    spread evenly); `layer_init`: new layers copy the old layer before them, or average the old
-    layers on either side ("interpolate")."""
+    spread evenly); `layer_init`: new layers copy the old layer before them, average the old
+    layers on either side ("interpolate"), or, in order, copy old layers 0, 1, ... L-1, 0, ...
+    ("stack": with layers_at = L .. gL-1 the old stack repeated g times, as G_stack grows)."""
     target = target_config(source, target_fields)
     if all(getattr(target, k) == getattr(source, k) for k in SHAPE_FIELDS):
         raise GrowthError("target shape equals the source's: nothing to grow")
@@ -161,11 +162,14 @@ def make_plan(
     old_positions = [p for p in range(new_n) if p not in set(new_positions)]
 
     sources = []
-    for p in new_positions:
+    for k, p in enumerate(new_positions):
         before = [i for i, q in enumerate(old_positions) if q < p]
         after = [i for i, q in enumerate(old_positions) if q > p]
         neighbours = ([before[-1]] if before else []) + ([after[0]] if after else [])
-        sources.append(neighbours if layer_init == "interpolate" else neighbours[:1])
+        if layer_init == "stack":
+            sources.append([k % old_n])
+        else:
+            sources.append(neighbours if layer_init == "interpolate" else neighbours[:1])
 
     # Query heads keep their kv head: old head i (kv head i // g) goes to slot i % g of the same kv
     # head's group of g' >= g slots. With g' == g this is top-left placement.

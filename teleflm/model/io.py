@@ -22,7 +22,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from teleflm.data.tokenizer import add_chat_template, has_tokenizer, load_tokenizer
+from teleflm.config import read_json
+from teleflm.data.tokenizer import add_chat_template, has_tokenizer, load_tokenizer, padded_ids
 from teleflm.model.configuration_teleflm import TeleFLMConfig
 from teleflm.model.modeling_teleflm import TeleFLMForCausalLM
 
@@ -147,10 +148,7 @@ def load_config(model_dir: str | Path) -> TeleFLMConfig:
     path = Path(model_dir) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (is {model_dir} a model folder?)")
-    try:
-        fields = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    fields = read_json(path, CheckpointError)
     if str(fields.get("model_type", "")).lower() != "teleflm":
         raise CheckpointError(f"{path}: model_type is {fields.get('model_type')!r}, expected 'TeleFLM'")
     try:
@@ -413,7 +411,7 @@ def export_hf(
         if pad_token_id is None and tokenizer is not None:
             pad_token_id = tokenizer.pad_token_id
         # Padded embedding rows (past the tokenizer) are never generated, whoever calls `generate`.
-        padded = list(range(len(tokenizer), config.vocab_size)) if tokenizer is not None else []
+        padded = padded_ids(tokenizer, config.vocab_size) if tokenizer is not None else []
         generation = GenerationConfig(
             bos_token_id=config.bos_token_id,
             eos_token_id=config.eos_token_id,

@@ -31,6 +31,10 @@ class ParallelDims:
     def world_size(self) -> int:
         return self.dp * self.tp * self.pp
 
+    def __str__(self) -> str:
+        replicas = f" x HSDP {self.dp_replicate}" if self.dp_replicate > 1 else ""
+        return f"TP {self.tp} / PP {self.pp} / DP {self.dp}{replicas}"
+
 
 def device_and_backend() -> tuple[torch.device, str]:
     """CUDA with NCCL when there is a GPU, else CPU with gloo; chosen at run time."""

@@ -7,9 +7,8 @@ activations. Activations are counted from what the model's own forward saves for
 attention, no dropout), so the estimate can be checked against a measured peak (tests/parallel).
 """
 
-from dataclasses import dataclass
-
 from teleflm.model.size import flops_per_token, parameter_counts
+from teleflm.parallel.mesh import ParallelDims
 
 GIB = 2**30
 
@@ -28,22 +27,6 @@ DEVICES = {
 }
 
 
-@dataclass
-class Layout:
-    dp_shard: int
-    tp: int = 1
-    pp: int = 1
-    dp_replicate: int = 1
-
-    @property
-    def gpus(self) -> int:
-        return self.dp_shard * self.dp_replicate * self.tp * self.pp
-
-    def __str__(self) -> str:
-        rep = f" x HSDP {self.dp_replicate}" if self.dp_replicate > 1 else ""
-        return f"TP {self.tp} / PP {self.pp} / DP {self.dp_shard * self.dp_replicate}{rep}"
-
-
 def layer_activation_elements(c, tp: int) -> float:
     """Elements one decoder layer saves for backward per token (fused attention, no dropout, no
     sequence parallel), counted from the model's own forward: each RMSNorm keeps its input, the
@@ -56,7 +39,7 @@ def layer_activation_elements(c, tp: int) -> float:
 
 def stage_memory(
     c,
-    layout: Layout,
+    layout: ParallelDims,
     context_length: int,
     micro_batch_size: int,
     activation_checkpointing: bool,
@@ -121,7 +104,7 @@ def stage_memory(
 
 def memory_per_device(
     c,
-    layout: Layout,
+    layout: ParallelDims,
     context_length: int,
     micro_batch_size: int,
     activation_checkpointing: bool,
@@ -147,12 +130,12 @@ def run_time(c, tokens: float, context_length: int, gpus: int, peak: float, mfu:
     return {"flops": flops, "seconds": seconds, "days": seconds / 86400, "tflops_per_gpu": peak * mfu / 1e12}
 
 
-def pipeline_bubble(layout: Layout, micro_batches: int) -> float:
+def pipeline_bubble(layout: ParallelDims, micro_batches: int) -> float:
     """Idle share of a 1F1B / GPipe step: (pp - 1) / (micro_batches + pp - 1)."""
     return (layout.pp - 1) / (micro_batches + layout.pp - 1)
 
 
-def candidate_layouts(c, gpus: int) -> list[Layout]:
+def candidate_layouts(c, gpus: int) -> list[ParallelDims]:
     """Every TP (within a node, dividing heads) x PP (dividing layers) whose DP fills the GPUs."""
     layouts = []
     for tp in (1, 2, 4, 8):
@@ -161,7 +144,7 @@ def candidate_layouts(c, gpus: int) -> list[Layout]:
         for pp in range(1, c.num_hidden_layers + 1):
             if c.num_hidden_layers % pp or gpus % (tp * pp) or pp > 32:
                 continue
-            layouts.append(Layout(dp_shard=gpus // (tp * pp), tp=tp, pp=pp))
+            layouts.append(ParallelDims(dp_shard=gpus // (tp * pp), tp=tp, pp=pp))
     return layouts
 
 
@@ -186,7 +169,7 @@ def plan(
     rest = p.dp_replicate * p.tp * p.pp
     if gpus % rest:
         raise ValueError(f"{gpus} GPUs do not divide into dp_replicate x tp x pp = {rest}")
-    layout = Layout(dp_shard=gpus // rest, tp=p.tp, pp=p.pp, dp_replicate=p.dp_replicate)
+    layout = ParallelDims(dp_shard=gpus // rest, tp=p.tp, pp=p.pp, dp_replicate=p.dp_replicate)
     tokens = tokens or cfg.schedule.total_tokens
     per_dp = mbs * T * layout.dp_shard * layout.dp_replicate
     micro_batches = max(cfg.batch.global_batch_tokens // per_dp, 1)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from teleflm.model.size import parameter_counts
 from teleflm.parallel.mesh import ParallelDims, build_mesh, local_region, model_fqn
 from teleflm.parallel.parallelize import build_module
-from teleflm.plan.estimate import GIB, Layout, growth_shards_per_device, stage_memory
+from teleflm.plan.estimate import GIB, growth_shards_per_device, stage_memory
 from teleflm.train.config import dp_shard_degree
 
 
@@ -75,7 +75,7 @@ def simulate_rank(cfg, world_size: int, rank: int) -> RankReport:
         weights = sum(shard_bytes(q) for q in module.parameters())
         moments = sum(8 * local_region(q)[0].numel() for q in module.parameters())
     pp_rank = coords.get("pp", 0)
-    layout = Layout(dp_shard=dims.dp_shard, tp=dims.tp, pp=dims.pp, dp_replicate=dims.dp_replicate)
+    layout = dims
     planned = stage_memory(
         c,
         layout,

@@ -1,6 +1,5 @@
-"""muScaling loss prediction (SPEC section 3): fit L(N) = a * N^b + c to a ladder of muP widths and
-extrapolate, with a residual bootstrap for the uncertainty when the ladder has more rungs than the
-law has parameters."""
+"""muScaling loss prediction (SPEC section 3): fit L(N) = a * N^b + c to a ladder of muP widths (each
+rung's loss the mean over its seeds) and extrapolate, with an interval from the seeds' scatter."""
 
 import math
 import warnings
@@ -40,13 +39,12 @@ def check_ladder(sizes, losses) -> tuple[np.ndarray, np.ndarray]:
     return sizes, losses
 
 
-def fit_power_law(sizes, losses) -> PowerLaw:
+def fit_power_law(sizes, losses, start: "PowerLaw | None" = None) -> PowerLaw:
     """Least-squares fit of L = a*N^b + c with a > 0, b < 0, 0 <= c < min(L).
 
     For each c on a grid below min(L), log(L - c) is linear in log N, which gives a and b in closed
-    form; the best of these starts scipy's bounded curve_fit (sizes scaled by the smallest)."""
-    from scipy.optimize import curve_fit
-
+    form; the best of these starts scipy's bounded curve_fit (sizes scaled by the smallest). `start`
+    (a fit of nearby losses, as in the interval's refits) skips the scan."""
     sizes, losses = check_ladder(sizes, losses)
     if not losses[-1] < losses[0]:
         raise FitError(
@@ -55,29 +53,24 @@ def fit_power_law(sizes, losses) -> PowerLaw:
         )
     n0 = sizes[0]
     x = sizes / n0
-    best = None
-    for c in np.linspace(0.0, losses.min(), 200, endpoint=False):
-        slope, intercept = np.polyfit(np.log(x), np.log(losses - c), 1)
-        pred = np.exp(intercept) * x**slope + c
-        sse = float(np.sum((pred - losses) ** 2))
-        if slope < 0 and (best is None or sse < best[0]):
-            best = (sse, np.exp(intercept), slope, c)
-    if best is None:
-        raise FitError("ladder: no decreasing power law fits these losses")
-    p0 = [best[1], best[2], best[3]]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # OptimizeWarning on exact fits (3 points): covariance unused
-        try:
-            (a, b, c), _ = curve_fit(
-                lambda n, a, b, c: a * n**b + c,
-                x,
-                losses,
-                p0=p0,
-                bounds=([0.0, -5.0, 0.0], [np.inf, 0.0, losses.min()]),
-                maxfev=20000,
-            )
-        except (RuntimeError, ValueError) as e:
-            raise FitError(f"ladder: the fit of L = a*N^b + c did not converge ({e})") from None
+    if start is not None:
+        p0 = [start.a * n0**start.b, start.b, min(start.c, 0.999 * losses.min())]
+    else:  # the scan over c: one least-squares line of log(L - c) on log x per c, all at once
+        cs = np.linspace(0.0, losses.min(), 200, endpoint=False)
+        lx, ly = np.log(x), np.log(losses[None, :] - cs[:, None])
+        slopes = ((lx - lx.mean()) * (ly - ly.mean(axis=1, keepdims=True))).sum(axis=1) / (
+            (lx - lx.mean()) ** 2
+        ).sum()
+        intercepts = ly.mean(axis=1) - slopes * lx.mean()
+        sse = ((np.exp(intercepts[:, None]) * x[None, :] ** slopes[:, None] + cs[:, None] - losses) ** 2).sum(
+            1
+        )
+        sse[slopes >= 0] = np.inf
+        if not np.isfinite(sse).any():
+            raise FitError("ladder: no decreasing power law fits these losses")
+        i = int(np.argmin(sse))
+        p0 = [np.exp(intercepts[i]), slopes[i], cs[i]]
+    a, b, c = _least_squares(x, losses, p0, bounded=start is None)
     if not all(map(math.isfinite, (a, b, c))) or b >= 0:
         raise FitError(
             f"ladder: the fit did not converge to a decreasing law (a={a:.3g}, b={b:.3g}, c={c:.3g})"
@@ -85,14 +78,63 @@ def fit_power_law(sizes, losses) -> PowerLaw:
     return PowerLaw(a=float(a) * n0 ** -float(b), b=float(b), c=float(c))
 
 
+def _least_squares(x, losses, p0, bounded: bool) -> tuple[float, float, float]:
+    """scipy's curve_fit of a*x^b + c within a > 0, -5 <= b <= 0, 0 <= c <= min L. Started near the
+    answer (`bounded` False: a refit), the unbounded Levenberg-Marquardt fit is tried first, ten times
+    faster, and kept when it lands inside the bounds."""
+    from scipy.optimize import curve_fit
+
+    def law(n, a, b, c):
+        return a * n**b + c
+
+    def jacobian(n, a, b, c):
+        nb = n**b
+        return np.stack([nb, a * nb * np.log(n), np.ones_like(n)], axis=1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # OptimizeWarning on exact fits (3 points): covariance unused
+        try:
+            if not bounded:
+                (a, b, c), _ = curve_fit(law, x, losses, p0=p0, jac=jacobian, maxfev=2000)
+                if a > 0 and -5 <= b < 0 and 0 <= c < losses.min():
+                    return a, b, c
+            (a, b, c), _ = curve_fit(
+                law,
+                x,
+                losses,
+                p0=p0,
+                jac=jacobian,
+                bounds=([0.0, -5.0, 0.0], [np.inf, 0.0, losses.min()]),
+                maxfev=20000,
+            )
+        except (RuntimeError, ValueError) as e:
+            raise FitError(f"ladder: the fit of L = a*N^b + c did not converge ({e})") from None
+    return a, b, c
+
+
+def seed_scatter(seed_losses) -> tuple[float, int] | None:
+    """The seeds' relative standard deviation, pooled over the rungs that have two seeds or more,
+    and its degrees of freedom; None when no rung has two."""
+    squares, dof = 0.0, 0
+    for losses in seed_losses:
+        losses = np.asarray(losses, dtype=float)
+        if len(losses) >= 2:
+            relative = losses / losses.mean()
+            squares += float(np.sum((relative - relative.mean()) ** 2))
+            dof += len(losses) - 1
+    return (math.sqrt(squares / dof), dof) if dof else None
+
+
 @dataclass
 class Prediction:
     size: float
     loss: float
-    low: float | None  # residual-bootstrap percentile interval; None with 3 rungs (no residuals)
+    low: float | None  # the interval (see predict); None without seed scatter to draw from
     high: float | None
     law: PowerLaw
-    bootstrap_fits: int
+    refits: int
+    seed_std: float | None = None  # the seeds' pooled relative standard deviation
+    runs: int = 1  # the interval is for the mean of this many runs at `size` (0: the expected loss)
 
     @property
     def has_interval(self) -> bool:
@@ -100,32 +142,49 @@ class Prediction:
 
 
 def predict(
-    sizes, losses, target_size: float, samples: int = 200, level: float = 0.9, seed: int = 0
+    sizes,
+    seed_losses,
+    target_size: float,
+    runs: int = 1,
+    samples: int = 200,
+    level: float = 0.9,
+    seed: int = 0,
 ) -> Prediction:
-    """The fitted loss at `target_size`, with a residual-bootstrap interval: the law refitted to its
-    own curve plus the fit's residuals drawn with replacement (scaled by sqrt(n / (n - 3)) for the
-    three fitted parameters), the interval the `level` percentiles of the refits' predictions.
+    """The law fitted to each rung's mean over its seeds, at `target_size`, with a `level` interval
+    for the mean of `runs` runs there (a single run: 1; the expected loss: 0).
 
-    Three rungs fit the three-parameter law exactly and leave no residual: no interval then (low and
-    high are None). Resampling the rungs instead, as before, keeps only the resamples holding all
-    three, which give the same fit: a 90% interval of zero width."""
-    sizes, losses = check_ladder(sizes, losses)
-    law = fit_power_law(sizes, losses)
+    The interval comes from the seeds' scatter alone: each refit draws every rung's mean from its own
+    seed noise (the pooled relative standard deviation over sqrt(seeds), the deviation itself drawn
+    from its chi-square posterior, since a few seeds measure it loosely), refits the law from the
+    point fit, and adds the noise of `runs` runs at the target. It is what seed-to-seed variation
+    makes of the forecast, not a bound on the law itself being wrong: a held-out rung outside it
+    says the law does not hold that far. With one seed per rung there is no scatter: no interval."""
+    seed_losses = [np.atleast_1d(np.asarray(x, dtype=float)) for x in seed_losses]
+    means = np.array([x.mean() for x in seed_losses])
+    sizes, means = check_ladder(sizes, means)
+    law = fit_power_law(sizes, means)
     point = float(law(target_size))
-    n = len(sizes)
-    if n <= 3:
-        return Prediction(target_size, point, None, None, law, 0)
-    fitted = law(sizes)
-    residuals = (losses - fitted) * math.sqrt(n / (n - 3))
+    scatter = seed_scatter(seed_losses)
+    if scatter is None:
+        return Prediction(target_size, point, None, None, law, 0, None, runs)
+    std, dof = scatter
+    counts = np.array([len(x) for x in seed_losses])
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(samples):
+        sigma = std * math.sqrt(dof / rng.chisquare(dof))
+        drawn = means * (1 + sigma * rng.standard_normal(len(means)) / np.sqrt(counts))
         try:
-            values.append(float(fit_power_law(sizes, fitted + rng.choice(residuals, n))(target_size)))
-        except FitError:  # a resample whose loss no longer falls with size
+            value = float(fit_power_law(sizes, drawn, start=law)(target_size))
+        except FitError:  # a draw whose loss no longer falls with size
             continue
+        if runs:
+            value *= 1 + sigma * rng.standard_normal() / math.sqrt(runs)
+        values.append(value)
     if not values:
-        return Prediction(target_size, point, None, None, law, 0)
+        return Prediction(target_size, point, None, None, law, 0, std, runs)
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(values, [tail, 100 - tail])
-    return Prediction(target_size, point, float(min(low, point)), float(max(high, point)), law, len(values))
+    return Prediction(
+        target_size, point, float(min(low, point)), float(max(high, point)), law, len(values), std, runs
+    )

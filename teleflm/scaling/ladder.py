@@ -1,22 +1,23 @@
-"""A ladder of muP models that differ only in width, trained with the same hyper-parameters and tokens,
-and the loss forecast of a target model from it.
+"""A ladder of muP models that differ only in width, trained with the same hyper-parameters and tokens
+(several seeds per rung), and the loss forecast of a target model from it.
 
     config = "base.toml"         # the shared training config (relative to this file)
-    widths = [64, 96, 128, 192]  # one rung per width, trained in <out>/w<width>
+    widths = [64, 96, 128, 192, 256]  # one rung per width, trained in <out>/w<width>/s<seed>
+    seeds = 3                    # runs per rung (init and data order); 2 or more give an interval
     out = "runs/ladder"
     sequences = "seqs.npy"       # optional: packed tokens instead of the config's shards
     head_dim = 32                # optional: fixed head dimension (default: the config's)
     parameters = "non_embedding" # or "total": what N counts
 
-    [[points]]                   # optional: rungs trained elsewhere, as (N, loss)
+    [[points]]                   # optional: rungs trained elsewhere, as (N, loss or a loss per seed)
     params = 1.2e7
-    loss = 3.41
+    loss = [3.41, 3.43]
 
-A rung that finished writes `rung.json`; running the ladder again reads it instead of retraining.
+A run that finished writes `rung.json`; running the ladder again reads it instead of retraining.
+With 5 rungs or more, the two largest are also predicted from the others (held out).
 """
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,16 +25,22 @@ import numpy as np
 
 from teleflm.config import read_toml
 from teleflm.scaling.fit import FitError, Prediction, check_ladder, predict
-from teleflm.tune.runs import RunData, at_width, parameter_count, scored_run
+from teleflm.tune.runs import RunData, at_width, parameter_count, scored_run, seeded, training_flops
 
-KNOWN_KEYS = {"config", "widths", "out", "sequences", "head_dim", "parameters", "points"}
+KNOWN_KEYS = {"config", "widths", "seeds", "out", "sequences", "head_dim", "parameters", "points"}
+HELD_OUT = 2  # the largest rungs predicted from the rest; needs 3 more to fit
 
 
 @dataclass
 class Rung:
     params: float
-    loss: float
+    losses: list[float]  # one per seed
     width: int | None = None  # None: a point given in the ladder file
+    flops: float = 0.0  # training FLOPs of all its seeds (0: trained elsewhere)
+
+    @property
+    def loss(self) -> float:
+        return float(np.mean(self.losses))
 
 
 @dataclass
@@ -41,6 +48,7 @@ class LadderSpec:
     base: dict
     widths: list[int]
     out: Path
+    seeds: int = 1
     sequences: Path | None = None
     head_dim: int | None = None
     non_embedding: bool = True
@@ -60,6 +68,9 @@ def load_ladder(path: str | Path) -> LadderSpec:
         raise ValueError(f"{path}: `widths` needs `config`, the training config every rung shares")
     if raw.get("parameters", "non_embedding") not in ("non_embedding", "total"):
         raise ValueError(f"{path}: parameters must be 'non_embedding' or 'total'")
+    seeds = raw.get("seeds", 1)
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise ValueError(f"{path}: seeds must be a whole number >= 1, got {seeds!r}")
     here = path.parent
     base = read_toml(here / raw["config"]) if "config" in raw else {}
     if widths and not base.get("model", {}).get("use_mup", False):
@@ -68,7 +79,8 @@ def load_ladder(path: str | Path) -> LadderSpec:
     for i, p in enumerate(raw.get("points", [])):
         if set(p) != {"params", "loss"}:
             raise ValueError(f"{path}: points[{i}] needs exactly `params` and `loss`, got {sorted(p)}")
-        points.append(Rung(float(p["params"]), float(p["loss"])))
+        losses = p["loss"] if isinstance(p["loss"], list) else [p["loss"]]
+        points.append(Rung(float(p["params"]), [float(x) for x in losses]))
     sizes = [p.params for p in points]
     if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)):
         raise FitError(f"{path}: points must be listed with strictly increasing params, got {sizes}")
@@ -81,6 +93,7 @@ def load_ladder(path: str | Path) -> LadderSpec:
         base=base,
         widths=widths,
         out=here / raw.get("out", "runs/ladder"),
+        seeds=seeds,
         sequences=here / raw["sequences"] if "sequences" in raw else None,
         head_dim=raw.get("head_dim"),
         non_embedding=raw.get("parameters", "non_embedding") == "non_embedding",
@@ -93,25 +106,31 @@ def rung_config(spec: LadderSpec, width: int) -> dict:
 
 
 def run_ladder(spec: LadderSpec, log=print) -> list[Rung]:
-    """Train every rung not finished yet (or read it), plus the given points; sorted by size."""
+    """Train every run not finished yet (or read it), plus the given points; sorted by size."""
     rungs = list(spec.points)
     data = None
     for width in spec.widths:
         raw = rung_config(spec, width)
         n = parameter_count(raw["model"], spec.non_embedding)
-        done = spec.out / f"w{width}" / "rung.json"
-        if done.exists():
-            record = json.loads(done.read_text())
-            log(f"rung w{width}: read {done} (loss {record['loss']:.4f})")
-        else:
-            data = data or RunData.from_file(spec.sequences)
-            log(f"rung w{width}: training {n:,} parameters")
-            result = scored_run(raw, spec.out / f"w{width}", data)
-            if result["status"] != "ok":
-                raise FitError(f"rung w{width} diverged ({result.get('error', 'non-finite loss')})")
-            record = {"width": width, "params": n, "loss": result["objective"], "step": result["step"]}
-            done.write_text(json.dumps(record) + "\n")
-        rungs.append(Rung(float(record["params"]), float(record["loss"]), width))
+        losses = []
+        for seed in range(spec.seeds):
+            out = spec.out / f"w{width}" / f"s{seed}"
+            done = out / "rung.json"
+            if done.exists():
+                record = json.loads(done.read_text())
+                log(f"rung w{width} seed {seed}: read {done} (loss {record['loss']:.4f})")
+            else:
+                data = data or RunData.from_file(spec.sequences)
+                log(f"rung w{width} seed {seed}: training {n:,} parameters")
+                result = scored_run(seeded(raw, seed), out, data.shuffled(seed))
+                if result["status"] != "ok":
+                    raise FitError(
+                        f"rung w{width} seed {seed} diverged ({result.get('error', 'non-finite loss')})"
+                    )
+                record = {"width": width, "seed": seed, "params": n, "loss": result["objective"]}
+                done.write_text(json.dumps(record | {"step": result["step"]}) + "\n")
+            losses.append(float(record["loss"]))
+        rungs.append(Rung(float(n), losses, width, spec.seeds * training_flops(raw)))
     return sorted(rungs, key=lambda r: r.params)
 
 
@@ -127,35 +146,67 @@ def metric_name(spec: LadderSpec) -> str:
 @dataclass
 class Forecast:
     rungs: list[Rung]
-    target: Prediction
+    target: Prediction  # from every rung, for one run of the target
     target_name: str
-    held_out: Prediction | None  # the largest rung predicted from the others (>= 4 rungs)
+    held_out: list[Prediction]  # the HELD_OUT largest rungs, each from the rungs below them
     metric: str = "loss"  # what the rungs' losses measure (metric_name)
+    target_flops: float | None = None  # the target run's training FLOPs, when known
+
+    def held_out_errors(self) -> list[float]:
+        """Relative errors of the held-out predictions: (predicted - measured) / measured."""
+        measured = self.rungs[len(self.rungs) - len(self.held_out) :]
+        return [h.loss / r.loss - 1 for h, r in zip(self.held_out, measured, strict=True)]
+
+    def held_out_inside(self) -> list[bool | None]:
+        """Whether each held-out rung's measured mean lies inside its interval (None: no interval)."""
+        measured = self.rungs[len(self.rungs) - len(self.held_out) :]
+        return [
+            h.low <= r.loss <= h.high if h.has_interval else None
+            for h, r in zip(self.held_out, measured, strict=True)
+        ]
 
     @property
-    def held_out_error(self) -> float | None:
-        """Relative error of the self-check: (predicted - actual) / actual."""
-        if self.held_out is None:
+    def ladder_flops(self) -> float:
+        return sum(r.flops for r in self.rungs)
+
+    @property
+    def cost_share(self) -> float | None:
+        """The ladder's training FLOPs (every rung and seed) over the target run's."""
+        if not self.target_flops or not self.ladder_flops:
             return None
-        return self.held_out.loss / self.rungs[-1].loss - 1
+        return self.ladder_flops / self.target_flops
 
 
 def forecast(
-    rungs: list[Rung], target_params: float, target_name: str = "target", metric: str = "loss", seed: int = 0
+    rungs: list[Rung],
+    target_params: float,
+    target_name: str = "target",
+    metric: str = "loss",
+    target_flops: float | None = None,
+    seed: int = 0,
 ) -> Forecast:
     sizes = [r.params for r in rungs]
-    losses = [r.loss for r in rungs]
-    check_ladder(sizes, losses)
+    losses = [r.losses for r in rungs]
+    check_ladder(sizes, [r.loss for r in rungs])
     if target_params <= sizes[-1]:
         raise FitError(
             f"target has {target_params:,.0f} parameters, not more than the largest rung ({sizes[-1]:,.0f})"
         )
-    target = predict(sizes, losses, target_params, seed=seed)
-    held_out = predict(sizes[:-1], losses[:-1], sizes[-1], seed=seed) if len(rungs) >= 4 else None
-    return Forecast(rungs, target, target_name, held_out, metric)
+    target = predict(sizes, losses, target_params, runs=1, seed=seed)
+    held_out = []
+    if len(rungs) >= HELD_OUT + 3:
+        fit_on = len(rungs) - HELD_OUT
+        held_out = [
+            predict(sizes[:fit_on], losses[:fit_on], r.params, runs=len(r.losses), seed=seed)
+            for r in rungs[fit_on:]
+        ]
+    return Forecast(rungs, target, target_name, held_out, metric, target_flops)
 
 
-def plot(result: Forecast, path: Path) -> None:
+def plot(result: Forecast, path: Path, measured: float | None = None) -> None:
+    """Each seed's loss (dots) and each rung's mean (circles), the fit on every rung with the target's
+    interval, the held-out fit with its predictions of the largest rungs, and the target's measured
+    loss when there is one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,31 +217,27 @@ def plot(result: Forecast, path: Path) -> None:
     t = result.target
     grid = np.geomspace(sizes[0] * 0.8, t.size * 1.25, 200)
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ax.plot(sizes, losses, "o", color="C0", label="ladder")
+    for r in result.rungs:
+        ax.plot([r.params] * len(r.losses), r.losses, ".", color="C0", ms=3, alpha=0.6)
+    ax.plot(sizes, losses, "o", color="C0", mfc="none", label="ladder (seed mean; dots: seeds)")
     ax.plot(
         grid, t.law(grid), "-", color="C0", lw=1, label=f"fit: {t.law.a:.3g}·N^{t.law.b:.3f} + {t.law.c:.3g}"
     )
-    ax.errorbar(
-        [t.size],
-        [t.loss],
-        yerr=[[t.loss - t.low], [t.high - t.loss]] if t.has_interval else None,
-        fmt="*",
-        color="C3",
-        ms=10,
-        capsize=3,
-        label=f"{result.target_name}: {t.loss:.4f}",
-    )
-    if result.held_out is not None:
-        h = result.held_out
-        ax.plot(grid, h.law(grid), "--", color="C2", lw=1, label="fit without the largest rung")
+
+    def point(p: Prediction, fmt: str, color: str, label: str) -> None:
+        error = [[p.loss - p.low], [p.high - p.loss]] if p.has_interval else None
+        ax.errorbar([p.size], [p.loss], yerr=error, fmt=fmt, color=color, ms=9, capsize=3, label=label)
+
+    point(t, "*", "C3", f"{result.target_name}: forecast {t.loss:.4f}")
+    if measured is not None:
+        ax.plot([t.size], [measured], "D", color="k", ms=6, mfc="none", label=f"measured {measured:.4f}")
+    if result.held_out:
+        law = result.held_out[0].law
         ax.plot(
-            [h.size],
-            [h.loss],
-            "x",
-            color="C2",
-            ms=8,
-            label=f"held-out prediction ({result.held_out_error:+.2%})",
+            grid, law(grid), "--", color="C2", lw=1, label=f"fit without the {len(result.held_out)} largest"
         )
+        for h, error in zip(result.held_out, result.held_out_errors(), strict=True):
+            point(h, "x", "C2", f"held-out prediction ({error:+.2%})")
     ax.set_xscale("log")
     ax.set_xlabel("parameters N")
     ax.set_ylabel(result.metric)
@@ -204,34 +251,63 @@ def write_report(result: Forecast, out: Path, ladder_path: str, what: str) -> Pa
     out.mkdir(parents=True, exist_ok=True)
     plot(result, out / "predict.png")
     t = result.target
+    seeds = sorted({len(r.losses) for r in result.rungs})
     lines = [
         "# muScaling loss prediction",
         "",
-        f"Ladder `{ladder_path}`: {len(result.rungs)} rungs, N = {what} parameters, "
-        f"L = {result.metric} of each rung at the same token count.",
+        f"Ladder `{ladder_path}`: {len(result.rungs)} rungs x {'/'.join(map(str, seeds))} seed(s), "
+        f"N = {what} parameters, L = {result.metric} of each rung at the same token count (mean over "
+        "its seeds).",
         "",
-        "| width | N | L |",
-        "|---|---|---|",
-        *[f"| {r.width or '-'} | {r.params:,.0f} | {r.loss:.4f} |" for r in result.rungs],
+        "| width | N | L (seed mean) | seeds |",
+        "|---|---|---|---|",
+        *[
+            f"| {r.width or '-'} | {r.params:,.0f} | {r.loss:.4f} | {' '.join(f'{x:.4f}' for x in r.losses)} |"
+            for r in result.rungs
+        ],
         "",
         f"Fit: L(N) = {t.law.a:.4g} · N^{t.law.b:.4f} + {t.law.c:.4f}",
         "",
         f"**{result.target_name}** (N = {t.size:,.0f}): predicted {result.metric} **{t.loss:.4f}**, "
         f"{interval_text(t)}.",
         "",
+        *held_out_lines(result),
+        "",
     ]
-    if result.held_out is not None:
-        h = result.held_out
-        lines.append(
-            f"Self-check: the largest rung (N = {h.size:,.0f}) predicted from the others: {h.loss:.4f} "
-            f"vs measured {result.rungs[-1].loss:.4f}, error {result.held_out_error:+.2%}."
-        )
-    else:
-        lines.append("Self-check skipped: it needs at least 4 rungs (3 to fit, 1 held out).")
-    lines += ["", "![prediction](predict.png)", ""]
+    if result.cost_share is not None:
+        lines += [cost_text(result), ""]
+    lines += ["![prediction](predict.png)", ""]
     path = out / "predict.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def held_out_lines(result: Forecast) -> list[str]:
+    if not result.held_out:
+        return [
+            f"Held-out check skipped: it needs at least {HELD_OUT + 3} rungs (3 to fit, {HELD_OUT} held out)."
+        ]
+    measured = result.rungs[len(result.rungs) - len(result.held_out) :]
+    lines = [
+        f"Held out: the {len(result.held_out)} largest rungs, predicted from the {len(result.rungs) - len(result.held_out)} below them:",
+        "",
+    ]
+    for h, r, error, inside in zip(
+        result.held_out, measured, result.held_out_errors(), result.held_out_inside(), strict=True
+    ):
+        where = {True: "inside", False: "OUTSIDE", None: "no"}[inside]
+        lines.append(
+            f"- width {r.width or '-'} (N = {h.size:,.0f}): predicted {h.loss:.4f}, measured {r.loss:.4f}, "
+            f"error {error:+.2%}; {interval_text(h)}: {where} it"
+        )
+    return lines
+
+
+def cost_text(result: Forecast) -> str:
+    return (
+        f"Ladder cost: {result.ladder_flops:.3g} training FLOPs (every rung and seed), "
+        f"{result.cost_share:.2%} of the target run's {result.target_flops:.3g}."
+    )
 
 
 def target_params(config: dict, non_embedding: bool) -> float:
@@ -242,13 +318,24 @@ def target_params(config: dict, non_embedding: bool) -> float:
 
 def interval_text(p: Prediction) -> str:
     if not p.has_interval:
-        return "no interval: three rungs fit the three-parameter law exactly, leaving no residual to resample"
-    return f"90% residual-bootstrap interval [{p.low:.4f}, {p.high:.4f}] ({p.bootstrap_fits} refits)"
+        return "no interval: one seed per rung measures no seed-to-seed scatter (give seeds >= 2)"
+    what = (
+        "the expected loss" if p.runs == 0 else ("one run" if p.runs == 1 else f"the mean of {p.runs} runs")
+    )
+    return (
+        f"90% interval for {what} [{p.low:.4f}, {p.high:.4f}] from the seeds' scatter "
+        f"({p.seed_std:.2%} per run, {p.refits} refits)"
+    )
 
 
 def describe(result: Forecast) -> str:
     t = result.target
     text = f"{result.target_name}: predicted {result.metric} {t.loss:.4f}; {interval_text(t)}"
-    if result.held_out_error is not None and math.isfinite(result.held_out_error):
-        text += f"; self-check on the largest rung {result.held_out_error:+.2%}"
+    for h, error, inside in zip(
+        result.held_out, result.held_out_errors(), result.held_out_inside(), strict=True
+    ):
+        where = {True: "inside", False: "outside", None: "no"}[inside]
+        text += f"\nheld-out rung N = {h.size:,.0f}: error {error:+.2%}, {where} its interval"
+    if result.cost_share is not None:
+        text += "\n" + cost_text(result)
     return text

@@ -10,7 +10,7 @@ model's positions (it is cut shorter when the message alone leaves less room).
 
 import torch
 
-from teleflm.data.tokenizer import add_chat_template, real_vocab_size
+from teleflm.data.tokenizer import add_chat_template, padded_ids
 from teleflm.model.io import new_token_budget
 from teleflm.sft.template import ROLE_MARKERS, prompt_ids
 
@@ -40,7 +40,7 @@ class ChatSession:
             "eos_token_id": stop,
             "pad_token_id": tokenizer.pad_token_id,
             # Rows past the tokenizer are embedding padding: never emit them.
-            "suppress_tokens": list(range(real_vocab_size(tokenizer), model.config.vocab_size)) or None,
+            "suppress_tokens": padded_ids(tokenizer, model.config.vocab_size) or None,
             **(sampling if temperature > 0 else {"do_sample": False}),
         }
 

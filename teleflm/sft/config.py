@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from teleflm.config import AT_LEAST_ONE, FRACTION, POSITIVE, ConfigError, build, model_fields, read_raw
-from teleflm.train.config import TrainConfig, validate
+from teleflm.config import AT_LEAST_ONE, FRACTION, POSITIVE, ConfigError, build, read_raw
+from teleflm.train.config import TrainConfig, model_fields, validate
 
 
 @dataclass

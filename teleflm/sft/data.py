@@ -247,34 +247,28 @@ def prepare_chat_data(
     return packed, report
 
 
-class PackedStream:
-    """The trainer's stream over a packed set: epoch after epoch, each in a seeded order of the
-    sequences; global sequence g goes to data-parallel rank g % dp_size. State: sequences drawn."""
+class EpochStream:
+    """Items 0..n-1 epoch after epoch, each epoch in a seeded order; global item g goes to
+    data-parallel rank g % dp_size. State: items drawn, all ranks together (a few integers)."""
 
-    def __init__(self, packed: PackedSet, seed: int, dp_rank: int = 0, dp_size: int = 1):
-        self.packed, self.seed = packed, seed
+    def __init__(self, n: int, seed: int, dp_rank: int = 0, dp_size: int = 1):
+        self.n, self.seed = n, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.drawn = 0  # global sequences, all ranks together
+        self.drawn = 0
         self._orders: dict[int, np.ndarray] = {}
 
-    def _row(self, g: int) -> int:
-        epoch, index = divmod(g, len(self.packed.tokens))
-        if epoch not in self._orders:
+    def _item(self, g: int) -> int:
+        epoch, index = divmod(g, self.n)
+        if epoch not in self._orders:  # this epoch's order, and the last one's for a batch across them
             self._orders = {e: order for e, order in self._orders.items() if e >= epoch - 1}
-            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(
-                len(self.packed.tokens)
-            )
+            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
         return int(self._orders[epoch][index])
 
-    def next_sequences(self, n: int) -> dict:
-        rows = [self._row(self.drawn + self.dp_rank + i * self.dp_size) for i in range(n)]
+    def take(self, n: int) -> list[int]:
+        """This rank's next `n` items."""
+        items = [self._item(self.drawn + self.dp_rank + i * self.dp_size) for i in range(n)]
         self.drawn += n * self.dp_size
-        return {
-            "tokens": self.packed.tokens[rows],
-            "domain": np.zeros(n, dtype=np.int64),
-            "loss_mask": self.packed.loss_mask[rows],
-            "doc_ids": self.packed.doc_ids[rows],
-        }
+        return items
 
     def state_dict(self) -> dict:
         return {"drawn": self.drawn}
@@ -282,6 +276,23 @@ class PackedStream:
     def load_state_dict(self, state: dict) -> None:
         if state["drawn"] % self.dp_size:
             raise ValueError(
-                f"stream state at {state['drawn']} sequences does not divide over {self.dp_size} ranks"
+                f"stream state at {state['drawn']} items does not divide over {self.dp_size} ranks"
             )
         self.drawn = int(state["drawn"])
+
+
+class PackedStream(EpochStream):
+    """The trainer's stream over a packed set: its sequences, epoch after epoch (EpochStream)."""
+
+    def __init__(self, packed: PackedSet, seed: int, dp_rank: int = 0, dp_size: int = 1):
+        super().__init__(len(packed.tokens), seed, dp_rank, dp_size)
+        self.packed = packed
+
+    def next_sequences(self, n: int) -> dict:
+        rows = self.take(n)
+        return {
+            "tokens": self.packed.tokens[rows],
+            "domain": np.zeros(n, dtype=np.int64),
+            "loss_mask": self.packed.loss_mask[rows],
+            "doc_ids": self.packed.doc_ids[rows],
+        }

@@ -14,11 +14,10 @@ computed once, before the first step, and saved with the run.
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from teleflm.sft.data import ChatDataError, check_messages, expand
+from teleflm.sft.data import ChatDataError, EpochStream, check_messages, expand
 from teleflm.sft.template import ChatFormat
 
 SIDES = ("chosen", "rejected")
@@ -136,47 +135,21 @@ def split_heldout(pairs: PairSet, fraction: float, seed: int) -> tuple[PairSet, 
     return pairs.subset(np.sort(order[n:])), pairs.subset(np.sort(order[:n]))
 
 
-class PairStream:
-    """The trainer's stream over pairs: epoch after epoch, each in a seeded order of the pairs; global
-    pair g goes to data-parallel rank g % dp_size. A batch of n rows holds n / 2 pairs, each as its
-    chosen row then its rejected row, with their reference log-probabilities. State: pairs drawn."""
+class PairStream(EpochStream):
+    """The trainer's stream over pairs, epoch after epoch (EpochStream): a batch of n rows holds n / 2
+    pairs, each as its chosen row then its rejected row, with their reference log-probabilities."""
 
     def __init__(self, pairs: PairSet, ref_logps: np.ndarray, seed: int, dp_rank: int = 0, dp_size: int = 1):
-        self.pairs, self.ref_logps, self.seed = pairs, ref_logps, seed
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.drawn = 0
-        self._order: tuple[int, np.ndarray] | None = None
-
-    def _pair(self, g: int) -> int:
-        epoch, index = divmod(g, len(self.pairs))
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs)))
-        return int(self._order[1][index])
+        super().__init__(len(pairs), seed, dp_rank, dp_size)
+        self.pairs, self.ref_logps = pairs, ref_logps
 
     def next_sequences(self, n: int) -> dict:
         if n % 2:
             raise ValueError(f"a DPO batch holds whole pairs: {n} rows per rank is odd")
-        index = [self._pair(self.drawn + self.dp_rank + i * self.dp_size) for i in range(n // 2)]
-        self.drawn += n // 2 * self.dp_size
+        index = self.take(n // 2)
         return {
             "tokens": self.pairs.tokens[index].reshape(n, -1),
             "loss_mask": self.pairs.loss_mask[index].reshape(n, -1),
             "ref_logps": self.ref_logps[index].reshape(n),
             "domain": np.zeros(n, dtype=np.int64),
         }
-
-    def state_dict(self) -> dict:
-        return {"drawn": self.drawn}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["drawn"] % self.dp_size:
-            raise ValueError(
-                f"stream state at {state['drawn']} pairs does not divide over {self.dp_size} ranks"
-            )
-        self.drawn = int(state["drawn"])
-
-
-def save_reference(path: Path, ref_logps: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, ref_logps)
-    tmp.replace(path)

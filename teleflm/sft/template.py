@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from teleflm.data.tokenizer import CHAT_TEMPLATE
+from teleflm.data.tokenizer import CHAT_TEMPLATE, ROLE_MARKERS
 
 ROLES = ("system", "user", "assistant")
-ROLE_MARKERS = {"system": "<_system>", "user": "<_user>", "assistant": "<_bot>"}
 
 
 def render(

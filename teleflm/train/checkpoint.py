@@ -25,6 +25,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from teleflm.config import read_json
+
 TRAINER_STATE = "trainer.json"
 UNLOADABLE = ".unloadable"  # suffix of a checkpoint set aside because it does not load
 # What the trainer writes and resumes from; anything else in the folder (.tmp, .unloadable) is not one.
@@ -80,11 +82,7 @@ def read_state(path: Path) -> dict:
     path = Path(path)
     if not is_complete(path):
         raise CheckpointError(f"{path} is not a complete teleflm checkpoint (.metadata and {TRAINER_STATE})")
-    file = path / TRAINER_STATE
-    try:
-        return json.loads(file.read_text())
-    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-        raise CheckpointError(f"checkpoint file {file} cannot be read: {e}") from None
+    return read_json(path / TRAINER_STATE, CheckpointError)
 
 
 def verify(path: Path) -> dict:

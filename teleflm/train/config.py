@@ -7,10 +7,12 @@ check (`_table`): unknown keys and wrong types are refused by name, and each num
 """
 
 import dataclasses
+import functools
+import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, get_args, get_type_hints
 
 from teleflm.config import (
     AT_LEAST_ONE,
@@ -18,13 +20,50 @@ from teleflm.config import (
     NON_NEGATIVE,
     POSITIVE,
     ConfigError,
-    ModelTable,
     Range,
     build,
+    check_table,
     read_raw,
 )
 from teleflm.grow.plan import SHAPE_FIELDS, GrowthError, make_plan
 from teleflm.mup import MupHyperParams
+
+# A [model] table: TeleFLMConfig's fields by their config.json names, checked like any other table.
+MODEL_RANGES = {
+    **dict.fromkeys(
+        ["vocab_size", "hidden_size", "intermediate_size", "max_position_embeddings"], AT_LEAST_ONE
+    ),
+    **dict.fromkeys(["num_hidden_layers", "num_attention_heads", "num_key_value_heads"], AT_LEAST_ONE),
+    **dict.fromkeys(
+        ["rms_norm_eps", "rope_theta", "mup_scale_factor", "mup_depth_factor", "output_mult", "input_mult"],
+        POSITIVE,
+    ),
+    **dict.fromkeys(["pad_token_id", "bos_token_id", "eos_token_id"], NON_NEGATIVE),
+    "pretraining_tp": AT_LEAST_ONE,
+    "initializer_range": NON_NEGATIVE,
+    "attention_dropout": FRACTION,
+}
+
+
+@functools.cache
+def model_fields() -> dict[str, Any]:
+    """The keys a [model] table may hold, with their types: TeleFLMConfig's own fields."""
+    from teleflm.model import TeleFLMConfig
+
+    hints = get_type_hints(TeleFLMConfig.__init__)
+    names = [p for p in inspect.signature(TeleFLMConfig.__init__).parameters if p not in ("self", "kwargs")]
+    # `int | None` takes an int in TOML (which has no null).
+    return {
+        name: next((a for a in get_args(hints[name]) if a is not type(None)), hints[name]) for name in names
+    }
+
+
+def check_model_table(raw, where: str) -> dict:
+    """A [model] table: TeleFLMConfig's fields by their config.json names, checked like any other table."""
+    return check_table(raw, model_fields(), MODEL_RANGES, where)
+
+
+ModelTable = Annotated[dict[str, Any], check_model_table]
 
 
 @dataclass
@@ -166,7 +205,7 @@ class GrowthStage:
     parallel: dict[str, Any] = field(default_factory=dict)  # [parallel] keys that change from this stage on
     ramp_steps: int = 100  # optimizer steps over which the growth masks ramp 0 -> 1
     layers_at: list[int] = field(default_factory=list)  # grown-model positions of new layers; empty: spread
-    layer_init: str = "copy"  # new layers copy the layer before them, or "interpolate" their neighbours
+    layer_init: str = "copy"  # new layers copy the one before them, or "interpolate", or "stack"
 
     RANGES = dict(at_tokens=AT_LEAST_ONE, ramp_steps=AT_LEAST_ONE)
 

@@ -7,8 +7,7 @@ import io
 import tokenize
 import typing
 
-from teleflm.config import MODEL_RANGES, model_fields
-from teleflm.train.config import TrainConfig
+from teleflm.train.config import MODEL_RANGES, TrainConfig, model_fields
 
 
 def field_comments(cls) -> dict[str, str]:

@@ -77,6 +77,12 @@ class Monitor:
         if self.enabled:
             self.bar.update(n)
 
+    def set_total(self, total_steps: int) -> None:
+        """The run's length changed (a deadline moved its end)."""
+        if self.enabled and self.bar.total != total_steps:
+            self.bar.total = total_steps
+            self.bar.refresh()
+
     def event(self, step: int, kind: str, **details) -> None:
         if not self.enabled:
             return

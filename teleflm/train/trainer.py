@@ -135,6 +135,7 @@ class Trainer:
             s.window, s.sigma, s.min_loss_jump, s.min_grad_ratio, s.warmup_steps, s.patience
         )
         self.flops_per_token = flops_per_token(self.model_config, cfg.data.context_length)
+        self.deadline = None  # a teleflm.train.deadline.Deadline: the run then ends by a wall-clock time
 
     # ----- construction helpers -----
 
@@ -507,6 +508,9 @@ class Trainer:
                     self.guard.accept(loss, norm)
                 last_loss = loss
                 dt = time.perf_counter() - t0
+                if self.deadline is not None:
+                    total_steps = self.deadline.replan(self, dt)
+                    monitor.set_total(total_steps)
                 if self.step % c.logging.log_interval == 0 or self.step == total_steps:
                     monitor.log(self.step, self.step_record(loss, norm, lr, dt))
                 monitor.advance()

@@ -118,15 +118,7 @@ def coord_check(
     from teleflm.train.config import MupSection
 
     check_values(axis, values)
-    section = build(MupSection, raw.get("mup", {}), "[mup]")
-    hp = mup.MupHyperParams(
-        lr=section.lr,
-        matrix_lr=section.matrix_lr,
-        std=section.std,
-        matrix_std=section.matrix_std,
-        weight_decay=section.weight_decay,
-        scale_residual_init=section.scale_residual_init,
-    )
+    hp = build(MupSection, raw.get("mup", {}), "[mup]")  # a MupHyperParams (plus min_lr)
     model_raw = raw["model"]
     head_dim = model_raw["hidden_size"] // model_raw["num_attention_heads"]
     if axis == "width":

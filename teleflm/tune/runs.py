@@ -129,6 +129,33 @@ class RunData:
             raise ValueError(f"{path}: too few sequences ({len(sequences)}) for a train/held-out split")
         return cls(train=sequences[n_heldout:], heldout=sequences[:n_heldout])
 
+    def shuffled(self, seed: int) -> "RunData":
+        """The same data with the training sequences in seed `seed`'s order (seed 0: as given); the
+        config's shards get theirs from `data.seed` (see `seeded`)."""
+        if self.train is None or seed == 0:
+            return self
+        return RunData(self.train[np.random.default_rng(seed).permutation(len(self.train))], self.heldout)
+
+
+def seeded(raw: dict, seed: int) -> dict:
+    """`raw` for its seed-th run: init seed and shard order both moved by `seed` (0: `raw` itself)."""
+    from teleflm.train.config import DataSection, TrainConfig
+
+    out = copy.deepcopy(raw)
+    out["seed"] = raw.get("seed", TrainConfig.seed) + seed
+    out.setdefault("data", {})["seed"] = raw.get("data", {}).get("seed", DataSection.seed) + seed
+    return out
+
+
+def training_flops(raw: dict) -> float:
+    """Training FLOPs of a config's whole run: FLOPs per token (6N + attention) x its token budget."""
+    from teleflm.model import TeleFLMConfig
+    from teleflm.model.size import flops_per_token
+    from teleflm.train.config import DataSection
+
+    context = raw.get("data", {}).get("context_length", DataSection.context_length)
+    return flops_per_token(TeleFLMConfig(**raw["model"]), context) * raw["schedule"]["total_tokens"]
+
 
 def short_run_config(raw: dict, out: Path) -> dict:
     """A config for a scored run: writes only its final checkpoint, no export, no progress bar."""

@@ -25,6 +25,7 @@ GROWTHS = {
     "layers copied, spread": (dict(num_hidden_layers=4), {}),
     "layers copied at 0 and 3": (dict(num_hidden_layers=4), dict(layers_at=[0, 3])),
     "layers interpolated": (dict(num_hidden_layers=5), dict(layers_at=[1, 2, 4], layer_init="interpolate")),
+    "layers stacked (G_stack)": (dict(num_hidden_layers=4), dict(layers_at=[2, 3], layer_init="stack")),
     "width x2 + depth x2": (WIDTH_X2_DEPTH_X2, {}),
 }
 
@@ -57,6 +58,16 @@ def test_grown_model_computes_the_old_function(growth, old_model, ids):
     ramped = grown(input_ids=ids).logits
     masks.remove()
     assert torch.allclose(grown(input_ids=ids).logits, ramped, atol=1e-5)
+
+
+@torch.no_grad()
+def test_stacking_repeats_the_old_layers_in_order(old_model):
+    """layer_init "stack" with the new layers at the end: layers 0, 1, 0, 1 (G_stack's operator)."""
+    grown, _ = grow_model(old_model, dict(num_hidden_layers=4), layers_at=[2, 3], layer_init="stack")
+    old, new = old_model.model.layers, grown.model.layers
+    for position, source in enumerate((0, 1, 0, 1)):
+        assert torch.equal(new[position].mlp.down_proj.weight, old[source].mlp.down_proj.weight)
+        assert torch.equal(new[position].self_attn.q_proj.weight, old[source].self_attn.q_proj.weight)
 
 
 @torch.no_grad()

@@ -8,7 +8,8 @@ import torch
 from teleflm.cli.main import main
 from teleflm.model import TeleFLMForCausalLM
 from teleflm.model.size import flops_per_token, parameter_counts
-from teleflm.plan.estimate import Layout, memory_per_device, plan
+from teleflm.parallel.mesh import ParallelDims
+from teleflm.plan.estimate import memory_per_device, plan
 from teleflm.train.config import load_config
 
 CONFIGS = Path(__file__).parents[2] / "configs"
@@ -73,7 +74,7 @@ def test_each_flm_101b_stage_fits_its_published_layout(stage, layout, billions):
 
 def test_101b_without_model_parallel_does_not_fit():
     c = load_config(CONFIGS / "flm-101b.toml", NO_DATA).model_config()
-    too_big = memory_per_device(c, Layout(dp_shard=192), 2048, 4, activation_checkpointing=False)
+    too_big = memory_per_device(c, ParallelDims(dp_shard=192), 2048, 4, activation_checkpointing=False)
     assert too_big["total"] / 2**30 > 80
 
 

@@ -183,7 +183,7 @@ def test_every_numeric_key_has_a_range():
     import dataclasses
     import typing
 
-    from teleflm.config import MODEL_RANGES, model_fields
+    from teleflm.train.config import MODEL_RANGES, model_fields
 
     unset = {"total_tokens", "at_tokens"}
     for cls in config_tables():

@@ -25,6 +25,30 @@ def kjv_chapters() -> list[str]:
     ]
 
 
+def kjv_windows(n_chars: int = 1_500_000, vocab_size: int = 1024, context: int = 64):
+    """The first `n_chars` of the KJV as packed (n, context + 1) token windows in a fixed shuffled
+    order (so any leading slice, such as a held-out split, comes from the whole book), with a
+    byte-level BPE of `vocab_size` trained on that text: data for short muP runs that needs no
+    prepared shards."""
+    import numpy as np
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = "\n\n".join(kjv_chapters())[:n_chars]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        text.splitlines(),
+        trainers.BpeTrainer(
+            vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        ),
+    )
+    ids = np.array([i for line in tok.encode_batch(text.splitlines()) for i in line.ids], dtype=np.int64)
+    n = len(ids) // (context + 1)
+    windows = ids[: n * (context + 1)].reshape(n, context + 1)
+    return windows[np.random.default_rng(0).permutation(n)]
+
+
 def poems() -> list[str]:
     """One document per poem (title, author line, verses); the source separates them with '%'."""
     return [p.strip("\n") for p in _shipped("poems.txt.zst").split("\n%\n") if p.strip()]
