@@ -27,16 +27,19 @@ SUBCOMMANDS = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand, or of `command` alone when it names one: each command's
+    module is imported to build its parser, and some import torch."""
     parser = argparse.ArgumentParser(prog="teleflm", description=__import__("teleflm").__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in SUBCOMMANDS:
+    for name in [m for m in SUBCOMMANDS if m == f"teleflm.cli.{command}"] or SUBCOMMANDS:
         importlib.import_module(name).add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         return args.func(args) or 0
     except (ValueError, OSError) as e:
