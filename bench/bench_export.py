@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from teleflm.model import TeleFLMConfig, TeleFLMForCausalLM
-from teleflm.model.io import export_hf, load_pretrained, write_official_layout
+from teleflm.model.io import export_hf, load_pretrained
+from teleflm.testing import write_official_layout
 
 CONFIG = dict(
     vocab_size=80384,

@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 
 @dataclass(frozen=True)
@@ -96,9 +96,21 @@ def _coerce(hint, value, where: str):
             _, item = get_args(hint)
             return {k: _coerce(item, v, f"{where}.{k}") for k, v in value.items()}
         return value
-    if origin in (Union, UnionType) and type(None) in get_args(hint):  # `T | None`: TOML has no null
-        (inner,) = [a for a in get_args(hint) if a is not type(None)]
-        return _coerce(inner, value, where)
+    if origin is Literal:
+        if value not in get_args(hint):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(get_args(hint))}")
+        return value
+    if origin in (Union, UnionType):  # the first that fits; `None` is only a default (TOML has no null)
+        options = [a for a in get_args(hint) if a is not type(None)]
+        if len(options) == 1:
+            return _coerce(options[0], value, where)
+        for option in options:
+            try:
+                return _coerce(option, value, where)
+            except ConfigError:
+                pass
+        names = " or ".join(getattr(o, "__name__", None) or str(o) for o in options)
+        raise ConfigError(f"{where}: expected {names}, got {value!r}")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and not (

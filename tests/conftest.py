@@ -1,4 +1,4 @@
-"""Shared test helpers: real text that every clone has, and a tiny model config."""
+"""Real text that every clone has (the other shared helpers are in teleflm.testing)."""
 
 import functools
 from pathlib import Path
@@ -14,18 +14,3 @@ def sample_text(name: str) -> str:
 
     documents = {"kjv": sample.kjv_chapters, "poems": sample.poems, "code": sample.stdlib_sources}[name]
     return "\n\n".join(documents())
-
-
-def tiny_config(**overrides):
-    from teleflm.model import TeleFLMConfig
-
-    fields = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return TeleFLMConfig(**{**fields, **overrides})

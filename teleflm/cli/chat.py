@@ -23,11 +23,12 @@ def run(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from teleflm.cli.common import check_sampling_arguments, load_model_any, note_context_limit
+    from teleflm.cli.common import check_sampling_arguments, note_context_limit
     from teleflm.sft.chat import ChatSession
+    from teleflm.train.checkpoint import load_any_model
 
     check_sampling_arguments(args)
-    model, tokenizer, _ = load_model_any(args.model, dtype=args.dtype)
+    model, tokenizer, _ = load_any_model(args.model, dtype=args.dtype)
     if tokenizer is None:
         raise FileNotFoundError(f"{args.model}: no tokenizer in the model folder")
     torch.manual_seed(args.seed)

@@ -8,9 +8,7 @@ Hugging Face export -> report.md with figures and plots.
 """
 
 import copy
-import gzip
 import json
-import lzma
 import shutil
 import sys
 import time
@@ -97,27 +95,12 @@ def steps_for(seconds: float, times: dict[str, float]) -> int:
     return max(MIN_STEPS, int((seconds - fixed) / times["step"]))
 
 
-def compressed_bpb(text: bytes) -> dict[str, float]:
-    return {
-        "xz -9": 8 * len(lzma.compress(text, preset=9 | lzma.PRESET_EXTREME)) / len(text),
-        "gzip -9": 8 * len(gzip.compress(text, compresslevel=9)) / len(text),
-    }
-
-
-def run(args) -> int:
+def sample_shards(out: Path) -> tuple[Path, Path]:
+    """Stages 1-3: the embedded sample as a corpus, a tokenizer trained on it, token shards with a
+    held-out split (each kept when already there); returns (shards, tokenizer) folders."""
     from teleflm.data.prepare import prepare
     from teleflm.data.sample import write_sample_corpus
     from teleflm.data.tokenizer import train_tokenizer
-    from teleflm.train.config import load_config
-    from teleflm.train.trainer import Trainer
-
-    out: Path = args.out
-    if args.minutes <= 0:
-        raise ValueError(f"--minutes must be positive, got {args.minutes}")
-    check_out_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    budget = args.minutes * 60
 
     stage("1/6 sample corpus (KJV, Tang and Song poems, Python standard library)")
     data_toml = out / "corpus" / "data.toml"
@@ -136,26 +119,28 @@ def run(args) -> int:
     stage("3/6 token shards with a held-out split")
     shards = out / "shards"
     prepare(data_toml, tokenizer=tokenizer, out=shards)
+    return shards, tokenizer
 
-    stage("4/6 training a tiny muP Tele-FLM")
-    from teleflm.train.deadline import Deadline
+
+def training_config(out: Path, shards: Path, tokenizer: Path, state: dict, finish_by: float):
+    """The demo's TrainConfig. On the first call (an empty `state`) it picks the precision, measures
+    the machine on a few warm-up steps and sizes the schedule to end by `finish_by` (a time.time()), recording all of it
+    in `state`, so that a re-run resumes the same schedule."""
+    from teleflm.train.config import load_config
     from teleflm.train.precision import bf16_is_fast
 
-    state_file = out / "demo.json"
-    state = json.loads(state_file.read_text()) if state_file.exists() else {}
     overrides = [f"out='{out / 'run'}'", f"data.shards='{shards}'", f"data.tokenizer='{tokenizer}'"]
-    if "total_tokens" not in state:  # fixed at the first run, so a re-run resumes the same schedule
+    if "total_tokens" not in state:
         state["mixed_precision"] = "bf16" if bf16_is_fast() else "fp32"
         cfg = load_config(DEMO_CONFIG, [*overrides, f"parallel.mixed_precision='{state['mixed_precision']}'"])
         times = calibrate(cfg, out / "calibration")
-        left = budget * BUDGET_SHARE - (time.time() - started)
-        state["total_tokens"] = steps_for(left, times) * cfg.batch.global_batch_tokens
+        seconds_left = finish_by - time.time()
+        state["total_tokens"] = steps_for(seconds_left, times) * cfg.batch.global_batch_tokens
         state["calibration"] = times
-        state_file.write_text(json.dumps(state))
         print(
             f"measured: {times['step']:.2f} s per step ({state['mixed_precision']}), "
             f"{times['evaluation']:.1f} s per evaluation, {times['checkpoint']:.1f} s per checkpoint; "
-            f"{left:.0f} s left"
+            f"{seconds_left:.0f} s left"
         )
     overrides += [
         f"parallel.mixed_precision='{state['mixed_precision']}'",
@@ -169,6 +154,28 @@ def run(args) -> int:
         f"{cfg.total_steps()} steps of {cfg.batch.global_batch_tokens} tokens, "
         f"{cfg.model_config().num_hidden_layers} layers, {cfg.parallel.mixed_precision}"
     )
+    return cfg
+
+
+def run(args) -> int:
+    from teleflm.eval.samples import greedy_samples
+    from teleflm.train.deadline import Deadline
+    from teleflm.train.trainer import Trainer
+
+    out: Path = args.out
+    if args.minutes <= 0:
+        raise ValueError(f"--minutes must be positive, got {args.minutes}")
+    check_out_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    budget = args.minutes * 60
+    shards, tokenizer = sample_shards(out)
+
+    stage("4/6 training a tiny muP Tele-FLM")
+    state_file = out / "demo.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    cfg = training_config(out, shards, tokenizer, state, finish_by=started + budget * BUDGET_SHARE)
+    state_file.write_text(json.dumps(state))
     trainer = Trainer(cfg)
     if not state.get("trained"):  # the end moves with the measured step rate, to finish in the budget
         times = state["calibration"]
@@ -188,7 +195,7 @@ def run(args) -> int:
         )
 
     stage("6/6 generations from the export, and the report")
-    samples, cache_mismatch = generate_samples(out / "run" / "export")
+    samples, cache_mismatch = greedy_samples(out / "run" / "export", PROMPTS)
     for name, text in samples.items():
         print(f"[{name}] {text!r}")
     print(
@@ -213,48 +220,17 @@ def run(args) -> int:
 def held_out_figures(trainer, model_bpb: dict[str, float]) -> dict[str, dict]:
     """Per domain: the model's BPB and what xz -9 / gzip -9 reach on the very same held-out documents."""
     from teleflm.data.tokenizer import load_tokenizer
-    from teleflm.eval.bpb import eval_windows
+    from teleflm.eval.bpb import compressor_bpb, held_out_bytes
 
     tokenizer = load_tokenizer(trainer.cfg.data.tokenizer)
     figures = {}
     for domain, bpb in model_bpb.items():
-        docs = list(trainer.shards.documents(domain, "val"))
-        *_, n_bytes, n_docs = eval_windows(
-            docs, trainer.cfg.data.context_length, trainer.cfg.logging.eval_sequences
+        docs = trainer.shards.documents(domain, "val")
+        text = held_out_bytes(
+            docs, tokenizer, trainer.cfg.data.context_length, trainer.cfg.logging.eval_sequences
         )
-        text = "".join(tokenizer.decode(doc.tolist()) for doc, _ in docs[:n_docs]).encode()
-        if len(text) != n_bytes:
-            raise RuntimeError(
-                f"{domain}: held-out text decodes to {len(text)} bytes, the shards record {n_bytes}"
-            )
-        figures[domain] = {"model": bpb, **compressed_bpb(text), "bytes": n_bytes}
+        figures[domain] = {"model": bpb, **compressor_bpb(text), "bytes": len(text)}
     return figures
-
-
-def generate_samples(export: Path) -> tuple[dict[str, str], list[str]]:
-    """Greedy continuations of PROMPTS from the export, and the prompts on which decoding with the KV
-    cache gave other tokens than decoding without it (a cache that transformers fails to hand the
-    model reads as garbage only after the first token)."""
-    import torch
-
-    from teleflm.data.tokenizer import padded_ids
-    from teleflm.model.io import load_pretrained
-
-    model, tokenizer = load_pretrained(export, dtype="fp32", device="cpu")
-    padded = padded_ids(tokenizer, model.config.vocab_size)
-    samples, mismatch = {}, []
-    for name, prompt in PROMPTS.items():
-        inputs = tokenizer(prompt, return_tensors="pt")
-        settings = dict(max_new_tokens=40, do_sample=False, repetition_penalty=1.03)
-        with torch.no_grad():
-            ids = model.generate(**inputs, **settings, suppress_tokens=padded or None)
-            uncached = model.generate(**inputs, **settings, suppress_tokens=padded or None, use_cache=False)
-        if not torch.equal(ids, uncached):
-            mismatch.append(name)
-        samples[name] = prompt + tokenizer.decode(
-            ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-        )
-    return samples, mismatch
 
 
 def write_report(

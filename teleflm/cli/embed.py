@@ -24,13 +24,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from teleflm.cli.common import load_model_any
     from teleflm.serve.embed import embed, read_texts, write_embeddings
+    from teleflm.train.checkpoint import load_any_model
 
     if Path(args.out).suffix not in (".npy", ".jsonl"):
         raise ValueError(f"{args.out}: the output must end in .npy or .jsonl")
     texts = read_texts(args.input, args.text_field)  # a bad line fails before the model loads
-    model, tokenizer, _ = load_model_any(args.model, dtype=args.dtype)
+    model, tokenizer, _ = load_any_model(args.model, dtype=args.dtype)
     if tokenizer is None:
         raise FileNotFoundError(f"{args.model}: no tokenizer in the model folder")
     vectors, _ = embed(model, tokenizer, texts, args.pooling, args.normalize, args.batch_size, progress=True)

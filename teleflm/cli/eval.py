@@ -77,14 +77,14 @@ def bpb_by_domain(
 ) -> tuple[dict, float]:
     """(per-domain BPB results, byte-weighted BPB over all domains), printed as they come with the
     documents and bytes scored: the first documents of each domain's split that fill the windows."""
-    from teleflm.cli.common import load_model_any
     from teleflm.data.shards import open_shards
     from teleflm.data.tokenizer import load_tokenizer, tokenizer_hash
     from teleflm.eval.bpb import bits_per_byte
     from teleflm.model.loss import token_loss_sum
     from teleflm.train.attention import document_attention
+    from teleflm.train.checkpoint import load_any_model
 
-    model, _, tokenizer_dir = load_model_any(model_path)
+    model, _, tokenizer_dir = load_any_model(model_path)
     if tokenizer_dir is None:
         raise ValueError(f"{model_path} names no tokenizer: BPB needs the one the shards were made with")
     shards = open_shards(data, expected_tokenizer_hash=tokenizer_hash(tokenizer_dir))

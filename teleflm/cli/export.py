@@ -28,12 +28,12 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from teleflm.cli.common import load_model_any
     from teleflm.model.io import check_export_target, export_hf
+    from teleflm.train.checkpoint import load_any_model
 
     # Refuse a bad target before spending time on loading.
     check_export_target(Path(args.out), args.overwrite)
-    model, _, model_tokenizer_dir = load_model_any(args.model, dtype=args.dtype or "fp32", device="cpu")
+    model, _, model_tokenizer_dir = load_any_model(args.model, dtype=args.dtype or "fp32", device="cpu")
     tokenizer_dir = args.tokenizer or model_tokenizer_dir
     out = export_hf(
         model,

@@ -21,12 +21,13 @@ def run(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from teleflm.cli.common import check_sampling_arguments, load_model_any, note_context_limit
+    from teleflm.cli.common import check_sampling_arguments, note_context_limit
     from teleflm.data.tokenizer import load_tokenizer, padded_ids
     from teleflm.model.io import check_tokenizer_fits, new_token_budget
+    from teleflm.train.checkpoint import load_any_model
 
     check_sampling_arguments(args)
-    model, tokenizer, _ = load_model_any(args.model, dtype=args.dtype)  # cuda when available, else cpu
+    model, tokenizer, _ = load_any_model(args.model, dtype=args.dtype)  # cuda when available, else cpu
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
         check_tokenizer_fits(tokenizer, model.config, args.tokenizer)

@@ -24,7 +24,7 @@ def run(args) -> int:
 
     torch.set_num_threads(1)  # tiny models: one thread beats two contended ones
     spec = load_recipe(args.config)
-    out = args.out or Path(spec.get("out", "runs/recipe"))
+    out = args.out or Path(spec.out)
     figures = run_recipe(spec, out)
     print(
         f"forecast {figures['forecast']:.4f}, measured {figures['measured']:.4f}: error {figures['error']:+.2%}; "

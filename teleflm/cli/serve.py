@@ -42,9 +42,9 @@ def bind(host: str, port: int) -> socket.socket:
 def run(args) -> int:
     import uvicorn
 
-    from teleflm.cli.common import load_model_any
     from teleflm.serve.api import create_app
     from teleflm.serve.engine import Engine
+    from teleflm.train.checkpoint import load_any_model
 
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
@@ -53,7 +53,7 @@ def run(args) -> int:
     if args.vllm_args or args.vllm_python:
         raise ValueError("--vllm-python and arguments after -- are for --engine vllm")
     sock = bind(args.host, args.port)
-    model, tokenizer, _ = load_model_any(args.model, dtype=args.dtype)
+    model, tokenizer, _ = load_any_model(args.model, dtype=args.dtype)
     if tokenizer is None:
         raise FileNotFoundError(f"{args.model}: no tokenizer in the model folder")
     if args.host not in LOOPBACK and not args.api_key:

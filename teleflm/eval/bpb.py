@@ -1,4 +1,4 @@
-"""Bits per byte on held-out documents: `sum NLL (nats) / (ln 2 * UTF-8 bytes)` (SPEC section 5).
+"""Bits per byte on held-out documents: `sum NLL (nats) / (ln 2 * UTF-8 bytes)` (docs/training.md).
 
 Documents are laid end to end, each preceded by `</s>`, and cut into windows of `context_length`
 predictions; every document token is predicted (the `</s>` separators are inputs, never targets), and
@@ -7,6 +7,8 @@ document, as in training with `data.document_mask`. Work is split over data-para
 under pipeline parallel only the last stage has a loss, and the sums reach every stage.
 """
 
+import gzip
+import lzma
 import math
 from collections.abc import Callable, Iterable
 
@@ -101,4 +103,25 @@ def bits_per_byte(
         "tokens": tokens,
         "bytes": n_bytes,
         "documents": n_docs,
+    }
+
+
+def held_out_bytes(
+    documents: Iterable[tuple[np.ndarray, int]], tokenizer, context_length: int, max_windows: int
+) -> bytes:
+    """The UTF-8 text of the documents that `bits_per_byte` reads for these settings (decoded from
+    their tokens), refused when it is not the byte count the shards record for them."""
+    documents = list(documents)
+    *_, n_bytes, n_docs = eval_windows(documents, context_length, max_windows)
+    text = "".join(tokenizer.decode(doc.tolist()) for doc, _ in documents[:n_docs]).encode()
+    if len(text) != n_bytes:
+        raise RuntimeError(f"held-out text decodes to {len(text)} bytes, the shards record {n_bytes}")
+    return text
+
+
+def compressor_bpb(text: bytes) -> dict[str, float]:
+    """Bits per byte that xz -9 (extreme) and gzip -9 reach on `text`: baselines beside a model's."""
+    return {
+        "xz -9": 8 * len(lzma.compress(text, preset=9 | lzma.PRESET_EXTREME)) / len(text),
+        "gzip -9": 8 * len(gzip.compress(text, compresslevel=9)) / len(text),
     }

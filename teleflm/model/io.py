@@ -63,7 +63,7 @@ print(tokenizer.decode(generated.cpu()[0], skip_special_tokens=True))
 
 Context: {context} positions. Vocabulary: {vocab} embedding rows.
 """
-# The config fields of the released checkpoints (SPEC section 1), for write_official_layout.
+# The config fields of the released checkpoints (docs/model.md), which exports always write.
 OFFICIAL_CONFIG_FIELDS = (
     "vocab_size",
     "hidden_size",
@@ -442,52 +442,4 @@ def export_hf(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out_dir
-
-
-def write_official_layout(
-    model: TeleFLMForCausalLM, tokenizer_model_path: str | Path, out_dir: str | Path, n_shards: int = 2
-) -> Path:
-    """Write `model` the way the released checkpoints are laid out (for tests): pickled
-    `pytorch_model-0000N-of-0000M.bin` shards with `pytorch_model.bin.index.json`, a config.json with
-    the official field names only, the model sources, the SentencePiece `tokenizer.model` and a
-    tokenizer_config.json naming LlamaTokenizer without BOS."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
-    names = list(state)
-    per_shard = -(-len(names) // n_shards)
-    weight_map = {}
-    for i in range(n_shards):
-        shard = f"pytorch_model-{i + 1:05d}-of-{n_shards:05d}.bin"
-        chunk = names[i * per_shard : (i + 1) * per_shard]
-        torch.save({name: state[name] for name in chunk}, out_dir / shard)
-        weight_map.update(dict.fromkeys(chunk, shard))
-    total_size = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-    (out_dir / PICKLE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-    config = {field: getattr(model.config, field, None) for field in OFFICIAL_CONFIG_FIELDS}
-    config |= {
-        "architectures": ["TeleFLMForCausalLM"],
-        "auto_map": {k: v for k, v in AUTO_MAP.items() if k != "AutoModel"},
-        "model_type": "TeleFLM",
-        "torch_dtype": str(next(iter(state.values())).dtype).removeprefix("torch."),
-    }
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for source in MODEL_SOURCES:
-        shutil.copyfile(Path(__file__).with_name(source), out_dir / source)
-
-    shutil.copyfile(tokenizer_model_path, out_dir / "tokenizer.model")
-    tokenizer_config = {
-        "tokenizer_class": "LlamaTokenizer",
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "unk_token": "<unk>",
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "pad_token": "<pad>",
-        "model_max_length": model.config.max_position_embeddings,
-    }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     return out_dir

@@ -1,4 +1,4 @@
-"""muP as Tele-FLM uses it: parameter classes, initialisation and AdamW groups (SPEC section 2).
+"""muP as Tele-FLM uses it: parameter classes, initialisation and AdamW groups (docs/mup.md).
 
 The width multiplier is the config's own `mup_scale_factor` (hidden_size / proxy width), the same
 number the forward pass divides the logits by, so model, init and optimizer can never disagree.

@@ -1,6 +1,6 @@
 """`teleflm plan`: parameters, FLOPs, memory per device, time and cost of a run before renting it.
 
-Memory follows how teleflm trains (SPEC section 6 stack; details in `memory_per_device`): FSDP2
+Memory follows how teleflm trains (docs/training.md; details in `memory_per_device`): FSDP2
 shards fp32 master weights, fp32 gradients and AdamW's two fp32 moments (16 bytes per parameter);
 tensor parallel splits every matrix by `tp`; under 1F1B pipeline stage 0 holds `pp` micro-batches of
 activations. Activations are counted from what the model's own forward saves for backward (fused

@@ -1,4 +1,4 @@
-"""muScaling loss prediction (SPEC section 3): fit L(N) = a * N^b + c to a ladder of muP widths (each
+"""muScaling loss prediction (docs/mup.md): fit L(N) = a * N^b + c to a ladder of muP widths (each
 rung's loss the mean over its seeds) and extrapolate, with an interval from the seeds' scatter."""
 
 import math

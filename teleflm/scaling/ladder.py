@@ -20,14 +20,14 @@ With 5 rungs or more, the two largest are also predicted from the others (held o
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from teleflm.config import read_toml
+from teleflm.config import AT_LEAST_ONE, POSITIVE, ConfigError, build, read_toml
 from teleflm.scaling.fit import FitError, Prediction, check_ladder, predict
 from teleflm.tune.runs import RunData, at_width, parameter_count, scored_run, seeded, training_flops
 
-KNOWN_KEYS = {"config", "widths", "seeds", "out", "sequences", "head_dim", "parameters", "points"}
 HELD_OUT = 2  # the largest rungs predicted from the rest; needs 3 more to fit
 
 
@@ -55,32 +55,43 @@ class LadderSpec:
     points: list[Rung] = field(default_factory=list)
 
 
+@dataclass
+class LadderPoint:
+    """A rung trained elsewhere: its parameter count and its loss (one, or one per seed)."""
+
+    params: float
+    loss: float | list[float]
+    RANGES = {"params": POSITIVE}
+
+
+@dataclass
+class LadderFile:
+    """A ladder TOML as written (see the module's docstring); `load_ladder` checks it as a whole."""
+
+    config: str | None = None
+    widths: list[int] = field(default_factory=list)
+    seeds: int = 1
+    out: str = "runs/ladder"
+    sequences: str | None = None
+    head_dim: int | None = None
+    parameters: Literal["non_embedding", "total"] = "non_embedding"
+    points: list[LadderPoint] = field(default_factory=list)
+    RANGES = {"seeds": AT_LEAST_ONE, "head_dim": AT_LEAST_ONE}
+
+
 def load_ladder(path: str | Path) -> LadderSpec:
     path = Path(path)
-    raw = read_toml(path)
-    unknown = sorted(set(raw) - KNOWN_KEYS)
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; known: {sorted(KNOWN_KEYS)}")
-    widths = [int(w) for w in raw.get("widths", [])]
-    if widths and any(b <= a for a, b in zip(widths, widths[1:], strict=False)):
+    ladder = build(LadderFile, read_toml(path), str(path))
+    widths = ladder.widths
+    if any(b <= a for a, b in zip(widths, widths[1:], strict=False)):
         raise FitError(f"{path}: widths must strictly increase, got {widths}")
-    if widths and "config" not in raw:
-        raise ValueError(f"{path}: `widths` needs `config`, the training config every rung shares")
-    if raw.get("parameters", "non_embedding") not in ("non_embedding", "total"):
-        raise ValueError(f"{path}: parameters must be 'non_embedding' or 'total'")
-    seeds = raw.get("seeds", 1)
-    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
-        raise ValueError(f"{path}: seeds must be a whole number >= 1, got {seeds!r}")
+    if widths and ladder.config is None:
+        raise ConfigError(f"{path}: `widths` needs `config`, the training config every rung shares")
     here = path.parent
-    base = read_toml(here / raw["config"]) if "config" in raw else {}
+    base = read_toml(here / ladder.config) if ladder.config else {}
     if widths and not base.get("model", {}).get("use_mup", False):
-        raise ValueError(f"{path}: the ladder's config has model.use_mup = false; muScaling needs muP")
-    points = []
-    for i, p in enumerate(raw.get("points", [])):
-        if set(p) != {"params", "loss"}:
-            raise ValueError(f"{path}: points[{i}] needs exactly `params` and `loss`, got {sorted(p)}")
-        losses = p["loss"] if isinstance(p["loss"], list) else [p["loss"]]
-        points.append(Rung(float(p["params"]), [float(x) for x in losses]))
+        raise ConfigError(f"{path}: the ladder's config has model.use_mup = false; muScaling needs muP")
+    points = [Rung(p.params, p.loss if isinstance(p.loss, list) else [p.loss]) for p in ladder.points]
     sizes = [p.params for p in points]
     if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)):
         raise FitError(f"{path}: points must be listed with strictly increasing params, got {sizes}")
@@ -92,11 +103,11 @@ def load_ladder(path: str | Path) -> LadderSpec:
     return LadderSpec(
         base=base,
         widths=widths,
-        out=here / raw.get("out", "runs/ladder"),
-        seeds=seeds,
-        sequences=here / raw["sequences"] if "sequences" in raw else None,
-        head_dim=raw.get("head_dim"),
-        non_embedding=raw.get("parameters", "non_embedding") == "non_embedding",
+        out=here / ladder.out,
+        seeds=ladder.seeds,
+        sequences=here / ladder.sequences if ladder.sequences else None,
+        head_dim=ladder.head_dim,
+        non_embedding=ladder.parameters == "non_embedding",
         points=points,
     )
 

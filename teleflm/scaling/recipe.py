@@ -8,13 +8,15 @@ first 10% are held out, and every loss here is the held-out loss in nats per tok
 keeps its outputs in `out` and is skipped when they are there: a second call continues.
 """
 
+import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from teleflm.config import read_toml
+from teleflm.config import AT_LEAST_ONE, ConfigError, build, read_toml
 from teleflm.tune.runs import (
     RunData,
     at_depth,
@@ -25,46 +27,84 @@ from teleflm.tune.runs import (
     training_flops,
 )
 
-KNOWN = {"out", "head_dim", "data", "proxy", "train", "search", "target", "ladder"}
+
+@dataclass
+class RecipeData:
+    """The packed KJV windows every run trains on (`teleflm.data.sample.kjv_windows`)."""
+
+    chars: int
+    vocab_size: int
+    context_length: int
+    RANGES = dict.fromkeys(["chars", "vocab_size", "context_length"], AT_LEAST_ONE)
 
 
-def load_recipe(path: str | Path) -> dict:
-    spec = read_toml(path)
-    unknown = sorted(set(spec) - KNOWN)
-    missing = sorted(KNOWN - {"out"} - set(spec))
-    if unknown or missing:
-        raise ValueError(
-            f"{path}: unknown table(s) {unknown}, missing {missing}; a recipe has {sorted(KNOWN)}"
-        )
-    proxy, target = spec["proxy"]["hidden_size"], spec["target"]
-    if target["hidden_size"] <= proxy or target["num_hidden_layers"] < spec["proxy"]["num_hidden_layers"]:
-        raise ValueError(f"{path}: the target must be wider than the proxy and at least as deep")
-    if max(spec["ladder"]["widths"]) >= target["hidden_size"]:
-        raise ValueError(
-            f"{path}: the ladder's widths must stay below the target's ({target['hidden_size']})"
-        )
+@dataclass
+class ProxyShape:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    RANGES = dict.fromkeys(["hidden_size", "intermediate_size", "num_hidden_layers"], AT_LEAST_ONE)
+
+
+@dataclass
+class TargetShape:
+    hidden_size: int
+    num_hidden_layers: int
+    RANGES = dict.fromkeys(["hidden_size", "num_hidden_layers"], AT_LEAST_ONE)
+
+
+@dataclass
+class RecipeLadder:
+    widths: list[int]
+    seeds: int = 3
+    RANGES = {"seeds": AT_LEAST_ONE}
+
+
+@dataclass
+class Recipe:
+    """A recipe TOML (`teleflm/cli/recipe.toml` is the shipped one): `train` holds the training
+    tables every run shares, `search` a search space (docs/mup.md)."""
+
+    head_dim: int
+    data: RecipeData
+    proxy: ProxyShape
+    train: dict
+    search: dict
+    target: TargetShape
+    ladder: RecipeLadder
+    out: str = "runs/recipe"
+    RANGES = {"head_dim": AT_LEAST_ONE}
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    spec = build(Recipe, read_toml(path), str(path))
+    proxy, target = spec.proxy, spec.target
+    if target.hidden_size <= proxy.hidden_size or target.num_hidden_layers < proxy.num_hidden_layers:
+        raise ConfigError(f"{path}: the target must be wider than the proxy and at least as deep")
+    if max(spec.ladder.widths) >= target.hidden_size:
+        raise ConfigError(f"{path}: the ladder's widths must stay below the target's ({target.hidden_size})")
     return spec
 
 
-def proxy_config(spec: dict, out: Path) -> dict:
+def proxy_config(spec: Recipe, out: Path) -> dict:
     """The proxy's training config: the shared [train] tables and the proxy's shape, muP at its own
     width and depth (both multipliers 1)."""
-    data = spec["data"]
-    model = dict(spec["proxy"])
+    data = spec.data
+    model = dataclasses.asdict(spec.proxy)
     model.update(
-        vocab_size=data["vocab_size"],
-        max_position_embeddings=data["context_length"],
-        num_attention_heads=model["hidden_size"] // spec["head_dim"],
+        vocab_size=data.vocab_size,
+        max_position_embeddings=data.context_length,
+        num_attention_heads=spec.proxy.hidden_size // spec.head_dim,
         use_mup=True,
         mup_scale_factor=1.0,
         mup_depth_factor=1.0,
     )
-    train = {k: dict(v) for k, v in spec["train"].items()}
-    train.setdefault("data", {})["context_length"] = data["context_length"]
+    train = {k: dict(v) for k, v in spec.train.items()}
+    train.setdefault("data", {})["context_length"] = data.context_length
     return {"out": str(out / "proxy"), **train, "model": model}
 
 
-def run_recipe(spec: dict, out: Path, log=print) -> dict:
+def run_recipe(spec: Recipe, out: Path, log=print) -> dict:
     """Every stage (skipping finished ones); returns the figures of the report."""
     from teleflm.scaling.ladder import LadderSpec, forecast, run_ladder
     from teleflm.scaling.ladder import write_report as write_ladder_report
@@ -73,7 +113,7 @@ def run_recipe(spec: dict, out: Path, log=print) -> dict:
     from teleflm.tune.transfer import transfer, transfer_report
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.toml").write_text(to_toml(spec))  # what this folder was made with
+    (out / "recipe.toml").write_text(to_toml(dataclasses.asdict(spec)))  # what this folder was made with
     seconds = {}
     clock = time.perf_counter()
 
@@ -83,28 +123,26 @@ def run_recipe(spec: dict, out: Path, log=print) -> dict:
         clock = time.perf_counter()
         log(f"== {stage}: {seconds[stage]:.0f}s")
 
-    data = spec["data"]
+    data = spec.data
     sequences = out / "data" / "sequences.npy"
     if not sequences.exists():
         from teleflm.data.sample import kjv_windows
 
         sequences.parent.mkdir(parents=True, exist_ok=True)
-        windows = kjv_windows(data["chars"], data["vocab_size"], data["context_length"])
+        windows = kjv_windows(data.chars, data.vocab_size, data.context_length)
         np.save(sequences, windows)
     n_windows = len(np.load(sequences, mmap_mode="r"))
     done("data")
 
     proxy = proxy_config(spec, out)
     (out / "proxy.toml").write_text(to_toml(proxy))
-    (out / "space.toml").write_text(to_toml(spec["search"]))
+    (out / "space.toml").write_text(to_toml(spec.search))
     records = search(proxy, load_space(out / "space.toml"), out / "search", str(sequences), log=log)
     best = write_results(proxy, records, out / "search", str(out / "proxy.toml"))
     done("search")
 
-    shape = spec["target"]
-    target = at_depth(
-        at_width(proxy, shape["hidden_size"], head_dim=spec["head_dim"]), shape["num_hidden_layers"]
-    )
+    shape = spec.target
+    target = at_depth(at_width(proxy, shape.hidden_size, head_dim=spec.head_dim), shape.num_hidden_layers)
     target = transfer(best, target)
     target["out"] = str(out / "target")
     (out / "target.toml").write_text(to_toml(target))
@@ -113,11 +151,11 @@ def run_recipe(spec: dict, out: Path, log=print) -> dict:
 
     ladder = LadderSpec(
         base=target,
-        widths=list(spec["ladder"]["widths"]),
+        widths=list(spec.ladder.widths),
         out=out / "ladder",
-        seeds=spec["ladder"].get("seeds", 3),
+        seeds=spec.ladder.seeds,
         sequences=sequences,
-        head_dim=spec["head_dim"],
+        head_dim=spec.head_dim,
     )
     rungs = run_ladder(ladder, log)
     n_target = float(parameter_count(target["model"]))
@@ -141,8 +179,8 @@ def run_recipe(spec: dict, out: Path, log=print) -> dict:
         "windows": n_windows,
         "trials": len(records),
         "best": best,
-        "target_width": shape["hidden_size"],
-        "target_depth": shape["num_hidden_layers"],
+        "target_width": shape.hidden_size,
+        "target_depth": shape.num_hidden_layers,
         "forecast": t.loss,
         "interval": [t.low, t.high] if t.has_interval else None,
         "measured": measured["loss"],
@@ -158,7 +196,7 @@ def run_recipe(spec: dict, out: Path, log=print) -> dict:
     return figures
 
 
-def write_report(spec: dict, proxy: dict, target: dict, result, figures: dict, out: Path) -> Path:
+def write_report(spec: Recipe, proxy: dict, target: dict, result, figures: dict, out: Path) -> Path:
     from teleflm.scaling.ladder import cost_text, held_out_lines, interval_text, plot
 
     plot(result, out / "recipe.png", measured=figures["measured"])
@@ -170,8 +208,8 @@ def write_report(spec: dict, proxy: dict, target: dict, result, figures: dict, o
     lines = [
         "# The Tele-FLM recipe, end to end",
         "",
-        f"Data: {figures['windows']} windows of {spec['data']['context_length'] + 1} tokens of the embedded "
-        f"KJV (byte-level BPE of {spec['data']['vocab_size']}), the first 10% held out; every loss is "
+        f"Data: {figures['windows']} windows of {spec.data.context_length + 1} tokens of the embedded "
+        f"KJV (byte-level BPE of {spec.data.vocab_size}), the first 10% held out; every loss is "
         "the held-out loss in nats per token after the same token budget.",
         "",
         "| stage | result | files |",
@@ -181,7 +219,7 @@ def write_report(spec: dict, proxy: dict, target: dict, result, figures: dict, o
         f"| transfer | width {p['hidden_size']} -> {t['hidden_size']} (mup_scale_factor "
         f"{t['mup_scale_factor']:g}), depth {p['num_hidden_layers']} -> {t['num_hidden_layers']} "
         f"(mup_depth_factor {t['mup_depth_factor']:g}) | target.toml, target.md |",
-        f"| ladder | widths {spec['ladder']['widths']} x {len(result.rungs[0].losses)} seeds at the "
+        f"| ladder | widths {spec.ladder.widths} x {len(result.rungs[0].losses)} seeds at the "
         f"target's depth | ladder/predict.md, ladder/predict.png |",
         f"| forecast | target (N = {result.target.size:,.0f}): **{figures['forecast']:.4f}**; "
         f"{interval_text(result.target)} | ladder/predict.md |",

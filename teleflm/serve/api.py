@@ -227,220 +227,6 @@ class EmbeddingRequest(StrictModel):
     user: str | None = None
 
 
-# ----- the app -----
-
-
-def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving `engine` as `model_name`; it starts the engine's thread on startup and
-    stops it on shutdown."""
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        engine.start()
-        yield
-        engine.stop()
-
-    app = FastAPI(title="teleflm", lifespan=lifespan)
-    app.state.engine = engine
-    if api_key:
-        app.add_middleware(BearerAuth, api_key=api_key)
-    tokenizer = engine.tokenizer
-    created = int(time.time())
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError):
-        return JSONResponse(error_body(e.message, e.kind, e.param, e.code), status_code=e.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, e: RequestValidationError):
-        message, param = validation_message(e.errors()[0])
-        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": model_name, "engine": engine.stats_dict()}
-
-    v1 = APIRouter(prefix="/v1")
-
-    @v1.get("/models")
-    async def models():
-        card = {"id": model_name, "object": "model", "created": created, "owned_by": "teleflm"}
-        return {"object": "list", "data": [card]}
-
-    def check_model(name: str) -> None:
-        if name != model_name:
-            raise APIError(
-                404,
-                f"model {name!r} does not exist (this server has {model_name!r})",
-                "model",
-                "model_not_found",
-            )
-
-    def jobs_for(
-        prompt_ids: list[int], body: GenerationFields, max_tokens: int | None, param: str
-    ) -> list[Job]:
-        """The `n` generations of one prompt, refusing a prompt that does not fit the context and a
-        format that does not compile."""
-        context = engine.context
-        if not prompt_ids:
-            raise APIError(400, f"{param}: the prompt has no tokens", param)
-        if len(prompt_ids) >= context:
-            raise APIError(
-                400,
-                f"{param}: the prompt has {len(prompt_ids)} tokens; this model's context is {context} tokens",
-                param,
-                "context_length_exceeded",
-            )
-        if max_tokens is None:
-            max_tokens = context - len(prompt_ids)
-        elif len(prompt_ids) + max_tokens > context:
-            raise APIError(
-                400,
-                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds this "
-                f"model's context of {context} tokens",
-                "max_tokens",
-                "context_length_exceeded",
-            )
-        constraint = constraint_for(body)
-        jobs = []
-        for i in range(body.n):
-            params = SamplingParams(
-                max_tokens=max_tokens,
-                temperature=body.temperature,
-                top_p=body.top_p,
-                stop=body.stop_strings(),
-                # Choice i of a seeded request has its own, reproducible stream of random numbers.
-                seed=None if body.seed is None else body.seed + i,
-                repetition_penalty=body.repetition_penalty,
-                logprobs=body.top_logprobs_asked(),
-            )
-            jobs.append(Job(prompt_ids, params, constraint.copy() if constraint else None))
-        return jobs
-
-    def constraint_for(body: GenerationFields) -> Constraint | None:
-        spec = body.constraint_spec()
-        if spec is None:
-            return None
-        kind, value, param = spec
-        try:
-            return engine.grammar_tokenizer().constraint(grammar_of(kind, value))
-        except (ConstraintError, ValueError) as e:
-            raise APIError(400, f"{param}: {e}", param) from None
-
-    def token_entry(item: TokenLogprob) -> dict:
-        """Chat's logprobs entry of a token: its text, log-probability, UTF-8 bytes, alternatives."""
-
-        def entry(token_id: int, logprob: float) -> dict:
-            text = tokenizer.decode([token_id])
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-        return {**entry(item.token_id, item.logprob), "top_logprobs": [entry(*alt) for alt in item.top]}
-
-    def legacy_logprobs(items: list[TokenLogprob]) -> dict:
-        """The completions API's logprobs: parallel lists per token."""
-        tokens = [tokenizer.decode([item.token_id]) for item in items]
-        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
-        return {
-            "tokens": tokens,
-            "token_logprobs": [item.logprob for item in items],
-            "top_logprobs": [{tokenizer.decode([t]): lp for t, lp in item.top} for item in items],
-            "text_offset": offsets,
-        }
-
-    @v1.post("/completions")
-    async def completions(body: CompletionRequest, http: Request):
-        check_model(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts:
-            raise APIError(400, "prompt: no prompt given", "prompt")
-        if body.stream and len(prompts) > 1:
-            raise APIError(400, "prompt: streaming takes one prompt", "prompt")
-        jobs = []  # choice index = prompt index x n + choice of that prompt, as OpenAI numbers them
-        for prompt in prompts:
-            jobs += jobs_for(tokenizer(prompt)["input_ids"], body, body.max_tokens, "prompt")
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "model": model_name}
-        head["created"] = int(time.time())
-        with_logprobs = body.logprobs is not None
-
-        def choice(index: int, text: str, reason: str | None, items: list[TokenLogprob]) -> dict:
-            logprobs = legacy_logprobs(items) if with_logprobs else None
-            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
-
-        if body.stream:
-            events = stream_events(engine, jobs, head, choice, None, include_usage(body))
-            return StreamingResponse(events, media_type="text/event-stream")
-        results = await complete(engine, jobs, http)
-        choices = [choice(i, r.text, r.finish_reason, r.logprobs) for i, r in enumerate(results)]
-        return {**head, "choices": choices, "usage": usage_of(jobs, results)}
-
-    @v1.post("/chat/completions")
-    async def chat_completions(body: ChatRequest, http: Request):
-        check_model(body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            ids = prompt_ids(tokenizer, messages)
-        except Exception as e:  # a chat template may refuse a conversation (e.g. roles out of order)
-            raise APIError(400, f"messages: the chat template refused them: {e}", "messages") from None
-        jobs = jobs_for(ids, body, body.max_completion_tokens or body.max_tokens, "messages")
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "model": model_name, "created": int(time.time())}
-
-        def logprobs(items: list[TokenLogprob]) -> dict | None:
-            return {"content": [token_entry(item) for item in items]} if body.logprobs else None
-
-        if body.stream:
-
-            def delta(index: int, text: str, reason: str | None, items: list[TokenLogprob]) -> dict:
-                content = {"content": text} if text else {}
-                return {
-                    "index": index,
-                    "delta": content,
-                    "logprobs": logprobs(items),
-                    "finish_reason": reason,
-                }
-
-            def first(index: int) -> dict:
-                return {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-
-            head["object"] = "chat.completion.chunk"
-            events = stream_events(engine, jobs, head, delta, first, include_usage(body))
-            return StreamingResponse(events, media_type="text/event-stream")
-        results = await complete(engine, jobs, http)
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": r.text},
-                "logprobs": logprobs(r.logprobs),
-                "finish_reason": r.finish_reason,
-            }
-            for i, r in enumerate(results)
-        ]
-        return {**head, "object": "chat.completion", "choices": choices, "usage": usage_of(jobs, results)}
-
-    @v1.post("/embeddings")
-    async def embeddings(body: EmbeddingRequest):
-        check_model(body.model)
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        if not texts:
-            raise APIError(400, "input: no text given", "input")
-        counts = []
-        for i, text in enumerate(texts):
-            n = len(tokenizer(text)["input_ids"])
-            if n == 0 or n > engine.context:
-                problem = "is empty" if n == 0 else f"has {n} tokens; the context is {engine.context}"
-                raise APIError(400, f"input[{i}] {problem}", "input")
-            counts.append(n)
-        vectors = await run_embedding(engine, texts)
-        data = [
-            {"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
-            for i, v in enumerate(vectors)
-        ]
-        usage = {"prompt_tokens": sum(counts), "total_tokens": sum(counts)}
-        return {"object": "list", "data": data, "model": model_name, "usage": usage}
-
-    app.include_router(v1)
-    return app
-
-
 def include_usage(body: GenerationFields) -> bool:
     return body.stream_options is not None and body.stream_options.include_usage
 
@@ -580,3 +366,225 @@ async def run_embedding(engine: Engine, texts: list[str]):
     if error:
         raise APIError(500, f"embedding failed: {error}", kind="server_error")
     return vectors
+
+
+# ----- the app -----
+
+
+class OpenAIService:
+    """The routes' work over one engine serving one model name (the app's handlers are its methods)."""
+
+    def __init__(self, engine: Engine, model_name: str):
+        self.engine, self.model_name, self.tokenizer = engine, model_name, engine.tokenizer
+        self.created = int(time.time())
+
+    async def health(self):
+        return {"status": "ok", "model": self.model_name, "engine": self.engine.stats_dict()}
+
+    async def models(self):
+        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "teleflm"}
+        return {"object": "list", "data": [card]}
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(
+                404,
+                f"model {name!r} does not exist (this server has {self.model_name!r})",
+                "model",
+                "model_not_found",
+            )
+
+    def jobs_for(
+        self, prompt_ids: list[int], body: GenerationFields, max_tokens: int | None, param: str
+    ) -> list[Job]:
+        """The `n` generations of one prompt, refusing a prompt that does not fit the context and a
+        format that does not compile."""
+        context = self.engine.context
+        if not prompt_ids:
+            raise APIError(400, f"{param}: the prompt has no tokens", param)
+        if len(prompt_ids) >= context:
+            raise APIError(
+                400,
+                f"{param}: the prompt has {len(prompt_ids)} tokens; this model's context is {context} tokens",
+                param,
+                "context_length_exceeded",
+            )
+        if max_tokens is None:
+            max_tokens = context - len(prompt_ids)
+        elif len(prompt_ids) + max_tokens > context:
+            raise APIError(
+                400,
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds this "
+                f"model's context of {context} tokens",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        constraint = self.constraint_for(body)
+        jobs = []
+        for i in range(body.n):
+            params = SamplingParams(
+                max_tokens=max_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                stop=body.stop_strings(),
+                # Choice i of a seeded request has its own, reproducible stream of random numbers.
+                seed=None if body.seed is None else body.seed + i,
+                repetition_penalty=body.repetition_penalty,
+                logprobs=body.top_logprobs_asked(),
+            )
+            jobs.append(Job(prompt_ids, params, constraint.copy() if constraint else None))
+        return jobs
+
+    def constraint_for(self, body: GenerationFields) -> Constraint | None:
+        spec = body.constraint_spec()
+        if spec is None:
+            return None
+        kind, value, param = spec
+        try:
+            return self.engine.grammar_tokenizer().constraint(grammar_of(kind, value))
+        except (ConstraintError, ValueError) as e:
+            raise APIError(400, f"{param}: {e}", param) from None
+
+    def token_entry(self, item: TokenLogprob) -> dict:
+        """Chat's logprobs entry of a token: its text, log-probability, UTF-8 bytes, alternatives."""
+
+        def entry(token_id: int, logprob: float) -> dict:
+            text = self.tokenizer.decode([token_id])
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {**entry(item.token_id, item.logprob), "top_logprobs": [entry(*alt) for alt in item.top]}
+
+    def legacy_logprobs(self, items: list[TokenLogprob]) -> dict:
+        """The completions API's logprobs: parallel lists per token."""
+        decode = self.tokenizer.decode
+        tokens = [decode([item.token_id]) for item in items]
+        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [item.logprob for item in items],
+            "top_logprobs": [{decode([t]): lp for t, lp in item.top} for item in items],
+            "text_offset": offsets,
+        }
+
+    async def completions(self, body: CompletionRequest, http: Request):
+        self.check_model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise APIError(400, "prompt: no prompt given", "prompt")
+        if body.stream and len(prompts) > 1:
+            raise APIError(400, "prompt: streaming takes one prompt", "prompt")
+        jobs = []  # choice index = prompt index x n + choice of that prompt, as OpenAI numbers them
+        for prompt in prompts:
+            jobs += self.jobs_for(self.tokenizer(prompt)["input_ids"], body, body.max_tokens, "prompt")
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "model": self.model_name}
+        head["created"] = int(time.time())
+        with_logprobs = body.logprobs is not None
+
+        def choice(index: int, text: str, reason: str | None, items: list[TokenLogprob]) -> dict:
+            logprobs = self.legacy_logprobs(items) if with_logprobs else None
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+        if body.stream:
+            events = stream_events(self.engine, jobs, head, choice, None, include_usage(body))
+            return StreamingResponse(events, media_type="text/event-stream")
+        results = await complete(self.engine, jobs, http)
+        choices = [choice(i, r.text, r.finish_reason, r.logprobs) for i, r in enumerate(results)]
+        return {**head, "choices": choices, "usage": usage_of(jobs, results)}
+
+    async def chat_completions(self, body: ChatRequest, http: Request):
+        self.check_model(body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            ids = prompt_ids(self.tokenizer, messages)
+        except Exception as e:  # a chat template may refuse a conversation (e.g. roles out of order)
+            raise APIError(400, f"messages: the chat template refused them: {e}", "messages") from None
+        jobs = self.jobs_for(ids, body, body.max_completion_tokens or body.max_tokens, "messages")
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "model": self.model_name, "created": int(time.time())}
+
+        def logprobs(items: list[TokenLogprob]) -> dict | None:
+            return {"content": [self.token_entry(item) for item in items]} if body.logprobs else None
+
+        if body.stream:
+
+            def delta(index: int, text: str, reason: str | None, items: list[TokenLogprob]) -> dict:
+                content = {"content": text} if text else {}
+                return {
+                    "index": index,
+                    "delta": content,
+                    "logprobs": logprobs(items),
+                    "finish_reason": reason,
+                }
+
+            def first(index: int) -> dict:
+                return {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+
+            head["object"] = "chat.completion.chunk"
+            events = stream_events(self.engine, jobs, head, delta, first, include_usage(body))
+            return StreamingResponse(events, media_type="text/event-stream")
+        results = await complete(self.engine, jobs, http)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": r.text},
+                "logprobs": logprobs(r.logprobs),
+                "finish_reason": r.finish_reason,
+            }
+            for i, r in enumerate(results)
+        ]
+        return {**head, "object": "chat.completion", "choices": choices, "usage": usage_of(jobs, results)}
+
+    async def embeddings(self, body: EmbeddingRequest):
+        self.check_model(body.model)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts:
+            raise APIError(400, "input: no text given", "input")
+        context, counts = self.engine.context, []
+        for i, text in enumerate(texts):
+            n = len(self.tokenizer(text)["input_ids"])
+            if n == 0 or n > context:
+                problem = "is empty" if n == 0 else f"has {n} tokens; the context is {context}"
+                raise APIError(400, f"input[{i}] {problem}", "input")
+            counts.append(n)
+        vectors = await run_embedding(self.engine, texts)
+        data = [
+            {"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
+            for i, v in enumerate(vectors)
+        ]
+        usage = {"prompt_tokens": sum(counts), "total_tokens": sum(counts)}
+        return {"object": "list", "data": data, "model": self.model_name, "usage": usage}
+
+
+async def api_error(request: Request, e: APIError):
+    return JSONResponse(error_body(e.message, e.kind, e.param, e.code), status_code=e.status)
+
+
+async def invalid_request(request: Request, e: RequestValidationError):
+    message, param = validation_message(e.errors()[0])
+    return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+
+def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` as `model_name`; it starts the engine's thread on startup and
+    stops it on shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="teleflm", lifespan=lifespan)
+    app.state.engine = engine
+    if api_key:
+        app.add_middleware(BearerAuth, api_key=api_key)
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    service = OpenAIService(engine, model_name)
+    app.add_api_route("/health", service.health, methods=["GET"])
+    v1 = APIRouter(prefix="/v1")
+    v1.add_api_route("/models", service.models, methods=["GET"])
+    v1.add_api_route("/completions", service.completions, methods=["POST"])
+    v1.add_api_route("/chat/completions", service.chat_completions, methods=["POST"])
+    v1.add_api_route("/embeddings", service.embeddings, methods=["POST"])
+    app.include_router(v1)
+    return app

@@ -87,14 +87,13 @@ def check_messages(record) -> str | None:
     return None
 
 
-def read_conversations(
-    patterns: list[str], on_error: str = "fail", report: ChatDataReport | None = None
-) -> list[Conversation]:
-    """The conversations of JSONL files (paths or globs); see the module's rules for bad lines."""
+def read_jsonl(patterns: list[str], check, on_error: str, section: str, report) -> list[tuple[str, object]]:
+    """(file:line, value) for each line of the JSONL files (paths or globs) that `check` accepts:
+    `check(record)` returns the value, or a string saying what is wrong with the record. A bad line
+    fails naming its file and line, or with `on_error = "skip"` is listed in `report.skipped_lines`."""
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
-    report = report if report is not None else ChatDataReport()
-    conversations = []
+    accepted = []
     for path in expand(patterns):
         report.files.append(str(path))
         with path.open(encoding="utf-8", errors="strict") as lines:
@@ -103,18 +102,33 @@ def read_conversations(
                     continue
                 where = f"{path}:{number}"
                 try:
-                    record = json.loads(line)
-                    problem = check_messages(record)
+                    result = check(json.loads(line))
                 except json.JSONDecodeError as e:
-                    problem = f"not valid JSON ({e.msg} at column {e.colno})"
+                    result = f"not valid JSON ({e.msg} at column {e.colno})"
                 except ChatDataError as e:
                     raise ChatDataError(f"{where}: {e}") from None
-                if problem is None:
-                    conversations.append(Conversation(record["messages"], where))
+                if not isinstance(result, str):
+                    accepted.append((where, result))
                 elif on_error == "fail":
-                    raise ChatDataError(f'{where}: {problem} (set sft.on_error = "skip" to skip such lines)')
+                    raise ChatDataError(
+                        f'{where}: {result} (set {section}.on_error = "skip" to skip such lines)'
+                    )
                 else:
-                    report.skipped_lines.append(f"{where}: {problem}")
+                    report.skipped_lines.append(f"{where}: {result}")
+    return accepted
+
+
+def read_conversations(
+    patterns: list[str], on_error: str = "fail", report: ChatDataReport | None = None
+) -> list[Conversation]:
+    """The conversations of JSONL files (paths or globs); see the module's rules for bad lines."""
+    report = report if report is not None else ChatDataReport()
+
+    def check(record):
+        return check_messages(record) or record["messages"]
+
+    lines = read_jsonl(patterns, check, on_error, "sft", report)
+    conversations = [Conversation(messages, where) for where, messages in lines]
     report.conversations = len(conversations)
     return conversations
 

@@ -12,12 +12,11 @@ DPO (Rafailov et al. 2023): with per-sequence log-probabilities of the response 
 computed once, before the first step, and saved with the run.
 """
 
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from teleflm.sft.data import ChatDataError, EpochStream, check_messages, expand
+from teleflm.sft.data import ChatDataError, EpochStream, check_messages, read_jsonl
 from teleflm.sft.template import ChatFormat
 
 SIDES = ("chosen", "rejected")
@@ -73,26 +72,7 @@ def check_pair(record) -> tuple[list[dict], list[dict], list[dict]] | str:
 
 
 def read_pairs(patterns: list[str], on_error: str, report: PreferenceReport) -> list[tuple]:
-    pairs = []
-    for path in expand(patterns):
-        report.files.append(str(path))
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    result = check_pair(json.loads(line))
-                except json.JSONDecodeError as e:
-                    result = f"not valid JSON ({e.msg} at column {e.colno})"
-                except ChatDataError as e:
-                    raise ChatDataError(f"{where}: {e}") from None
-                if not isinstance(result, str):
-                    pairs.append(result)
-                elif on_error == "fail":
-                    raise ChatDataError(f'{where}: {result} (set dpo.on_error = "skip" to skip such lines)')
-                else:
-                    report.skipped_lines.append(f"{where}: {result}")
+    pairs = [pair for _, pair in read_jsonl(patterns, check_pair, on_error, "dpo", report)]
     report.pairs = len(pairs)
     return pairs
 

@@ -211,3 +211,33 @@ def rng_state() -> list[int]:
 
 def set_rng_state(state: list[int]) -> None:
     torch.set_rng_state(torch.tensor(state, dtype=torch.uint8))
+
+
+def default_dtype(device) -> str:
+    """bf16 on GPUs; fp32 on CPUs, most of which emulate bf16 matmuls far slower than fp32."""
+    return "bf16" if str(device).startswith("cuda") else "fp32"
+
+
+def load_any_model(path: str | Path, dtype=None, device=None):
+    """(model in eval mode, tokenizer or None, tokenizer folder or None) from a teleflm training
+    checkpoint (`step-N` folder), one of our exports, or the official Hugging Face layout."""
+    from teleflm.data.tokenizer import has_tokenizer, load_tokenizer
+    from teleflm.model.io import default_device, load_pretrained
+
+    path = Path(path)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    if (path / TRAINER_STATE).exists():
+        model, state = load_model(path)
+        if state.get("growth_masks"):
+            # The masks are part of the function being trained; the weights alone compute another.
+            raise ValueError(
+                f"{path} was saved in the middle of a growth ramp (masks from step "
+                f"{state['growth_masks']['start_step']} over {state['growth_masks']['ramp_steps']} steps): "
+                "use a checkpoint from after the ramp"
+            )
+        model = model.to(device=device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32).eval()
+        tokenizer_dir = state.get("tokenizer") or None
+        return model, (load_tokenizer(tokenizer_dir) if tokenizer_dir else None), tokenizer_dir
+    model, tokenizer = load_pretrained(path, dtype=dtype, device=device)
+    return model, tokenizer, (str(path) if has_tokenizer(path) else None)

@@ -35,7 +35,7 @@ def base_width(raw: dict) -> float:
 
 
 def at_width(raw: dict, width: int, head_dim: int | None = None, proxy_width: float | None = None) -> dict:
-    """`raw` with the model at `width`: head_dim fixed while heads grow (SPEC section 1), FFN and
+    """`raw` with the model at `width`: head_dim fixed while heads grow (docs/mup.md), FFN and
     kv-head ratios kept, and mup_scale_factor = width / proxy width (default: the config's own)."""
     model = raw["model"]
     head_dim = head_dim or model["hidden_size"] // model["num_attention_heads"]

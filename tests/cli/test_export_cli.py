@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from teleflm.cli.main import main
-from teleflm.model.io import load_pretrained, write_official_layout
+from teleflm.model.io import load_pretrained
+from teleflm.testing import write_official_layout
 from tests.model.reference import random_model
 
 IDS = torch.arange(4, 40)[None]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from teleflm.eval.bpb import EOS, bits_per_byte, eval_windows, logits_loss
-from tests.distributed import run_ranks
+from teleflm.eval.bpb import EOS, bits_per_byte, compressor_bpb, eval_windows, held_out_bytes, logits_loss
+from teleflm.testing import run_ranks
 
 
 def documents(n: int = 7, seed: int = 0) -> list[tuple[np.ndarray, int]]:
@@ -79,3 +79,27 @@ def test_no_documents_give_no_windows_and_no_bpb():
     assert windows.shape == (0, 17) and mask.shape == (0, 16) and n_bytes == n_docs == 0
     r = bits_per_byte(uniform_logits(64, 50), [], context_length=16)
     assert r["documents"] == r["tokens"] == r["bytes"] == 0 and math.isnan(r["bpb"])
+
+
+class ByteTokens:
+    """A tokenizer whose ids are UTF-8 bytes."""
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode()
+
+
+def test_held_out_bytes_are_the_documents_the_evaluation_reads():
+    texts = ["first document", "second, longer document", "third"]
+    docs = [(np.frombuffer(t.encode(), dtype=np.uint8).astype(np.int64), len(t.encode())) for t in texts]
+    # 2 windows of 20 tokens hold the first two documents with their separators, not the third
+    assert held_out_bytes(docs, ByteTokens(), 20, 2) == (texts[0] + texts[1]).encode()
+    wrong = [(docs[0][0], docs[0][1] + 1), *docs[1:]]
+    with pytest.raises(RuntimeError, match="decodes to 14 bytes, the shards record 15"):
+        held_out_bytes(wrong, ByteTokens(), 20, 1)
+
+
+def test_compressors_find_repetition_and_not_noise():
+    repeated = b"In the beginning God created the heaven and the earth. " * 200
+    noise = np.random.default_rng(0).integers(0, 256, len(repeated), dtype=np.uint8).tobytes()
+    assert all(bpb < 0.5 for bpb in compressor_bpb(repeated).values())
+    assert all(bpb > 7.9 for bpb in compressor_bpb(noise).values())

@@ -21,7 +21,7 @@ def tiny_export(tmp_path_factory):
 
     from teleflm.model import TeleFLMForCausalLM
     from teleflm.model.io import export_hf
-    from tests.conftest import tiny_config
+    from teleflm.testing import tiny_config
     from tests.sft.common import train_chat_tokenizer
 
     root = tmp_path_factory.mktemp("harness")
@@ -79,7 +79,7 @@ def test_padded_ids_get_no_mass_in_the_harness_nor_in_generate(tmp_path):
     from teleflm.eval.harness import masked_export
     from teleflm.model import TeleFLMForCausalLM
     from teleflm.model.io import export_hf
-    from tests.conftest import tiny_config
+    from teleflm.testing import tiny_config
     from tests.sft.common import train_chat_tokenizer
 
     real, padded = 320, 336

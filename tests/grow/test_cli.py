@@ -9,23 +9,12 @@ import pytest
 from teleflm.cli.main import main
 from teleflm.data.synthetic import ArrayStream
 from teleflm.grow.plan import GrowthError, make_plan
+from teleflm.testing import TINY_MODEL as TINY
+from teleflm.testing import logged_losses, pattern_sequences, tiny_train_config
 from teleflm.train.config import load_config
 from teleflm.train.trainer import Trainer
 from tests.grow.common import small_config
-from tests.train.common import logged_losses, pattern_sequences, tiny_train_config
 
-TINY = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=32,
-    use_mup=True,
-    mup_scale_factor=2.0,
-    output_mult=0.5,
-)
 STEPS = 6
 SECTIONS = dict(
     schedule={"total_tokens": 8 * 32 * STEPS},

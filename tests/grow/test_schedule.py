@@ -5,17 +5,13 @@ a resume in the middle of the ramp is exact; dp=2 and tp=2 give one process's lo
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from distributed import run_ranks  # noqa: E402
-from train.common import logged_losses, pattern_sequences, tiny_train_config  # noqa: E402
-
 from teleflm.data.synthetic import ArrayStream  # noqa: E402
+from teleflm.testing import logged_losses, pattern_sequences, run_ranks, tiny_train_config
 from tests.grow.common import WIDTH_X2_DEPTH_X2  # noqa: E402
 
 TOKENS_PER_STEP = 8 * 32

@@ -14,9 +14,8 @@ from teleflm import mup
 from teleflm.data.synthetic import ArrayStream
 from teleflm.grow.operators import grow_adam_state, grow_weights
 from teleflm.grow.plan import SHAPE_FIELDS
-from tests.distributed import run_ranks
+from teleflm.testing import pattern_sequences, run_ranks, tiny_train_config
 from tests.grow.common import WIDTH_X2_DEPTH_X2
-from tests.train.common import pattern_sequences, tiny_train_config
 
 TARGET = {**WIDTH_X2_DEPTH_X2, "mup_scale_factor": 4.0}
 

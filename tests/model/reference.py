@@ -4,7 +4,7 @@ import inspect
 
 import torch
 
-from tests.conftest import tiny_config
+from teleflm.testing import tiny_config
 
 MUP = dict(use_mup=True, input_mult=3.0, output_mult=2.0, mup_scale_factor=4.0)
 

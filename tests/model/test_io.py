@@ -16,8 +16,8 @@ from teleflm.model.io import (
     CheckpointError,
     export_hf,
     load_pretrained,
-    write_official_layout,
 )
+from teleflm.testing import write_official_layout
 from tests.model.reference import MUP, llama_twin, logit_scale, random_model
 from tests.model.tiny_tokenizers import SENTENCEPIECE_VOCAB, train_byte_level_bpe
 

@@ -16,7 +16,7 @@ from teleflm.mup import (
     param_class,
     param_groups,
 )
-from tests.conftest import tiny_config
+from teleflm.testing import tiny_config
 
 BASE_WIDTH = 64  # the proxy's width; mup_scale_factor = hidden_size / BASE_WIDTH
 LAYERS = 2
@@ -169,8 +169,8 @@ def test_initial_values_norms_one_biases_zero_and_every_layout_draws_the_same():
     from teleflm.mup import MupHyperParams, init_weights, initial_value
     from teleflm.parallel.mesh import ParallelDims
     from teleflm.parallel.parallelize import parallelize
+    from teleflm.testing import tiny_config
     from teleflm.train.config import ParallelSection
-    from tests.conftest import tiny_config
 
     config = tiny_config(attention_bias=True)
     hp = MupHyperParams()
@@ -194,7 +194,7 @@ def test_any_rows_of_an_initial_value_are_those_rows_of_the_whole():
     import torch
 
     from teleflm.mup import MupHyperParams, initial_value
-    from tests.conftest import tiny_config
+    from teleflm.testing import tiny_config
 
     config, hp = tiny_config(), MupHyperParams()
     name = "model.layers.1.mlp.down_proj.weight"

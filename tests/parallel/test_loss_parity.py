@@ -1,13 +1,8 @@
 """Every parallel layout trains exactly like one process: the first 5 losses agree (rel. 1e-4)."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from distributed import run_ranks  # noqa: E402
-from train.common import train_losses  # noqa: E402
+from teleflm.testing import run_ranks, train_losses
 
 STEPS = 5
 

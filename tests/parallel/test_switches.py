@@ -3,9 +3,8 @@
 import pytest
 
 from teleflm.data.synthetic import ArrayStream
+from teleflm.testing import logged_losses, pattern_sequences, run_ranks, tiny_train_config
 from teleflm.train.trainer import Trainer
-from tests.distributed import run_ranks
-from tests.train.common import logged_losses, pattern_sequences, tiny_train_config
 
 STEPS = 4
 

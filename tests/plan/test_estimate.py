@@ -32,7 +32,7 @@ def test_flops_per_token_are_the_flops_a_step_runs():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from tests.conftest import tiny_config
+    from teleflm.testing import tiny_config
 
     config = tiny_config(vocab_size=128, max_position_embeddings=64)
     model = TeleFLMForCausalLM(config)

@@ -8,7 +8,7 @@ import tempfile
 import numpy as np
 import pytest
 
-from tests.distributed import run_ranks
+from teleflm.testing import run_ranks
 
 SMALL = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
 MEDIUM = dict(

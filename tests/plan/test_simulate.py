@@ -8,9 +8,8 @@ import pytest
 
 from teleflm.config import build
 from teleflm.plan.simulate import planner_gaps, shard_bytes, simulate, simulate_rank
+from teleflm.testing import run_ranks, tiny_train_config
 from teleflm.train.config import GrowthStage
-from tests.distributed import run_ranks
-from tests.train.common import tiny_train_config
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 

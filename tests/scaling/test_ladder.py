@@ -12,9 +12,9 @@ from teleflm.cli.main import main
 from teleflm.model import TeleFLMConfig
 from teleflm.model.size import flops_per_token
 from teleflm.scaling.ladder import load_ladder, rung_config
+from teleflm.testing import CONTEXT, pattern_sequences
 from teleflm.tune.runs import to_toml
-from tests.train.common import CONTEXT, pattern_sequences
-from tests.tune.test_search import proxy_config
+from tests.tune.common import proxy_config
 
 
 def write_ladder(tmp_path, **keys):

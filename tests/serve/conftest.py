@@ -92,3 +92,15 @@ def greedy_reference(model, tokenizer, prompt_ids: list[int], max_new_tokens: in
         )
     full = tokenizer.decode(ids[0], skip_special_tokens=True)
     return full[len(tokenizer.decode(prompt_ids, skip_special_tokens=True)) :]
+
+
+def client(server, **kwargs):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url, api_key="unused", max_retries=0, **kwargs)
+
+
+def async_client(server):
+    from openai import AsyncOpenAI
+
+    return AsyncOpenAI(base_url=server.url, api_key="unused", max_retries=0)

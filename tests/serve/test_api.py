@@ -11,7 +11,7 @@ import torch
 
 from teleflm.serve.embed import embed
 from teleflm.sft.template import prompt_ids
-from tests.serve.conftest import CONTEXT, MODEL_NAME, greedy_reference, start_server
+from tests.serve.conftest import CONTEXT, MODEL_NAME, async_client, client, greedy_reference, start_server
 
 PROMPTS = [
     "And God said",
@@ -19,18 +19,6 @@ PROMPTS = [
     "Let there be light: and there was",
     "The LORD is my shepherd",
 ]
-
-
-def client(server, **kwargs):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server.url, api_key="unused", max_retries=0, **kwargs)
-
-
-def async_client(server):
-    from openai import AsyncOpenAI
-
-    return AsyncOpenAI(base_url=server.url, api_key="unused", max_retries=0)
 
 
 def test_models_and_health(server):

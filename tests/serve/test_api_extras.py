@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from teleflm.sft.template import prompt_ids
-from tests.serve.conftest import CONTEXT, MODEL_NAME, MODEL_VOCAB, TOKENIZER_VOCAB
-from tests.serve.test_api import async_client, client
+from tests.serve.conftest import CONTEXT, MODEL_NAME, MODEL_VOCAB, TOKENIZER_VOCAB, async_client, client
 
 PROMPT = "And God said"
 

@@ -64,10 +64,10 @@ def test_refuses_an_empty_batch(export_dir, ran, capsys):
 def test_port_in_use_is_reported_before_the_model_loads(export_dir, monkeypatch, capsys):
     import socket
 
-    from teleflm.cli import common
+    from teleflm.train import checkpoint
 
     loaded = []
-    monkeypatch.setattr(common, "load_model_any", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(checkpoint, "load_any_model", lambda *a, **k: loaded.append(a))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -5,9 +5,11 @@ import random
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from teleflm.config import build
+from teleflm.testing import tiny_train_config
 from teleflm.train.config import TrainConfig
+from teleflm.train.trainer import Trainer
 
 COLORS = ["red", "green", "blue", "black", "white", "brown", "grey", "pink"]
 ANIMALS = ["cat", "dog", "horse", "mouse", "bird", "fish", "sheep", "goat"]
@@ -58,31 +60,17 @@ def train_chat_tokenizer(out: Path) -> Path:
 
 
 def base_config(out: Path, **sections) -> TrainConfig:
-    raw = {
-        "out": str(out),
-        "model": dict(
-            vocab_size=320,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=CONTEXT,
-            use_mup=True,
-            mup_scale_factor=2.0,
-            output_mult=0.5,
-        ),
+    """The tiny training config over the task's 320-token vocabulary: 15 steps of 16 x 64 tokens."""
+    ours = {
+        "model": {"vocab_size": 320, "max_position_embeddings": CONTEXT},
         "data": {"context_length": CONTEXT},
         "batch": {"global_batch_tokens": CONTEXT * 16, "micro_batch_size": 16},
         "schedule": {"total_tokens": CONTEXT * 16 * 15, "warmup_steps": 3},
-        "mup": {"lr": 1e-2, "matrix_lr": 1e-2, "min_lr": 1e-3},
-        "parallel": {"mixed_precision": "fp32"},
         "checkpoint": {"interval_steps": 1000, "export_at_end": True},
-        "logging": {"progress_bar": False},
     }
     for name, values in sections.items():
-        raw[name] = {**raw.get(name, {}), **values}
-    return build(TrainConfig, raw, "tiny base config")
+        ours[name] = {**ours.get(name, {}), **values}
+    return tiny_train_config(out, **ours)
 
 
 def pretrain_base(out: Path, tokenizer_dir: Path) -> Path:
@@ -158,3 +146,31 @@ def answer_accuracy(model_dir: Path, pairs) -> float:
         answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
         correct += answer == expected
     return correct / len(pairs)
+
+
+ROWS = 16  # base_config's 16 sequences per step, in one micro-batch
+
+
+def packed_batch(seed: int = 0) -> dict:
+    """Each row: conversation 0 (prompt, then a learned answer), conversation 1 (a prompt with no
+    learned token, as when an answer was cut), then padding (its own document)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(4, 320, size=(ROWS, CONTEXT + 1))
+    loss_mask = np.zeros_like(tokens, dtype=bool)
+    doc_ids = np.zeros_like(tokens, dtype=np.int32)
+    loss_mask[:, 10:30] = True  # conversation 0: tokens 0..29, its answer 10..29
+    doc_ids[:, 30:50] = 1  # conversation 1: tokens 30..49, nothing learned
+    doc_ids[:, 50:] = 2
+    tokens[:, 50:] = 3  # padding
+    return {"tokens": tokens, "domain": np.zeros(ROWS, np.int64), "loss_mask": loss_mask, "doc_ids": doc_ids}
+
+
+def tiny_trainer(out) -> Trainer:
+    # The batches are given to forward_backward directly; the stream is never read.
+    return Trainer(base_config(out), stream_factory=lambda rank, size: None)
+
+
+def step(trainer: Trainer, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss = trainer.global_mean_loss(trainer.forward_backward(batch))
+    return loss, {name: p.grad.clone() for name, p in trainer.module.named_parameters()}

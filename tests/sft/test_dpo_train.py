@@ -85,7 +85,7 @@ def test_tuned_model_prefers_the_chosen_answers_it_never_saw(base, tmp_path):
 def _dpo_losses(config: str, overrides: list[str]) -> dict[int, float]:
     from teleflm.sft.config import load_sft_config
     from teleflm.sft.dpo import run_dpo
-    from tests.train.common import logged_losses
+    from teleflm.testing import logged_losses
 
     cfg = load_sft_config(config, overrides, table="dpo")
     run_dpo(cfg, log=lambda _: None)
@@ -100,7 +100,7 @@ def _dpo_losses(config: str, overrides: list[str]) -> dict[int, float]:
 def test_dpo_under_dp2_and_tp2_matches_one_process(base, tmp_path, layout):
     """The pairs split over ranks (reference log-probabilities too) and the loss is normalised over the
     pairs of the global batch: 4 steps' losses equal one process's."""
-    from tests.distributed import run_ranks
+    from teleflm.testing import run_ranks
 
     config = dpo_toml(tmp_path, base, tmp_path / "one")
     short = [f"schedule.total_tokens={64 * 16 * 4}", "checkpoint.export_at_end=false"]

@@ -4,35 +4,7 @@ import numpy as np
 import torch
 
 from teleflm.model.loss import token_loss_sum
-from teleflm.train.trainer import Trainer
-from tests.sft.common import CONTEXT, base_config
-
-ROWS = 16  # base_config's 16 sequences per step, in one micro-batch
-
-
-def packed_batch(seed: int = 0) -> dict:
-    """Each row: conversation 0 (prompt, then a learned answer), conversation 1 (a prompt with no
-    learned token, as when an answer was cut), then padding (its own document)."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(4, 320, size=(ROWS, CONTEXT + 1))
-    loss_mask = np.zeros_like(tokens, dtype=bool)
-    doc_ids = np.zeros_like(tokens, dtype=np.int32)
-    loss_mask[:, 10:30] = True  # conversation 0: tokens 0..29, its answer 10..29
-    doc_ids[:, 30:50] = 1  # conversation 1: tokens 30..49, nothing learned
-    doc_ids[:, 50:] = 2
-    tokens[:, 50:] = 3  # padding
-    return {"tokens": tokens, "domain": np.zeros(ROWS, np.int64), "loss_mask": loss_mask, "doc_ids": doc_ids}
-
-
-def tiny_trainer(out) -> Trainer:
-    # The batches are given to forward_backward directly; the stream is never read.
-    return Trainer(base_config(out), stream_factory=lambda rank, size: None)
-
-
-def step(trainer: Trainer, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
-    trainer.optimizer.zero_grad(set_to_none=True)
-    loss = trainer.global_mean_loss(trainer.forward_backward(batch))
-    return loss, {name: p.grad.clone() for name, p in trainer.module.named_parameters()}
+from tests.sft.common import CONTEXT, ROWS, packed_batch, step, tiny_trainer
 
 
 def test_only_assistant_tokens_give_gradients(tmp_path):

@@ -130,7 +130,7 @@ def load_tokenizer_hash(cfg) -> str:
 def _sft_losses(config: str, overrides: list[str]) -> dict[int, float]:
     from teleflm.sft.config import load_sft_config
     from teleflm.sft.run import run_sft
-    from tests.train.common import logged_losses
+    from teleflm.testing import logged_losses
 
     cfg = load_sft_config(config, overrides)
     run_sft(cfg, log=lambda _: None)
@@ -146,7 +146,7 @@ def _sft_losses(config: str, overrides: list[str]) -> dict[int, float]:
 def test_fine_tuning_under_dp2_and_tp2_matches_one_process(tuned, tmp_path, layout):
     """Starting weights land in each rank's shard or slice, and the masked loss is normalised over
     the global batch: the losses of 4 steps equal one process's."""
-    from tests.distributed import run_ranks
+    from teleflm.testing import run_ranks
 
     base, _ = tuned
     data = write_chat_set(tmp_path / "chat.jsonl", word_pairs()[0])

@@ -5,10 +5,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from train.common import pattern_sequences, tiny_train_config  # noqa: E402
-
 from teleflm.data.synthetic import ArrayStream  # noqa: E402
+from teleflm.testing import pattern_sequences, tiny_train_config
 from teleflm.train.trainer import Trainer, close  # noqa: E402
 
 if __name__ == "__main__":

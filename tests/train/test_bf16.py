@@ -3,8 +3,7 @@ gradient reductions under FSDP; the losses track fp32's from the same start with
 
 import pytest
 
-from tests.distributed import run_ranks
-from tests.train.common import train_losses
+from teleflm.testing import run_ranks, train_losses
 
 STEPS = 20
 TOLERANCE = 0.01  # relative, per step

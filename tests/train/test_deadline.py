@@ -7,11 +7,11 @@ from types import SimpleNamespace
 import pytest
 
 from teleflm.data.synthetic import ArrayStream
+from teleflm.testing import pattern_sequences, tiny_train_config
 from teleflm.train import deadline as deadline_module
 from teleflm.train.deadline import Deadline
 from teleflm.train.schedule import lr_factor
 from teleflm.train.trainer import Trainer
-from tests.train.common import pattern_sequences, tiny_train_config
 
 
 def fake_trainer(step: int):

@@ -16,7 +16,7 @@ from teleflm.train.attention import (
     document_spans,
 )
 from tests.sft.common import base_config
-from tests.train.test_loss import REAL_VOCABS, TOKENS, assert_close, batch, loss_and_grads, training_model
+from tests.train.common import REAL_VOCABS, TOKENS, assert_close, batch, loss_and_grads, training_model
 
 REAL = REAL_VOCABS[0]
 
@@ -78,7 +78,7 @@ def test_compiled_trainer_step_with_documents_equals_eager(tmp_path):
     """A compiled layer breaks its graph at the sliced attention; the step's loss and gradients are
     those of the eager step."""
     from teleflm.train.trainer import Trainer
-    from tests.sft.test_masking import packed_batch, step
+    from tests.sft.common import packed_batch, step
 
     results = []
     for compile in (False, True):

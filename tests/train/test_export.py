@@ -6,9 +6,9 @@ import torch
 from teleflm.cli.main import main
 from teleflm.data.synthetic import ArrayStream
 from teleflm.model.io import load_pretrained
+from teleflm.testing import pattern_sequences, tiny_train_config
 from teleflm.train.checkpoint import load_model
 from teleflm.train.trainer import Trainer
-from tests.train.common import pattern_sequences, tiny_train_config
 
 
 def test_run_exports_its_final_checkpoint(tmp_path):

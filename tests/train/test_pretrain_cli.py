@@ -9,9 +9,9 @@ import pytest
 from teleflm.cli.main import main
 from teleflm.data.prepare import prepare
 from teleflm.data.tokenizer import train_tokenizer
+from teleflm.testing import run_ranks
 from tests.conftest import sample_text
 from tests.data.conftest import data_toml
-from tests.distributed import run_ranks
 
 CONFIG = """
 out = "{out}"

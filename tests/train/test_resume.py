@@ -15,9 +15,9 @@ import pytest
 
 from teleflm.cli.main import main
 from teleflm.data.synthetic import ArrayStream
+from teleflm.testing import logged_losses, pattern_sequences, tiny_train_config
 from teleflm.train.checkpoint import CheckpointError, load_model
 from teleflm.train.trainer import Trainer
-from tests.train.common import logged_losses, pattern_sequences, tiny_train_config
 
 RUN = Path(__file__).with_name("run_tiny.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

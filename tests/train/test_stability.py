@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 
 from teleflm.data.synthetic import ArrayStream
-from teleflm.train.stability import SpikeGuard
-from teleflm.train.trainer import SpikeStop, Trainer
-from tests.train.common import (
+from teleflm.testing import (
     CONTEXT,
     SEQUENCES_PER_STEP,
     logged_losses,
     pattern_sequences,
     tiny_train_config,
 )
+from teleflm.train.stability import SpikeGuard
+from teleflm.train.trainer import SpikeStop, Trainer
 
 BAD_STEP = 25  # 0-based index of the step whose batch is poisoned
 

@@ -5,9 +5,8 @@ import pytest
 import torch.distributed as dist
 
 from teleflm.data.synthetic import ArrayStream, write_synthetic_shards
+from teleflm.testing import pattern_sequences, run_ranks, tiny_train_config
 from teleflm.train.trainer import Trainer
-from tests.distributed import run_ranks
-from tests.train.common import pattern_sequences, tiny_train_config
 
 
 def _timeout_of_the_group_the_trainer_made(out: str) -> float:

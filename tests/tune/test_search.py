@@ -11,36 +11,14 @@ import numpy as np
 import pytest
 
 from teleflm.cli.main import main
+from teleflm.testing import pattern_sequences
 from teleflm.tune.report import write_results
 from teleflm.tune.runs import to_toml
 from teleflm.tune.search import load_space, planned_trials, search
 from teleflm.tune.transfer import transfer
-from tests.train.common import CONTEXT, pattern_sequences
+from tests.tune.common import proxy_config
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def proxy_config(out: Path) -> dict:
-    """A width-32 muP proxy: 6 steps of 4 x 32 tokens (about a second per trial)."""
-    return {
-        "out": str(out / "run"),
-        "model": dict(
-            vocab_size=96,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=CONTEXT,
-            use_mup=True,
-            mup_scale_factor=1.0,
-            output_mult=1.0,
-        ),
-        "mup": {"lr": 1e-2, "matrix_lr": 1e-2, "min_lr": 1e-3, "std": 0.02, "matrix_std": 0.02},
-        "data": {"context_length": CONTEXT},
-        "batch": {"global_batch_tokens": CONTEXT * 4, "micro_batch_size": 4},
-        "schedule": {"total_tokens": CONTEXT * 4 * 6, "warmup_steps": 1},
-        "parallel": {"mixed_precision": "fp32"},
-    }
 
 
 SPACE = """
@@ -219,8 +197,8 @@ def test_held_out_loss_gives_padded_ids_no_mass():
     import torch.nn.functional as F
 
     from teleflm.model import TeleFLMForCausalLM
+    from teleflm.testing import tiny_config
     from teleflm.tune.runs import heldout_loss
-    from tests.conftest import tiny_config
 
     torch.manual_seed(0)
     model = TeleFLMForCausalLM(tiny_config(vocab_size=128))
