@@ -53,10 +53,20 @@ class ConfigError(ValueError):
 
 
 def build(cls, raw: dict, where: str):
-    """Build dataclass `cls` from a TOML table, refusing unknown keys, wrong types and values out of
-    range by name."""
+    """Build dataclass `cls` from a TOML table, refusing unknown or missing keys, wrong types and
+    values out of range by name."""
     hints = get_type_hints(cls, include_extras=True)
     kwargs = check_table(raw, hints, getattr(cls, "RANGES", {}), where)
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init
+        and f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {missing}")
     try:
         return cls(**kwargs)
     except TypeError as e:

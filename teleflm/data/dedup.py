@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from teleflm.config import AT_LEAST_ONE, NON_NEGATIVE, Range
 from teleflm.data.decontaminate import _MULTIPLIER, _mix, ngram_hashes
-from teleflm.data.quality import word_hashes
+from teleflm.data.quality import word_hashes, words
 
 EXACT, NEAR = 0, 1
 KINDS = ("exact", "near")
@@ -50,15 +51,18 @@ class DedupConfig:
     # bytes per key of its range (b + 1 keys a document). The result does not depend on it.
     buckets: int = 0
 
+    RANGES = dict(
+        threshold=Range(0, 1, open_low=True, open_high=True),
+        num_perm=Range(2),
+        shingle=AT_LEAST_ONE,
+        seed=NON_NEGATIVE,
+        examples=NON_NEGATIVE,
+        buckets=NON_NEGATIVE,
+    )
+
     @property
     def enabled(self) -> bool:
         return self.exact or self.near
-
-    def check(self, where: str) -> None:
-        if not 0 < self.threshold < 1:
-            raise ValueError(f"{where}.threshold = {self.threshold} must be in (0, 1)")
-        if self.num_perm < 2 or self.shingle < 1 or self.examples < 0 or self.buckets < 0:
-            raise ValueError(f"{where}: num_perm must be >= 2, shingle >= 1, examples and buckets >= 0")
 
 
 def position(domain: int, part: int, doc: np.ndarray | int):
@@ -117,6 +121,18 @@ class Signer:
             for j in range(self.rows):
                 keys = keys * _MULTIPLIER + bands[:, j]
             return keys * _MULTIPLIER + self._band_salt
+
+
+def shingle_jaccard(a: str, b: str, shingle: int = 5) -> float:
+    """The Jaccard similarity of two documents' word-shingle sets: what their near keys' MinHash
+    signatures estimate (a document shorter than a shingle is one shingle of all its words)."""
+
+    def shingles(text: str) -> set:
+        w = words(text)
+        return {tuple(w[i : i + shingle]) for i in range(max(len(w) - shingle + 1, 1))} if w else set()
+
+    x, y = shingles(a), shingles(b)
+    return len(x & y) / max(len(x | y), 1)
 
 
 def _identity(value):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from teleflm.config import POSITIVE
 from teleflm.data.tokenizer import EOS_ID
 
 
@@ -32,9 +33,14 @@ def document_ids(tokens: np.ndarray) -> np.ndarray:
 
 @dataclass
 class DomainWeight:
-    name: str
-    proportion: float  # share of sequences (normalised over the mixture)
-    epochs: float = 1.0  # passes over the domain's data a run may make (checked before it starts)
+    """A domain's share of the mixture: a run config's `[[data.mixture]]` entry; each `[[domains]]`
+    entry of a data config is one too (teleflm.data.prepare.DomainSource), kept in the manifest."""
+
+    name: str  # a domain of the shards
+    proportion: float  # share of training sequences (normalised over the mixture)
+    epochs: float = 1.0  # passes over the domain the run may make (checked before it starts)
+
+    RANGES = dict(proportion=POSITIVE, epochs=POSITIVE)
 
 
 # Documents per block of an epoch's order: what one domain's order holds in memory (4 bytes each,

@@ -32,19 +32,21 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 import uuid
 import warnings
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
+from teleflm.config import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, ConfigError, build, read_toml
 from teleflm.data import dedup
 from teleflm.data.decontaminate import DEFAULT_NGRAM, MIN_ITEM_TOKENS, NgramIndex, load_test_ngrams
 from teleflm.data.dedup import DedupConfig
+from teleflm.data.mixture import DomainWeight
 from teleflm.data.quality import FILTERS, FilterConfig, QualityFilter, words
 from teleflm.data.shards import (
     FORMAT_VERSION,
@@ -67,18 +69,20 @@ REPORT = "dedup_examples.json"
 SNIPPET_CHARS = 600  # of each document shown in the dedup report
 
 
-@dataclass
-class DomainSource:
-    name: str
-    inputs: list[str]  # files or globs, relative to the data config's folder
+@dataclass(kw_only=True)
+class DomainSource(DomainWeight):
+    """A data config's `[[domains]]` entry: its mixture weight, where its text is and how it is read,
+    and its `[domains.filters]`."""
+
     proportion: float = 1.0  # share of training sequences (the mixture table)
-    epochs: float = 1.0  # passes over the domain the mixture may make
+    inputs: list[str]  # files or globs, relative to the data config's folder
     text_field: str = "text"  # JSONL / Parquet field holding the text
-    doc_split: str = (
-        "blank_line"  # plain text: one document per "line", per "blank_line"-separated block, or per "file"
-    )
+    # plain text: one document per "line", per "blank_line"-separated block, or per "file"
+    doc_split: Literal[DOC_SPLITS] = "blank_line"
     max_doc_chars: int = 0  # cut longer documents into pieces (0: never)
     filters: FilterConfig = field(default_factory=FilterConfig)  # the `[domains.filters]` table
+
+    RANGES = {**DomainWeight.RANGES, "max_doc_chars": NON_NEGATIVE}
 
 
 @dataclass
@@ -91,78 +95,27 @@ class DataConfig:
     part_bytes: int = 1 << 30  # raw text per part: the unit of work of one worker, one part of the shards
     dedup: DedupConfig = field(default_factory=DedupConfig)  # the `[dedup]` table
 
-
-def _table(cls, raw, where: str) -> dict:
-    """The keys of a TOML table for dataclass `cls`: unknown or missing keys and wrong types are
-    refused, naming the file and the key; ints are accepted for floats; a dataclass field is a table
-    of its own."""
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected a table")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-    missing = [
-        n for n, f in known.items() if n not in raw and f.default is MISSING and f.default_factory is MISSING
-    ]
-    if missing:
-        raise ValueError(f"{where}: missing key(s) {missing}")
-    values = dict(raw)
-    for name, value in raw.items():
-        kind = known[name].type
-        if is_dataclass(kind) and name != "domains":
-            values[name] = kind(**_table(kind, value, f"{where}: [{name}]"))
-        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
-            values[name] = float(value)
-        elif kind in (int, float, str, bool, dict) and (
-            not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))
-        ):
-            raise ValueError(f"{where}: {name} = {value!r} should be a {kind.__name__}")
-        elif kind == list[str] and (
-            not isinstance(value, list) or not all(isinstance(v, str) for v in value)
-        ):
-            raise ValueError(f"{where}: {name} must be a list of strings, got {value!r}")
-    return values
+    RANGES = dict(heldout_fraction=FRACTION, seed=NON_NEGATIVE, part_bytes=AT_LEAST_ONE)
 
 
 def load_data_config(path: str | Path) -> DataConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data config {path} does not exist")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: {e}") from None
-    top = _table(DataConfig, raw, str(path))
-    if not isinstance(top["domains"], list) or not top["domains"]:
-        raise ValueError(f"{path}: no [[domains]]")
-    domains = []
-    for i, entry in enumerate(top["domains"]):
-        where = f"{path}: domains[{i}]"
-        if isinstance(entry, dict) and isinstance(entry.get("inputs"), str):
-            raise ValueError(f"{where}: inputs must be a non-empty list of files or globs")
-        source = DomainSource(**_table(DomainSource, entry, where))
+    """A data config, checked in full (teleflm.config's reader and builder, and what they cannot
+    check: names, inputs, filters' languages), every error naming the file and the key."""
+    where = str(path)
+    cfg = build(DataConfig, read_toml(path), where)
+    if not cfg.domains:
+        raise ConfigError(f"{where}: no [[domains]]")
+    for i, source in enumerate(cfg.domains):
+        at = f"{where}.domains[{i}]"
         if not source.inputs:
-            raise ValueError(f"{where}: inputs must be a non-empty list of files or globs")
+            raise ConfigError(f"{at}.inputs must be a non-empty list of files or globs")
         if not source.name or source.name.startswith(".") or "/" in source.name or "\\" in source.name:
-            raise ValueError(f"{where}: name {source.name!r} must be a plain folder name")
-        if source.doc_split not in DOC_SPLITS:
-            raise ValueError(f"{where}: doc_split must be one of {DOC_SPLITS}, got {source.doc_split!r}")
-        if source.proportion <= 0 or source.epochs <= 0 or source.max_doc_chars < 0:
-            raise ValueError(f"{where}: proportion and epochs must be positive, max_doc_chars >= 0")
-        source.filters.check(f"{where}.filters")
-        domains.append(source)
-    names = [d.name for d in domains]
+            raise ConfigError(f"{at}.name {source.name!r} must be a plain folder name")
+    names = [d.name for d in cfg.domains]
     if len(set(names)) != len(names):
-        raise ValueError(f"{path}: domain names repeat: {names}")
-    if len(domains) > 1 << dedup._DOMAIN_BITS:
-        raise ValueError(f"{path}: at most {1 << dedup._DOMAIN_BITS} domains")
-    cfg = DataConfig(**{**top, "domains": domains})
-    if not 0 <= cfg.heldout_fraction < 1:
-        raise ValueError(f"{path}: heldout_fraction must be in [0, 1), got {cfg.heldout_fraction}")
-    if cfg.part_bytes < 1:
-        raise ValueError(f"{path}: part_bytes must be positive, got {cfg.part_bytes}")
-    cfg.dedup.check(f"{path}: [dedup]")
+        raise ConfigError(f"{where}: domain names repeat: {names}")
+    if len(cfg.domains) > 1 << dedup._DOMAIN_BITS:
+        raise ConfigError(f"{where}: at most {1 << dedup._DOMAIN_BITS} domains")
     return cfg
 
 
@@ -838,6 +791,27 @@ def _dedup_summary(job: Path, plan: dict, records: dict, out: Path) -> dict | No
     totals = {kind: sum(r["deduplicated"][kind] for r in records.values()) for kind in dedup.KINDS}
     lsh = {"bands": signer.bands, "rows": signer.rows} if signer else {}
     return {**plan["dedup"], **lsh, "removed": totals, "report": REPORT}
+
+
+def removals(job: str | Path) -> list[tuple[str, str, str]]:
+    """Every document a finished dedup stage removed, in shards order, with the earlier document it
+    duplicates and the kind: (removed text, kept text, "exact" or "near"). Reads the parts again."""
+    job = Path(job)
+    plan = read_plan(job)
+    best: dict[int, tuple[int, int]] = {}  # removed -> (kind, kept): exact first, then the earliest
+    for folder in _bucket_folders(job, plan):
+        arrays = (np.load(folder / f"{name}.npy").tolist() for name in ("removed", "kept", "kind"))
+        for removed, kept, kind in zip(*arrays, strict=True):
+            best[removed] = min(best.get(removed, (kind, kept)), (kind, kept))
+    wanted = set(best) | {kept for _, kept in best.values()}
+    parts = {dedup.unpack(pos)[:2] for pos in wanted}
+    text = {}
+    for d, p in sorted(parts):
+        lo = int(dedup.part_range(d, p)[0])
+        for i, (doc, _) in enumerate(_part_documents(plan, d, p, ReadStats())):
+            if lo + i in wanted:
+                text[lo + i] = doc
+    return [(text[r], text[best[r][1]], dedup.KINDS[best[r][0]]) for r in sorted(best)]
 
 
 def _job_figures(job: Path, plan: dict, records: dict) -> dict:

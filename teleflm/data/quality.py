@@ -19,10 +19,12 @@ that filter's name.
 import re
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
+from typing import Annotated
 
 import numpy as np
 
+from teleflm.config import NON_NEGATIVE, ConfigError, Range
 from teleflm.data.decontaminate import ngram_hashes
 
 LANGUAGE_CHARS = 2000  # what language identification reads of a document: enough, at a bounded cost
@@ -52,6 +54,31 @@ def word_hashes(tokens: list[str]) -> np.ndarray:
     return table[np.fromiter(map(ids.__getitem__, tokens), dtype=np.int64, count=len(tokens))]
 
 
+def _fractions_by_length(table, where: str) -> dict[str, float]:
+    """A `{ n = fraction }` table of `[domains.filters]`: n-gram lengths to fractions in [0, 1]."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table of n-gram length = fraction, got {table!r}")
+    for n, fraction in table.items():
+        if not (n.isdigit() and int(n) >= 1 and type(fraction) in (int, float) and 0 <= fraction <= 1):
+            raise ConfigError(
+                f"{where}: keys are n-gram lengths, values fractions in [0, 1]; got {n} = {fraction!r}"
+            )
+    return {n: float(fraction) for n, fraction in table.items()}
+
+
+def _known_languages(languages, where: str) -> list[str]:
+    if not isinstance(languages, list) or not all(isinstance(code, str) for code in languages):
+        raise ConfigError(f"{where}: expected a list of ISO 639-1 codes, got {languages!r}")
+    known = set(_identifier().nb_classes) if languages else set()
+    unknown = sorted(set(languages) - known)
+    if unknown:
+        raise ConfigError(f"{where}: {unknown} not known to py3langid (it knows {sorted(known)})")
+    return languages
+
+
+UNIT = Range(0, 1)
+
+
 @dataclass
 class FilterConfig:
     """A domain's `[domains.filters]` table; 0 leaves a filter off."""
@@ -68,34 +95,28 @@ class FilterConfig:
     max_duplicate_paragraph_fraction: float = 0.0  # Gopher: 0.3
     max_duplicate_paragraph_char_fraction: float = 0.0  # Gopher: 0.2
     # n -> the most frequent n-gram's share of the word characters; Gopher: {2 = 0.2, 3 = 0.18, 4 = 0.16}
-    max_top_ngram_fraction: dict = field(default_factory=dict)
+    max_top_ngram_fraction: Annotated[dict, _fractions_by_length] = field(default_factory=dict)
     # n -> share of word characters inside repeated n-grams; Gopher: 5: 0.15, 6: 0.14 ... 10: 0.10
-    max_duplicate_ngram_fraction: dict = field(default_factory=dict)
+    max_duplicate_ngram_fraction: Annotated[dict, _fractions_by_length] = field(default_factory=dict)
     min_letter_fraction: float = 0.0  # letters among the characters that are not white space
     max_digit_fraction: float = 0.0
     max_punctuation_fraction: float = 0.0  # punctuation and symbols among the non-space characters
-    languages: list[str] = field(default_factory=list)  # ISO 639-1 codes kept, e.g. ["en"]; [] keeps all
+    # ISO 639-1 codes kept, e.g. ["en"]; [] keeps all
+    languages: Annotated[list, _known_languages] = field(default_factory=list)
     min_language_score: float = 0.5  # the identifier's probability of the best language, with `languages`
 
-    def check(self, where: str) -> None:
-        """Refuse impossible settings by name."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, int | float) and value < 0:
-                raise ValueError(f"{where}.{f.name} = {value} must be >= 0")
-        for name in ("max_top_ngram_fraction", "max_duplicate_ngram_fraction"):
-            for n, fraction in getattr(self, name).items():
-                if not str(n).isdigit() or int(n) < 1 or not isinstance(fraction, int | float):
-                    raise ValueError(
-                        f"{where}.{name}: keys are n-gram lengths, values fractions; got {n} = {fraction!r}"
-                    )
-        if self.languages:
-            known = set(_identifier().nb_classes)
-            unknown = sorted(set(self.languages) - known)
-            if unknown:
-                raise ValueError(
-                    f"{where}.languages: {unknown} not known to py3langid (it knows {sorted(known)})"
-                )
+    RANGES = {
+        **dict.fromkeys(["min_chars", "max_chars", "min_words", "max_words"], NON_NEGATIVE),
+        **dict.fromkeys(
+            ["min_mean_word_length", "max_mean_word_length", "max_symbol_word_ratio"], NON_NEGATIVE
+        ),
+        **dict.fromkeys(
+            [f"max_duplicate_{k}_fraction" for k in ("line", "line_char", "paragraph", "paragraph_char")],
+            UNIT,
+        ),
+        **dict.fromkeys(["min_letter_fraction", "max_digit_fraction", "max_punctuation_fraction"], UNIT),
+        "min_language_score": UNIT,
+    }
 
     @property
     def active(self) -> bool:

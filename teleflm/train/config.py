@@ -25,6 +25,7 @@ from teleflm.config import (
     check_table,
     read_raw,
 )
+from teleflm.data.mixture import DomainWeight
 from teleflm.grow.plan import SHAPE_FIELDS, GrowthError, make_plan
 from teleflm.mup import MupHyperParams
 
@@ -78,22 +79,13 @@ class MupSection(MupHyperParams):
 
 
 @dataclass
-class DomainWeightConfig:
-    name: str  # a domain of the shards
-    proportion: float  # share of training sequences
-    epochs: float = 1.0  # passes over the domain the run may make (checked before it starts)
-
-    RANGES = dict(proportion=POSITIVE, epochs=POSITIVE)
-
-
-@dataclass
 class DataSection:
     shards: str = ""  # directory written by `teleflm data prepare`
     tokenizer: str = ""  # tokenizer directory the shards must have been made with
     context_length: int = 256  # tokens per training sequence
     document_mask: bool = False  # block attention across packed documents
     seed: int = 1234  # order of documents in each epoch
-    mixture: list[DomainWeightConfig] = field(default_factory=list)  # empty: the shards' own table
+    mixture: list[DomainWeight] = field(default_factory=list)  # empty: the shards' own table
     repeat_past_epochs: bool = (
         False  # run (with a warning) even if the budget repeats a domain past its epochs
     )

@@ -153,7 +153,7 @@ class Trainer:
         return n
 
     def _build_stream(self):
-        from teleflm.data.mixture import DomainWeight, MixtureStream
+        from teleflm.data.mixture import MixtureStream
         from teleflm.data.shards import open_shards
         from teleflm.data.tokenizer import tokenizer_hash
 
@@ -164,7 +164,7 @@ class Trainer:
             )
         expected = tokenizer_hash(d.tokenizer) if d.tokenizer else None
         self.shards = open_shards(d.shards, expected_tokenizer_hash=expected)
-        mixture = [DomainWeight(m.name, m.proportion, m.epochs) for m in d.mixture] or self.shards.mixture()
+        mixture = d.mixture or self.shards.mixture()
         stream = MixtureStream(
             self.shards,
             mixture,

@@ -5,25 +5,12 @@ domains and workers; the real text of the embedded sample stays, with its false-
 import json
 import random
 
-import numpy as np
-
-from teleflm.data import dedup, sample
-from teleflm.data.prepare import _bucket_folders, _part_documents, prepare, read_plan
-from teleflm.data.quality import words
+from teleflm.data import sample
+from teleflm.data.dedup import shingle_jaccard
+from teleflm.data.prepare import prepare, removals
 from teleflm.data.shards import open_shards
-from teleflm.data.sources import ReadStats
 from teleflm.data.tokenizer import load_tokenizer
 from tests.data.conftest import write_jsonl
-
-
-def shingles(text: str, n: int = 5) -> set:
-    w = words(text)
-    return {tuple(w[i : i + n]) for i in range(max(len(w) - n + 1, 1))}
-
-
-def jaccard(a: str, b: str) -> float:
-    x, y = shingles(a), shingles(b)
-    return len(x & y) / len(x | y)
 
 
 def test_planted_duplicates_go_and_real_text_stays(tmp_path, tokenizer_dir):
@@ -38,7 +25,7 @@ def test_planted_duplicates_go_and_real_text_stays(tmp_path, tokenizer_dir):
         for j in rng.sample(range(len(w)), 3):
             w[j] = "changed"
         near.append(" ".join(w))
-    assert all(0.9 < jaccard(kjv[i], n) < 1 for i, n in zip(originals[10:], near, strict=True))
+    assert all(0.9 < shingle_jaccard(kjv[i], n) < 1 for i, n in zip(originals[10:], near, strict=True))
     inputs = {
         "book": kjv + exact[:5] + near[:5],
         "poems": poems,
@@ -71,19 +58,9 @@ def test_planted_duplicates_go_and_real_text_stays(tmp_path, tokenizer_dir):
     )
 
     # Every removal of real (not planted) text, with the document that removed it.
-    job = tmp_path / "shards" / ".job"
-    plan = read_plan(job)
-    text = {}
-    for d, p in plan["tasks"]["encode"]:
-        for i, (doc, _) in enumerate(_part_documents(plan, d, p, ReadStats())):
-            text[int(dedup.position(d, p, i))] = doc
-    pairs = []
-    for folder in _bucket_folders(job, plan):
-        removed, originals_of = np.load(folder / "removed.npy"), np.load(folder / "kept.npy")
-        pairs += [(text[int(r)], text[int(k)]) for r, k in zip(removed, originals_of, strict=True)]
-    real = [(r, k) for r, k in pairs if r not in planted]
+    real = [(r, k) for r, k, _ in removals(tmp_path / "shards" / ".job") if r not in planted]
     distinct = len(kjv) + len(poems) + len(code)
-    false_positives = [(r, k) for r, k in real if jaccard(r, k) < 0.5]
+    false_positives = [(r, k) for r, k in real if shingle_jaccard(r, k) < 0.5]
     print(
         f"\nreal-text removals: {len({r for r, _ in real})} of {distinct} documents; false positives (true "
         f"5-gram Jaccard < 0.5): {len(false_positives)}, a rate of {len(false_positives) / distinct:.4%}"

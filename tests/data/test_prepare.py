@@ -171,30 +171,40 @@ def test_invalid_utf8_is_replaced_counted_and_named(tmp_path, tokenizer_dir, cap
 def test_bad_configs_are_refused_naming_file_and_key(tmp_path, tokenizer_dir):
     path = tmp_path / "data.toml"
     base = f'tokenizer = "{tokenizer_dir}"\nout = "shards"\n'
+    domain = '[[domains]]\nname = "d"\ninputs = ["x"]\n'
     cases = {
-        base + 'shuffle = true\n[[domains]]\nname = "d"\ninputs = ["x"]\n': r"unknown key\(s\) \['shuffle'\]",
+        base + "shuffle = true\n" + domain: r"data\.toml: unknown key\(s\) \['shuffle'\]",
+        base + domain + "weight = 2\n": r"data\.toml\.domains\[0\]: unknown key\(s\) \['weight'\]",
+        base + domain + 'epochs = "two"\n': r"domains\[0\]\.epochs: expected float, got 'two'",
+        base + '[[domains]]\nname = "d"\ninputs = "x"\n': r"domains\[0\]\.inputs: expected a list, got 'x'",
+        base + '[[domains]]\nname = "d"\ninputs = []\n': r"domains\[0\]\.inputs must be a non-empty list",
         base
-        + '[[domains]]\nname = "d"\ninputs = ["x"]\nweight = 2\n': r"domains\[0\]: unknown key\(s\) \['weight'\]",
-        base
-        + '[[domains]]\nname = "d"\ninputs = ["x"]\nepochs = "two"\n': r"epochs = 'two' should be a float",
-        base + '[[domains]]\nname = "d"\ninputs = ["x"]\ndoc_split = "para"\n': "doc_split must be one of",
+        + domain
+        + 'doc_split = "para"\n': r"doc_split: 'para' is not one of \['line', 'blank_line', 'file'\]",
         base + '[[domains]]\nname = "../d"\ninputs = ["x"]\n': "must be a plain folder name",
+        base + domain + "epochs = 0\n": r"domains\[0\]\.epochs = 0\.0 is out of range: it must be > 0",
+        base + domain + "proportion = -0.5\n": r"proportion = -0\.5 is out of range: it must be > 0",
+        base + domain * 2: r"domain names repeat: \['d', 'd'\]",
         base
-        + '[[domains]]\nname = "d"\ninputs = ["x"]\nepochs = 0\n': "proportion and epochs must be positive",
+        + "heldout_fraction = 1.5\n"
+        + domain: r"heldout_fraction = 1\.5 is out of range: it must be >= 0 and < 1",
         base
-        + '[[domains]]\nname = "d"\ninputs = ["x"]\nproportion = -0.5\n': "proportion and epochs must be positive",
-        base + '[[domains]]\nname = "d"\ninputs = ["x"]\n' * 2: r"domain names repeat: \['d', 'd'\]",
-        base.replace("\n", "\nheldout_fraction = 1.5\n", 1)
-        + '[[domains]]\nname = "d"\ninputs = ["x"]\n': r"heldout_fraction must be in \[0, 1\), got 1\.5",
-        base + "[[domains]\n": r"Expected ']]' at the end of an array declaration \(at line 3",
+        + "[[domains]\n": r"not valid TOML: Expected ']]' at the end of an array declaration \(at line 3",
         base: r"missing key\(s\) \['domains'\]",
-        'out = "s"\n[[domains]]\nname = "d"\ninputs = ["x"]\n': r"missing key\(s\) \['tokenizer'\]",
+        'out = "s"\n' + domain: r"missing key\(s\) \['tokenizer'\]",
         base
-        + '[dedup]\nnear = true\nthreshold = 1.5\n[[domains]]\nname = "d"\ninputs = ["x"]\n': r"\[dedup\]\.threshold = 1\.5 must be in \(0, 1\)",
+        + "[dedup]\nnear = true\nthreshold = 1.5\n"
+        + domain: r"dedup\.threshold = 1\.5 is out of range: it must be > 0 and < 1",
         base
-        + '[[domains]]\nname = "d"\ninputs = ["x"]\n[domains.filters]\nmin_word = 3\n': r"domains\[0\]: \[filters\]: unknown key\(s\) \['min_word'\]",
+        + domain
+        + "[domains.filters]\nmin_word = 3\n": r"domains\[0\]\.filters: unknown key\(s\) \['min_word'\]",
         base
-        + '[[domains]]\nname = "d"\ninputs = ["x"]\n[domains.filters]\nlanguages = ["xx"]\n': r"filters\.languages: \['xx'\] not known",
+        + domain
+        + "[domains.filters]\nmax_digit_fraction = 2\n": r"max_digit_fraction = 2\.0 is out of range: it must be >= 0 and <= 1",
+        base
+        + domain
+        + "[domains.filters]\nmax_top_ngram_fraction = { two = 0.2 }\n": r"max_top_ngram_fraction: keys are n-gram lengths",
+        base + domain + '[domains.filters]\nlanguages = ["xx"]\n': r"filters\.languages: \['xx'\] not known",
     }
     for text, message in cases.items():
         path.write_text(text)
