@@ -231,7 +231,7 @@ def plan_job(
     encode_tasks = [[d, p] for d, domain in enumerate(domains) for p in range(len(domain["parts"]))]
     sizes = [
         sum(
-            domains[d]["files"][path][0] if end is None else end - start
+            (domains[d]["files"][path][0] if end is None else end) - start
             for path, start, end in domains[d]["parts"][p]
         )
         for d, p in encode_tasks
@@ -954,7 +954,7 @@ def _watch(job: Path, stage: str, processes: list, progress: bool) -> None:
 
 def stage_progress(job: Path, stage: str) -> dict:
     """The whole job's progress in one stage, summed over its workers' progress files: documents,
-    bytes (of input), bytes_total, MB/s since the first worker started, ETA in seconds."""
+    bytes (of input), bytes_total, seconds and MB/s since the first worker started, ETA in seconds."""
     states = [json.loads(p.read_text()) for p in sorted((job / "progress").glob(f"{stage}-*.json"))]
     plan = read_plan(job)
     total = sum(plan["sizes"][stage]) if stage != "dedup" else len(plan["tasks"][stage])
@@ -971,6 +971,7 @@ def stage_progress(job: Path, stage: str) -> dict:
         "documents": sum(s["documents"] for s in states),
         "bytes": done,
         "bytes_total": total,
+        "seconds": ended - started,
         "mb_per_s": rate / 1e6,
         "eta_s": (total - done) / rate if rate > 0 else None,
     }

@@ -150,6 +150,8 @@ def test_a_killed_worker_is_rerun_alone_and_the_job_completes_the_same(corpus, o
     ]
     assert [p.wait() for p in processes] == [0, -signal.SIGKILL, 0, 0]
     plan = read_plan(job)
+    # Every input byte is in one part (the sizes the tasks are dealt and the progress measured by).
+    assert sum(plan["sizes"]["encode"]) == sum(s for d in plan["domains"] for s, _ in d["files"].values())
     mine = [plan["tasks"]["encode"][t] for t in plan["assignment"]["encode"][1]]
     assert len(mine) >= 2
     records = sorted((job / "encode").glob("*.json"))
