@@ -224,9 +224,8 @@ def main() -> None:
                 "flops_to_target": reach,
                 "ratio": reach / scratch if reach is not None else None,
             }
-            if name in ratios:
-                # Never reached: the ratio is at least its whole budget over scratch's.
-                ratios[name].append(row[name]["ratio"] or row[name]["total_flops"] / scratch)
+            if name in ratios and reach is not None:
+                ratios[name].append(row[name]["ratio"])
         result["per_seed"][seed] = row
         print(
             f"seed {seed}: scratch final {target:.4f}; FLOPs to reach it, over scratch's: "
@@ -235,11 +234,24 @@ def main() -> None:
             )
         )
     for name, values in ratios.items():
+        # A seed whose run never reached the scratch loss has no ratio (it is not a smaller one): the
+        # interval is over the seeds that reached it, and how many did is part of the figure.
+        reached = f"reached in {len(values)} of {len(seeds)} seeds"
+        if len(values) < 2:
+            result[f"{name}_ratio"] = {"reached": len(values), "per_seed": values}
+            print(f"{name}: FLOPs to the scratch loss / scratch's: {reached}; no interval")
+            continue
         mean, low, high = t_interval(values)
-        result[f"{name}_ratio"] = {"mean": mean, "low": low, "high": high, "per_seed": values}
+        result[f"{name}_ratio"] = {
+            "mean": mean,
+            "low": low,
+            "high": high,
+            "reached": len(values),
+            "per_seed": values,
+        }
         print(
-            f"{name}: FLOPs to the scratch loss / scratch's: mean {mean:.3f}, 90% t-interval "
-            f"[{low:.3f}, {high:.3f}] over {len(values)} seeds (per seed {' '.join(f'{v:.3f}' for v in values)})"
+            f"{name}: FLOPs to the scratch loss / scratch's: {reached}: mean {mean:.3f}, 90% t-interval "
+            f"[{low:.3f}, {high:.3f}] (per seed {' '.join(f'{v:.3f}' for v in values)})"
         )
     plot(curves, args.plot)
     print(f"plot: {args.plot}")

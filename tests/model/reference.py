@@ -4,8 +4,6 @@ import inspect
 
 import torch
 
-from teleflm.testing import tiny_config
-
 MUP = dict(use_mup=True, input_mult=3.0, output_mult=2.0, mup_scale_factor=4.0)
 
 
@@ -13,6 +11,7 @@ def random_model(seed: int = 0, **overrides):
     """A tiny Tele-FLM in fp32 with weights large enough that logits are of order 1 (so a wrong
     multiplier or a wrong weight shows) and norm weights away from 1 (so a skipped norm shows)."""
     from teleflm.model import TeleFLMForCausalLM
+    from teleflm.testing import tiny_config  # here: tests/compat imports this file without teleflm
 
     torch.manual_seed(seed)
     model = TeleFLMForCausalLM(tiny_config(**overrides))
