@@ -145,14 +145,17 @@ UNDER_LIMIT = textwrap.dedent("""
     def vm():
         return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
 
-    folder, headroom, chunk = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    folder, chunk, headroom, limit = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     prepare.CHUNK_CHARS = chunk
     prepare.prepare(folder / "warm.toml", progress=False, workers=1)  # every import and lazy load, once
     warm = vm()
-    resource.setrlimit(resource.RLIMIT_AS, (warm + headroom, warm + headroom))
+    limit = limit or warm + headroom
+    if limit <= warm:
+        sys.exit(f"the limit ({limit / 2**30:.2f} GiB) is below what the warm worker holds ({warm / 2**30:.2f} GiB)")
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     manifest = prepare.prepare(folder / "data.toml", progress=False, workers=1)
     train = manifest["domains"]["web"]["splits"]["train"]
-    print(json.dumps({"warm": warm, "limit": warm + headroom, "documents": train["documents"], "bytes": train["bytes"]}))
+    print(json.dumps({"warm": warm, "limit": limit, "documents": train["documents"], "bytes": train["bytes"]}))
     """)
 
 
@@ -165,10 +168,13 @@ def write_memory_job(folder: Path, tokenizer_dir: Path, name: str, inputs: str) 
     )
 
 
-def run_under_limit(folder: Path, tokenizer_dir: Path, headroom: int, chunk_chars: int) -> dict:
+def run_under_limit(
+    folder: Path, tokenizer_dir: Path, chunk_chars: int, headroom: int = 0, limit: int = 0
+) -> dict:
     """Prepare folder's web-*.jsonl (one job worker, one encoding process) in a subprocess whose
-    address space may grow `headroom` bytes past what it holds once warm (a first small job run);
-    returns the limit and what it wrote. Raises with the subprocess's error when it fails."""
+    address space is limited to `limit` bytes, or to `headroom` bytes past what it holds once warm (a
+    first small job run); returns the limit and what it wrote. Raises with the subprocess's error
+    when it fails."""
     (folder / "warm.jsonl").write_text(
         "".join(json.dumps({"text": f"warm-up document {i} " * 20}) + "\n" for i in range(50))
     )
@@ -176,7 +182,7 @@ def run_under_limit(folder: Path, tokenizer_dir: Path, headroom: int, chunk_char
     write_memory_job(folder, tokenizer_dir, "data", "web-*.jsonl")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"}
     result = subprocess.run(
-        [sys.executable, "-c", UNDER_LIMIT, str(folder), str(headroom), str(chunk_chars)],
+        [sys.executable, "-c", UNDER_LIMIT, str(folder), str(chunk_chars), str(headroom), str(limit)],
         capture_output=True,
         text=True,
         env=env,
@@ -197,11 +203,11 @@ def memory_run(gigabytes: float, limit_gb: float, vocab: int) -> None:
             texts = [json.loads(line)["text"] for line in itertools.islice(f, 20_000)]
         train_tokenizer(iter(texts), vocab, folder / "tok")
         started = time.perf_counter()
-        figures = run_under_limit(folder, folder / "tok", int(limit_gb * 2**30), 1 << 20)
+        figures = run_under_limit(folder, folder / "tok", 1 << 20, limit=int(limit_gb * 2**30))
         seconds = time.perf_counter() - started
     print(
-        f"{corpus / 1e9:.2f} GB corpus prepared (filters, dedup, encode) under a limit of {limit_gb:g} GiB above "
-        f"the warm worker's {figures['warm'] / 2**30:.2f} GiB: {figures['documents']:,} documents, "
+        f"{corpus / 1e9:.2f} GB corpus prepared (filters, dedup, encode) under an address-space limit of "
+        f"{limit_gb:g} GiB (the warm worker holds {figures['warm'] / 2**30:.2f} GiB): {figures['documents']:,} documents, "
         f"{figures['bytes'] / 1e9:.2f} GB kept, {seconds / 60:.1f} min"
     )
 
@@ -221,7 +227,7 @@ def main() -> None:
         help="instead: prepare a synthetic corpus this large under a limit",
     )
     parser.add_argument(
-        "--limit-gb", type=float, default=1.0, help="with --memory-gb: the limit (GiB above warm)"
+        "--limit-gb", type=float, default=1.0, help="with --memory-gb: the worker's address-space limit, GiB"
     )
     args = parser.parse_args()
     if args.memory_gb:

@@ -99,8 +99,9 @@ class DataConfig:
 
 
 def load_data_config(path: str | Path) -> DataConfig:
-    """A data config, checked in full (teleflm.config's reader and builder, and what they cannot
-    check: names, inputs, filters' languages), every error naming the file and the key."""
+    """A data config, checked in full (teleflm.config's reader and builder, then what a table's
+    types and ranges cannot say: folder names, non-empty inputs, repeated domains), every error
+    naming the file and the key."""
     where = str(path)
     cfg = build(DataConfig, read_toml(path), where)
     if not cfg.domains:
