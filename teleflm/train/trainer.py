@@ -113,15 +113,14 @@ class Trainer:
         self.params = [q for group in self.optimizer.param_groups for q in group["params"]]
 
         self.real_vocab_size = self._real_vocab_size()
+        self.shards = None  # the prepared shards, when the stream reads them (held-out evaluation)
         self.stream = (
             stream_factory(self.dp_rank, self.dims.dp) if stream_factory is not None else self._build_stream()
         )
         self.sequences_per_rank = cfg.sequences_per_step() // self.dims.dp
         self.micro_batches = self.sequences_per_rank // cfg.batch.micro_batch_size
-        # Each rank's loss is normalised by its share of the global batch; FSDP's gradient average
-        # over dp ranks then gives exactly the gradient of the global per-token mean.
-        self.normalizer = self.sequences_per_rank * cfg.data.context_length
-        self.step_targets = cfg.batch.global_batch_tokens  # targets in the global batch
+        # Pre-training learns every target; fine-tuning's masks and DPO's pairs set their own count.
+        self.set_step_targets(cfg.batch.global_batch_tokens)
         self.schedule = self._build_pipeline_schedule() if self.dims.pp > 1 else None
         # bf16 compute: FSDP's MixedPrecisionPolicy when dp > 1, else autocast (pipeline stages too).
         self.autocast = (
@@ -199,7 +198,9 @@ class Trainer:
         if self.dpo_beta is not None:
             return self.preference_forward_backward(inputs, targets, batch)
         if "loss_mask" in batch:
-            targets = self.mask_targets(targets, torch.from_numpy(batch["loss_mask"]).to(self.device)[:, 1:])
+            targets = self.learned_targets(
+                targets, torch.from_numpy(batch["loss_mask"]).to(self.device)[:, 1:]
+            )
         if self.schedule is not None:
             losses: list[torch.Tensor] = []
             is_first, is_last = self.pp_rank == 0, self.pp_rank == self.dims.pp - 1
@@ -236,8 +237,7 @@ class Trainer:
         learned = torch.from_numpy(batch["loss_mask"]).to(self.device)[:, 1:]
         targets = targets.masked_fill(~learned, IGNORE_INDEX)
         ref = torch.from_numpy(batch["ref_logps"]).to(self.device)
-        self.step_targets = len(inputs) // 2 * self.dims.dp  # pairs in the global batch
-        self.normalizer = self.step_targets / self.dims.dp  # FSDP averages gradients over dp ranks
+        self.set_step_targets(len(inputs) // 2 * self.dims.dp)  # pairs in the global batch
         total = torch.zeros((), device=self.device)
         mbs = self.cfg.batch.micro_batch_size
         for i in range(self.micro_batches):
@@ -281,15 +281,21 @@ class Trainer:
             dist.all_reduce(out, group=self.dp_group)
         return out.cpu().numpy()
 
-    def mask_targets(self, targets: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
-        """Targets outside `learned` (fine-tuning: prompts, padding) become IGNORE_INDEX, and the loss
-        is normalised by the learned targets of the whole global batch (counted over dp ranks; tp and
-        pp peers hold the same rows), so the step's gradient is that of their mean."""
+    def set_step_targets(self, count: int) -> None:
+        """The step's loss is the mean over `count` targets (or pairs) of the global batch: each rank
+        divides its sum by its share, and FSDP's gradient average over dp ranks gives the gradient of
+        that mean (the pipeline's loss function reads `normalizer` when it runs)."""
+        self.step_targets = max(count, 1)
+        self.normalizer = self.step_targets / self.dims.dp
+
+    def learned_targets(self, targets: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
+        """`targets` with those outside `learned` (fine-tuning: prompts, padding) set to IGNORE_INDEX;
+        the step's mean is over the learned targets of the global batch (counted over dp ranks; tp
+        and pp peers hold the same rows)."""
         count = learned.sum().double()
         if self.dp_group is not None:
             dist.all_reduce(count, group=self.dp_group)
-        self.step_targets = max(int(count.item()), 1)
-        self.normalizer = self.step_targets / self.dims.dp  # FSDP averages gradients over dp ranks
+        self.set_step_targets(int(count.item()))
         return targets.masked_fill(~learned, IGNORE_INDEX)
 
     def global_mean_loss(self, rank_sum: torch.Tensor) -> float:
@@ -425,7 +431,7 @@ class Trainer:
         """Held-out bits per byte per domain with the documents and bytes scored, and the
         byte-weighted mean over domains as `val.bpb`; the same on every rank, under every layout.
         A domain without held-out documents reports 0 documents and no BPB."""
-        if getattr(self, "shards", None) is None:
+        if self.shards is None:
             return {}
         from teleflm.eval.bpb import bits_per_byte
 

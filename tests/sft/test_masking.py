@@ -40,7 +40,7 @@ def test_masked_targets_give_zero_gradient_at_their_logits(tmp_path):
     batch = packed_batch()
     tokens = torch.from_numpy(batch["tokens"])
     learned = torch.from_numpy(batch["loss_mask"])[:, 1:]
-    targets = trainer.mask_targets(tokens[:, 1:], learned)
+    targets = trainer.learned_targets(tokens[:, 1:], learned)
     logits = trainer.module(input_ids=tokens[:, :-1], use_cache=False).logits
     logits.retain_grad()
     token_loss_sum(logits, targets, trainer.real_vocab_size).backward()
