@@ -539,24 +539,100 @@ def _encode_fingerprint(plan: dict, d: int, p: int, removed: np.ndarray, wanted:
     return _digest(["encode", FORMAT_VERSION, domain["name"], p, upstream, settings, removal, wanted])
 
 
+class PartDocuments:
+    """The documents of one part that reach the tokenizer, in chunks of about CHUNK_CHARS: those the
+    quality filters, dedup and decontamination keep, each drawn into train or val (`flags` holds each
+    chunk's held-out flags, in the order the chunks were handed out), with the counts of what was
+    read and dropped and the dedup report's snippets."""
+
+    def __init__(self, job: Path, plan: dict, d: int, p: int, wanted: list, meter, stats: ReadStats):
+        domain = plan["domains"][d]
+        self.plan, self.d, self.p, self.meter, self.stats = plan, d, p, meter, stats
+        self.name = domain["name"]
+        self.lo, hi = dedup.part_range(d, p)
+        if plan["dedup"]:  # the scan stage filtered and signed; dedup decided the removals
+            self.removed, self.removed_kind = dedup.removed_in_part(_bucket_folders(job, plan), d, p)
+            folder = job / "scan" / _task_name("scan", [d, p])
+            self.dropped, self.reasons = np.load(folder / "dropped.npy"), np.load(folder / "reasons.npy")
+            self.quality = None
+        else:
+            self.removed, self.removed_kind = np.empty(0, np.int64), np.empty(0, np.uint8)
+            self.dropped = self.reasons = None
+            self.quality = QualityFilter(FilterConfig(**domain["source"]["filters"]))
+        self.snippet_positions = {pos for row in wanted for pos in row[:2] if self.lo <= pos < hi}
+        self.snippets: dict[str, dict] = {}
+        self.counts = {"documents": 0, "bytes": 0, "filtered": [], "exact": 0, "near": 0}
+        self.flags: deque = deque()
+
+    def removal_key(self) -> np.ndarray:
+        return np.stack([self.removed, self.removed_kind.astype(np.int64)])
+
+    def chunks(self):
+        # One uniform draw per document read, in reading order, from a generator of the seed, the
+        # domain and the part: the split depends on the documents only, not on the workers, the
+        # chunking, or which documents the filters and dedup drop.
+        plan, counts = self.plan, self.counts
+        rng = np.random.default_rng(
+            [plan["seed"], int(hashlib.sha256(self.name.encode()).hexdigest()[:8], 16), self.p]
+        )
+        chunk, held, chars = [], [], 0
+        draws = np.empty(0)
+        self.drop_at = self.removed_at = 0
+        for i, (doc, path) in enumerate(_part_documents(plan, self.d, self.p, self.stats)):
+            if i % 4096 == 0:  # draws in blocks: the same sequence as one at a time
+                draws = rng.random(4096)
+            counts["documents"] += 1
+            counts["bytes"] += len(doc.encode())
+            if counts["documents"] % 1024 == 0:
+                self.meter.add(1024, 0)
+            pos = int(self.lo) + i
+            if pos in self.snippet_positions:
+                self.snippets[str(pos)] = {"domain": self.name, "file": path, "text": doc[:SNIPPET_CHARS]}
+            if self.dropped_here(i, doc):
+                continue
+            chunk.append(doc)
+            held.append(draws[i % 4096] < plan["heldout_fraction"])
+            chars += len(doc)
+            if chars >= CHUNK_CHARS:
+                self.flags.append(np.array(held, dtype=bool))
+                yield chunk
+                chunk, held, chars = [], [], 0
+        if chunk:
+            self.flags.append(np.array(held, dtype=bool))
+            yield chunk
+
+    def dropped_here(self, i: int, doc: str) -> bool:
+        """Whether document `i` of the part is filtered or a duplicate (counted by reason or kind);
+        called in order of `i`."""
+        if self.quality is not None:
+            verdict = self.quality.verdict(doc)
+            if verdict is not None:
+                self.counts["filtered"].append(FILTERS.index(verdict))
+                return True
+        else:
+            while self.drop_at < len(self.dropped) and self.dropped[self.drop_at] < i:
+                self.drop_at += 1
+            if self.drop_at < len(self.dropped) and self.dropped[self.drop_at] == i:
+                self.counts["filtered"].append(int(self.reasons[self.drop_at]))
+                return True
+        while self.removed_at < len(self.removed) and self.removed[self.removed_at] < i:
+            self.removed_at += 1
+        if self.removed_at < len(self.removed) and self.removed[self.removed_at] == i:
+            self.counts[dedup.KINDS[int(self.removed_kind[self.removed_at])]] += 1
+            return True
+        return False
+
+
 def _encode_part(job, plan, d, p, encode, test_set, examples, worker, meter) -> None:
     """One part of one domain's shards: its documents less the filtered, duplicate and contaminated
     ones, tokenized, each drawn into train or val."""
-    domain = plan["domains"][d]
-    name = domain["name"]
+    name = plan["domains"][d]["name"]
     size = plan["sizes"]["encode"][plan["tasks"]["encode"].index([d, p])]
     lo, hi = dedup.part_range(d, p)
     wanted = [[r, k, t] for r, k, t in examples if lo <= r < hi or lo <= k < hi]
-    if plan["dedup"]:
-        removed, removed_kind = dedup.removed_in_part(_bucket_folders(job, plan), d, p)
-        folder = job / "scan" / _task_name("scan", [d, p])
-        dropped, reasons = np.load(folder / "dropped.npy"), np.load(folder / "reasons.npy")
-        quality = None
-    else:
-        removed, removed_kind = np.empty(0, np.int64), np.empty(0, np.uint8)
-        dropped = reasons = None
-        quality = QualityFilter(FilterConfig(**domain["source"]["filters"]))
-    key = _encode_fingerprint(plan, d, p, np.stack([removed, removed_kind.astype(np.int64)]), wanted)
+    stats = ReadStats()
+    part = PartDocuments(job, plan, d, p, wanted, meter, stats)
+    key = _encode_fingerprint(plan, d, p, part.removal_key(), wanted)
     if _done(job, "encode", [d, p], key):
         meter.add(0, size)
         return
@@ -566,66 +642,11 @@ def _encode_part(job, plan, d, p, encode, test_set, examples, worker, meter) -> 
     tmp = out / name / f".part-{p:05d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    dtype = encode.dtype
-    writers = {split: SplitWriter(tmp, split, p, dtype) for split in SPLITS}
-    stats = ReadStats()
-    # One uniform draw per document read, in reading order, from a generator of the seed, the domain
-    # and the part: the split depends on the documents only, not on the workers, the chunking, or
-    # which documents the filters and dedup drop.
-    heldout_rng = np.random.default_rng(
-        [plan["seed"], int(hashlib.sha256(name.encode()).hexdigest()[:8], 16), p]
-    )
-    snippet_positions = {pos for row in wanted for pos in row[:2] if lo <= pos < hi}
-    snippets: dict[str, dict] = {}
-    counts = {"documents": 0, "bytes": 0, "filtered": [], "exact": 0, "near": 0}
-    flags: deque = deque()  # the held-out flags of the chunks handed to the encoder, in order
-
-    def chunks():
-        chunk, held, chars = [], [], 0
-        draws = np.empty(0)
-        drop_at = removed_at = 0
-        for i, (doc, path) in enumerate(_part_documents(plan, d, p, stats)):
-            if i % 4096 == 0:  # draws in blocks: the same sequence as one at a time
-                draws = heldout_rng.random(4096)
-            counts["documents"] += 1
-            doc_bytes = len(doc.encode())
-            counts["bytes"] += doc_bytes
-            if counts["documents"] % 1024 == 0:
-                meter.add(1024, 0)
-            pos = int(lo) + i
-            if pos in snippet_positions:
-                snippets[str(pos)] = {"domain": name, "file": path, "text": doc[:SNIPPET_CHARS]}
-            if quality is not None:
-                verdict = quality.verdict(doc)
-                if verdict is not None:
-                    counts["filtered"].append(FILTERS.index(verdict))
-                    continue
-            else:
-                while drop_at < len(dropped) and dropped[drop_at] < i:
-                    drop_at += 1
-                if drop_at < len(dropped) and dropped[drop_at] == i:
-                    counts["filtered"].append(int(reasons[drop_at]))
-                    continue
-            while removed_at < len(removed) and removed[removed_at] < i:
-                removed_at += 1
-            if removed_at < len(removed) and removed[removed_at] == i:
-                counts[dedup.KINDS[int(removed_kind[removed_at])]] += 1
-                continue
-            chunk.append(doc)
-            held.append(draws[i % 4096] < plan["heldout_fraction"])
-            chars += len(doc)
-            if chars >= CHUNK_CHARS:
-                flags.append(np.array(held, dtype=bool))
-                yield chunk
-                chunk, held, chars = [], [], 0
-        if chunk:
-            flags.append(np.array(held, dtype=bool))
-            yield chunk
-
+    writers = {split: SplitWriter(tmp, split, p, encode.dtype) for split in SPLITS}
     contaminated = 0
     action = plan["decontamination"]["action"] if plan["decontamination"] else None
-    for tokens, lengths, n_bytes in encode.chunks(chunks()):
-        heldout = flags.popleft()
+    for tokens, lengths, n_bytes in encode.chunks(part.chunks()):
+        heldout = part.flags.popleft()
         keep = np.ones(len(lengths), dtype=bool)
         if test_set is not None:
             dirty = test_set.contaminated(tokens, np.concatenate([[0], np.cumsum(lengths)]))
@@ -637,6 +658,7 @@ def _encode_part(job, plan, d, p, encode, test_set, examples, worker, meter) -> 
                 writers[split].add(tokens, lengths, n_bytes)
             else:
                 writers[split].add(tokens[np.repeat(chosen, lengths)], lengths[chosen], n_bytes[chosen])
+    counts = part.counts
     meter.add(counts["documents"] % 1024, size)
     splits = {split: w.close() for split, w in writers.items()}
     for split in SPLITS:  # into place, file by file; the record below is what says the part is done
@@ -657,7 +679,7 @@ def _encode_part(job, plan, d, p, encode, test_set, examples, worker, meter) -> 
         "removed_documents": contaminated if action == "remove" else 0,
         "invalid_utf8": stats.invalid_utf8,
         "documents_per_file": stats.documents,
-        "snippets": snippets,
+        "snippets": part.snippets,
     }
     _write_json_atomic(_record(job, "encode", [d, p]), record)
 

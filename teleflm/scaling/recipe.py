@@ -104,6 +104,29 @@ def proxy_config(spec: Recipe, out: Path) -> dict:
     return {"out": str(out / "proxy"), **train, "model": model}
 
 
+def recipe_sequences(data: RecipeData, path: Path) -> Path:
+    """The packed KJV windows every run trains on, made once."""
+    if not path.exists():
+        from teleflm.data.sample import kjv_windows
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, kjv_windows(data.chars, data.vocab_size, data.context_length))
+    return path
+
+
+def train_target(target: dict, out: Path, sequences: Path) -> dict:
+    """The target trained once (read back when `out/measured.json` is there): its held-out loss."""
+    measured_file = out / "measured.json"
+    if measured_file.exists():
+        return json.loads(measured_file.read_text())
+    run = scored_run(target, out, RunData.from_file(sequences))
+    if run["status"] != "ok":
+        raise ValueError(f"the target run diverged ({run.get('error', 'non-finite loss')})")
+    measured = {"loss": run["objective"], "step": run["step"]}
+    measured_file.write_text(json.dumps(measured) + "\n")
+    return measured
+
+
 def run_recipe(spec: Recipe, out: Path, log=print) -> dict:
     """Every stage (skipping finished ones); returns the figures of the report."""
     from teleflm.scaling.ladder import LadderSpec, forecast, run_ladder
@@ -123,14 +146,7 @@ def run_recipe(spec: Recipe, out: Path, log=print) -> dict:
         clock = time.perf_counter()
         log(f"== {stage}: {seconds[stage]:.0f}s")
 
-    data = spec.data
-    sequences = out / "data" / "sequences.npy"
-    if not sequences.exists():
-        from teleflm.data.sample import kjv_windows
-
-        sequences.parent.mkdir(parents=True, exist_ok=True)
-        windows = kjv_windows(data.chars, data.vocab_size, data.context_length)
-        np.save(sequences, windows)
+    sequences = recipe_sequences(spec.data, out / "data" / "sequences.npy")
     n_windows = len(np.load(sequences, mmap_mode="r"))
     done("data")
 
@@ -163,15 +179,7 @@ def run_recipe(spec: Recipe, out: Path, log=print) -> dict:
     write_ladder_report(result, out / "ladder", str(out / "recipe.toml"), "non-embedding")
     done("ladder and forecast")
 
-    measured_file = out / "target" / "measured.json"
-    if measured_file.exists():
-        measured = json.loads(measured_file.read_text())
-    else:
-        run = scored_run(target, out / "target", RunData.from_file(sequences))
-        if run["status"] != "ok":
-            raise ValueError(f"the target run diverged ({run.get('error', 'non-finite loss')})")
-        measured = {"loss": run["objective"], "step": run["step"]}
-        measured_file.write_text(json.dumps(measured) + "\n")
+    measured = train_target(target, out / "target", sequences)
     done("target")
 
     t = result.target
