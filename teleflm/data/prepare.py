@@ -173,6 +173,33 @@ def _deal(sizes: list[int], jobs: int) -> list[list[int]]:
     return [sorted(tasks) for tasks in out]
 
 
+def _save_test_set(job: Path, test_set: NgramIndex, action: str) -> dict:
+    """The test set's n-grams saved in the job (every worker reads them); the plan's record of them."""
+    shutil.rmtree(job / "test_ngrams", ignore_errors=True)
+    test_set.save(job / "test_ngrams")
+    digest = hashlib.sha256(b"".join(np.ascontiguousarray(h).tobytes() for h in test_set.hashes.values()))
+    return {**test_set.info, "action": action, "digest": digest.hexdigest()}
+
+
+def _plan_domain(source: DomainSource, files: list[Path], part_bytes: int) -> dict:
+    """A domain in the plan: its settings, its files' sizes and times (a changed file is redone), its
+    parts."""
+    stats = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+    return {
+        "name": source.name,
+        "source": asdict(source),
+        "files": stats,
+        "parts": plan_parts(files, source, part_bytes),
+    }
+
+
+def _part_size(domain: dict, p: int) -> int:
+    """Bytes of input in part `p` of a planned domain (a piece without an end runs to its file's end)."""
+    return sum(
+        (domain["files"][path][0] if end is None else end) - start for path, start, end in domain["parts"][p]
+    )
+
+
 def plan_job(
     config_path: str | Path,
     tokenizer: str | Path | None = None,
@@ -207,36 +234,14 @@ def plan_job(
         )
     job = out / JOB
     job.mkdir(parents=True, exist_ok=True)
-    decontam = None
-    if test_set is not None:
-        shutil.rmtree(job / "test_ngrams", ignore_errors=True)
-        test_set.save(job / "test_ngrams")
-        digest = hashlib.sha256(b"".join(np.ascontiguousarray(h).tobytes() for h in test_set.hashes.values()))
-        decontam = {**test_set.info, "action": decontaminate_action, "digest": digest.hexdigest()}
+    decontam = _save_test_set(job, test_set, decontaminate_action) if test_set is not None else None
     try:
         previous = list(read_manifest(out).get("domains", {}))
     except ValueError:
         previous = []
-    domains = []
-    for source in cfg.domains:
-        files = inputs[source.name]
-        stats = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
-        domains.append(
-            {
-                "name": source.name,
-                "source": asdict(source),
-                "files": stats,
-                "parts": plan_parts(files, source, cfg.part_bytes),
-            }
-        )
+    domains = [_plan_domain(source, inputs[source.name], cfg.part_bytes) for source in cfg.domains]
     encode_tasks = [[d, p] for d, domain in enumerate(domains) for p in range(len(domain["parts"]))]
-    sizes = [
-        sum(
-            (domains[d]["files"][path][0] if end is None else end) - start
-            for path, start, end in domains[d]["parts"][p]
-        )
-        for d, p in encode_tasks
-    ]
+    sizes = [_part_size(domains[d], p) for d, p in encode_tasks]
     stages = ["scan", "dedup", "encode"] if cfg.dedup.enabled else ["encode"]
     buckets = cfg.dedup.buckets or 4 * jobs
     plan = {
@@ -684,6 +689,34 @@ def _encode_part(job, plan, d, p, encode, test_set, examples, worker, meter) -> 
     _write_json_atomic(_record(job, "encode", [d, p]), record)
 
 
+def _domain_entry(domain: dict, records: list[dict]) -> dict:
+    """A domain's manifest entry, summed from the records of its encoded parts."""
+    source = domain["source"]
+    per_file: dict[str, int] = {}
+    invalid: dict[str, int] = {}
+    for record in records:
+        for path, count in record["documents_per_file"].items():
+            per_file[path] = per_file.get(path, 0) + count
+        for path, count in record["invalid_utf8"].items():
+            invalid[path] = invalid.get(path, 0) + count
+    filtered = {f: sum(r["filtered"].get(f, 0) for r in records) for f in FILTERS}
+    return {
+        "inputs": list(domain["files"]),
+        "proportion": source["proportion"],
+        "epochs": source["epochs"],
+        "parts": len(records),
+        "documents_read": sum(r["documents"] for r in records),
+        "splits": {split: split_entry([r["splits"][split] for r in records]) for split in SPLITS},
+        "invalid_utf8": invalid,
+        "empty_files": [path for path, count in per_file.items() if count == 0],
+        "filtered": {f: n for f, n in filtered.items() if n},
+        "deduplicated": {kind: sum(r["deduplicated"][kind] for r in records) for kind in dedup.KINDS},
+        "contaminated_documents": sum(r["contaminated_documents"] for r in records),
+        "removed_documents": sum(r["removed_documents"] for r in records),
+        "seconds": round(sum(r["seconds"] for r in records), 2),
+    }
+
+
 def merge(job: str | Path, verbose: bool = True) -> dict:
     """The manifest of a job whose parts are all encoded, from their records (no data is read);
     removes the parts and domains the job no longer has, and writes the dedup report."""
@@ -707,32 +740,9 @@ def merge(job: str | Path, verbose: bool = True) -> dict:
         raise RuntimeError(f"{job}: cannot merge, parts not encoded yet: {', '.join(missing[:10])}")
     domains = {}
     for d, domain in enumerate(plan["domains"]):
-        name, source = domain["name"], domain["source"]
+        name = domain["name"]
         mine = [records[d, p] for p in range(len(domain["parts"]))]
-        per_file: dict[str, int] = {}
-        invalid: dict[str, int] = {}
-        for record in mine:
-            for path, count in record["documents_per_file"].items():
-                per_file[path] = per_file.get(path, 0) + count
-            for path, count in record["invalid_utf8"].items():
-                invalid[path] = invalid.get(path, 0) + count
-        filtered = {f: sum(r["filtered"].get(f, 0) for r in mine) for f in FILTERS}
-        entry = {
-            "inputs": list(domain["files"]),
-            "proportion": source["proportion"],
-            "epochs": source["epochs"],
-            "parts": len(mine),
-            "documents_read": sum(r["documents"] for r in mine),
-            "splits": {split: split_entry([r["splits"][split] for r in mine]) for split in SPLITS},
-            "invalid_utf8": invalid,
-            "empty_files": [path for path, count in per_file.items() if count == 0],
-            "filtered": {f: n for f, n in filtered.items() if n},
-            "deduplicated": {kind: sum(r["deduplicated"][kind] for r in mine) for kind in dedup.KINDS},
-            "contaminated_documents": sum(r["contaminated_documents"] for r in mine),
-            "removed_documents": sum(r["removed_documents"] for r in mine),
-            "seconds": round(sum(r["seconds"] for r in mine), 2),
-        }
-        domains[name] = entry
+        domains[name] = entry = _domain_entry(domain, mine)
         _remove_stale_parts(out / name, len(mine))
         if verbose:
             _report_domain(name, entry, mine, plan["run"])
