@@ -368,6 +368,37 @@ def fold_depth_factor(state: dict[str, torch.Tensor], config: TeleFLMConfig) -> 
     config.mup_depth_factor = 1.0
 
 
+def write_generation_config(config: TeleFLMConfig, tokenizer, folder: Path) -> None:
+    """generation_config.json: the special ids, and the padded embedding rows (past the tokenizer)
+    suppressed, so that they are never generated, whoever calls `generate`."""
+    from transformers import GenerationConfig
+
+    pad_token_id = config.pad_token_id
+    if pad_token_id is None and tokenizer is not None:
+        pad_token_id = tokenizer.pad_token_id
+    padded = padded_ids(tokenizer, config.vocab_size) if tokenizer is not None else []
+    generation = GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.eos_token_id if pad_token_id is None else pad_token_id,
+        suppress_tokens=padded or None,
+    )
+    generation.save_pretrained(folder)
+
+
+def write_tokenizer(tokenizer, tokenizer_dir: Path, folder: Path, context: int) -> None:
+    """The tokenizer as AutoTokenizer loads it under every supported release."""
+    # A tokenizer with the turn markers but trained before templates were saved with it gets the
+    # instruct template, so `apply_chat_template` works on every export that can chat.
+    add_chat_template(tokenizer)
+    # tokenizer.json + tokenizer_config.json are all AutoTokenizer needs; the SentencePiece model
+    # rides along for tools that read it directly.
+    tokenizer.save_pretrained(folder)
+    make_tokenizer_config_portable(folder / "tokenizer_config.json", context)
+    if (tokenizer_dir / "tokenizer.model").is_file():
+        shutil.copyfile(tokenizer_dir / "tokenizer.model", folder / "tokenizer.model")
+
+
 def export_hf(
     model: TeleFLMForCausalLM,
     out_dir: str | Path,
@@ -380,8 +411,6 @@ def export_hf(
     with `trust_remote_code=True`; `dtype` defaults to the model's own. The folder is assembled in a
     temporary sibling and renamed into place at the end, so a failed export leaves nothing behind.
     Returns the folder."""
-    from transformers import GenerationConfig
-
     out_dir = Path(out_dir)
     check_export_target(out_dir, overwrite)
     tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
@@ -407,29 +436,9 @@ def export_hf(
         for source in MODEL_SOURCES:
             shutil.copyfile(Path(__file__).with_name(source), staging / source)
 
-        pad_token_id = config.pad_token_id
-        if pad_token_id is None and tokenizer is not None:
-            pad_token_id = tokenizer.pad_token_id
-        # Padded embedding rows (past the tokenizer) are never generated, whoever calls `generate`.
-        padded = padded_ids(tokenizer, config.vocab_size) if tokenizer is not None else []
-        generation = GenerationConfig(
-            bos_token_id=config.bos_token_id,
-            eos_token_id=config.eos_token_id,
-            pad_token_id=config.eos_token_id if pad_token_id is None else pad_token_id,
-            suppress_tokens=padded or None,
-        )
-        generation.save_pretrained(staging)
-
+        write_generation_config(config, tokenizer, staging)
         if tokenizer is not None:
-            # A tokenizer with the turn markers but trained before templates were saved with it gets
-            # the instruct template, so `apply_chat_template` works on every export that can chat.
-            add_chat_template(tokenizer)
-            # tokenizer.json + tokenizer_config.json are all AutoTokenizer needs; the SentencePiece
-            # model rides along for tools that read it directly.
-            tokenizer.save_pretrained(staging)
-            make_tokenizer_config_portable(staging / "tokenizer_config.json", config.max_position_embeddings)
-            if (Path(tokenizer_dir) / "tokenizer.model").is_file():
-                shutil.copyfile(Path(tokenizer_dir) / "tokenizer.model", staging / "tokenizer.model")
+            write_tokenizer(tokenizer, Path(tokenizer_dir), staging, config.max_position_embeddings)
         readme = EXPORT_README.format(
             name=out_dir.name,
             oldest=OLDEST_TRANSFORMERS,
