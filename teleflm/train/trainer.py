@@ -496,7 +496,18 @@ class Trainer:
                 norm = grad_norm(self.params, self.pp_group).item()
                 anomaly = self.guard.verdict(loss, norm)
                 if anomaly == "level_shift":  # persistent, not a bad batch: the step goes through
-                    monitor.event(self.step, anomaly, loss=loss, grad_norm=norm, **self.guard.summary())
+                    # The spikes just before it were the new level too: they no longer count toward
+                    # max_events (a run whose data moves between levels is not a run going wrong).
+                    reclassified = len(self.guard.rejected)
+                    self.events -= reclassified
+                    monitor.event(
+                        self.step,
+                        anomaly,
+                        loss=loss,
+                        grad_norm=norm,
+                        reclassified=reclassified,
+                        **self.guard.summary(),
+                    )
                     self.guard.shift_level(loss, norm)
                 elif anomaly is not None:
                     self.handle_anomaly(anomaly, loss, norm, monitor)

@@ -56,6 +56,34 @@ def events(tmp_path) -> list[dict]:
     return [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
 
 
+def test_data_that_moves_between_levels_does_not_stop_the_run(tmp_path):
+    """Blocks of random tokens between blocks of pattern data (a domain far harder than the rest, met
+    in runs): each block's first spikes turn into a level shift, and those spikes do not count toward
+    max_events. Without that, the 4 skipped spikes exceed max_events = 2 and the run stops."""
+    rng = np.random.default_rng(2)
+    pattern = pattern_sequences()
+    steps = 46
+    rows = []
+    for step in range(steps):
+        hard = 10 <= step < 18 or 30 <= step < 38
+        for i in range(SEQUENCES_PER_STEP):
+            g = step * SEQUENCES_PER_STEP + i
+            rows.append(rng.integers(4, 96, CONTEXT + 1) if hard else pattern[g % len(pattern)])
+    sequences = np.stack(rows)
+    cfg = tiny_train_config(
+        tmp_path,
+        schedule={"total_tokens": CONTEXT * SEQUENCES_PER_STEP * steps, "warmup_steps": 2},
+        mup={"lr": 3e-2, "matrix_lr": 3e-2, "min_lr": 3e-3},
+        stability={"action": "skip", "warmup_steps": 6, "max_events": 2},
+        checkpoint={"interval_steps": 100},
+    )
+    trainer = Trainer(cfg, stream_factory=lambda rank, size: ArrayStream(sequences, rank, size))
+    trainer.run()
+    kinds = [e["event"] for e in events(tmp_path)]
+    assert kinds.count("level_shift") == 2 and kinds.count("loss_spike") == 4
+    assert trainer.step == steps and trainer.events == 0  # 46 steps applied, 4 batches skipped
+
+
 @pytest.mark.parametrize("action", ["skip", "rollback"])
 def test_planted_bad_batch_is_caught_and_run_recovers(tmp_path, action):
     trainer = train(tmp_path, action)
