@@ -154,6 +154,18 @@ def train_losses(out: str, parallel: dict, steps: int) -> dict[int, float] | Non
     return logged_losses(out) if (Path(out) / "metrics.jsonl").exists() else None
 
 
+# The released checkpoints' tokenizer_config.json: LlamaTokenizer (SentencePiece) without BOS.
+OFFICIAL_TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer",
+    "add_bos_token": False,
+    "add_eos_token": False,
+    "unk_token": "<unk>",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "pad_token": "<pad>",
+}
+
+
 def write_official_layout(
     model, tokenizer_model_path: str | Path, out_dir: str | Path, n_shards: int = 2
 ) -> Path:
@@ -188,15 +200,6 @@ def write_official_layout(
         shutil.copyfile(Path(io.__file__).with_name(source), out_dir / source)
 
     shutil.copyfile(tokenizer_model_path, out_dir / "tokenizer.model")
-    tokenizer_config = {
-        "tokenizer_class": "LlamaTokenizer",
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "unk_token": "<unk>",
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "pad_token": "<pad>",
-        "model_max_length": model.config.max_position_embeddings,
-    }
+    tokenizer_config = {**OFFICIAL_TOKENIZER_CONFIG, "model_max_length": model.config.max_position_embeddings}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     return out_dir

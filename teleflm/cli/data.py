@@ -6,6 +6,8 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
+    from teleflm.data.decontaminate import DEFAULT_NGRAM, MIN_ITEM_TOKENS  # numpy only: no torch
+
     actions = sub.add_parser("data", help="prepare and inspect token shards").add_subparsers(
         dest="data_command", required=True, metavar="ACTION"
     )
@@ -26,11 +28,13 @@ def add_parser(sub) -> None:
         help="lm-evaluation-harness tasks (local definitions, as `teleflm eval harness` names them)",
     )
     prep.add_argument("--include", nargs="+", default=[], help="more task folders for --decontaminate-tasks")
-    prep.add_argument("--ngram", type=int, default=13, help="n-gram length in tokens for decontamination")
+    prep.add_argument(
+        "--ngram", type=int, default=DEFAULT_NGRAM, help="n-gram length in tokens for decontamination"
+    )
     prep.add_argument(
         "--min-item-tokens",
         type=int,
-        default=8,
+        default=MIN_ITEM_TOKENS,
         help="test items shorter than --ngram but at least this long are matched whole; shorter ones are skipped",
     )
     prep.add_argument("--decontaminate-action", choices=["remove", "report"], default="remove")

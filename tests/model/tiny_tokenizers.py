@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from teleflm.testing import OFFICIAL_TOKENIZER_CONFIG
 from tests.conftest import sample_text
 
 SENTENCEPIECE_VOCAB = 2000  # the model configs of these tests pad the embedding to 2048 rows
@@ -37,16 +38,7 @@ def train_sentencepiece(out_dir: Path) -> Path:
     )
     (out_dir / "train.txt").unlink()
     (out_dir / "tokenizer.vocab").unlink()
-    tokenizer_config = {
-        "tokenizer_class": "LlamaTokenizer",
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "unk_token": "<unk>",
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "pad_token": "<pad>",
-    }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(OFFICIAL_TOKENIZER_CONFIG))
     return out_dir
 
 
