@@ -45,6 +45,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 
 from teleflm.config import AT_LEAST_ONE, ConfigError, build, read_toml
 from teleflm.tune.runs import SEARCHED, RunData, scored_run, with_hyperparams
@@ -174,6 +175,29 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 READY_TIMEOUT_S = 300  # how long a worker waits for the study's creator to queue the planned trials
 
 
+SQLITE_BUSY_TIMEOUT_S = 60  # how long a worker waits for another's transaction on a SQLite study
+
+
+def serialize_sqlite_transactions(engine) -> None:
+    """Make each transaction on this SQLite engine take the database's write lock when it begins.
+
+    Optuna claims a queued trial by reading its state (SELECT ... FOR UPDATE) and then writing it.
+    SQLite ignores FOR UPDATE and Python's sqlite3 starts a transaction only at the write, so two
+    workers could both read WAITING and both run the trial (seen with 2 workers on 2 busy cores).
+    With BEGIN IMMEDIATE the read and the write are one critical section; PostgreSQL and MySQL honour
+    FOR UPDATE and need nothing (SQLAlchemy's recipe for pysqlite transactions)."""
+
+    def own_transactions(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None  # sqlite3 leaves BEGIN to SQLAlchemy's "begin" below
+
+    def begin_immediate(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    sqlalchemy.event.listen(engine, "connect", own_transactions)
+    sqlalchemy.event.listen(engine, "begin", begin_immediate)
+    engine.dispose()  # the connections RDBStorage opened before the listeners were there
+
+
 def storage_url(out: Path, storage: str | None) -> str:
     return storage or f"sqlite:///{(out / 'study.db').resolve()}"
 
@@ -182,12 +206,16 @@ def open_study(url: str, name: str, space: SearchSpace, heartbeat_s: int = HEART
     """The study `name` in `url`, created (with its planned trials queued) by the first worker to get
     there, loaded by the others once the queue is complete."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sqlite = url.startswith("sqlite")
     storage = optuna.storages.RDBStorage(
         url,
+        engine_kwargs={"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}} if sqlite else None,
         heartbeat_interval=heartbeat_s,
         grace_period=2 * heartbeat_s,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=None),
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None),
     )
+    if sqlite:
+        serialize_sqlite_transactions(storage.engine)
     sampler = (
         optuna.samplers.TPESampler(seed=space.seed)
         if space.method == "tpe"
@@ -234,7 +262,7 @@ def reclaim_dead_local_trials(study) -> int:
     """Fail and queue again the running trials whose worker ran on this machine and is gone; returns
     how many this worker reclaimed (another worker may reclaim one first: the state change is atomic)."""
     reclaimed = 0
-    retry = optuna.storages.RetryFailedTrialCallback(max_retry=None)
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         worker = trial.system_attrs.get("teleflm_worker")
         if worker is None or worker["host"] != socket.gethostname() or pid_alive(worker["pid"]):

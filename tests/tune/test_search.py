@@ -109,6 +109,51 @@ def test_two_workers_share_one_study(setup):
     assert min(two, key=lambda r: r["objective"])["trial"] == min(one, key=lambda r: r["objective"])["trial"]
 
 
+def test_a_queued_trial_is_claimed_once_when_two_workers_race_for_it(setup, monkeypatch):
+    """Optuna claims a queued trial by reading its state and then writing RUNNING. Two workers (two
+    connections to one SQLite study) interleaved at the worst point, worker A paused between its read
+    and its write while worker B claims the same trial: exactly one of them gets it. (SQLite ignores
+    SELECT ... FOR UPDATE, so without serialized transactions both did: 2 workers ran trial 0.)"""
+    import threading
+
+    import optuna
+    from optuna.storages._rdb import models
+
+    import teleflm.tune.search as search_module
+
+    monkeypatch.setattr(search_module, "SQLITE_BUSY_TIMEOUT_S", 0.5)  # B gives up waiting for A's lock
+    space = load_space(setup / "space.toml")
+    url = f"sqlite:///{(setup / 'study.db').resolve()}"
+    worker_a, worker_b = (search_module.open_study(url, "race", space)._storage for _ in range(2))
+    trial_id = worker_a.get_all_trials(worker_a.get_study_id_from_name("race"))[0]._trial_id
+    a_has_read, b_has_tried = threading.Event(), threading.Event()
+    read = models.TrialModel.find_or_raise_by_id
+
+    def read_then_wait_for_b(*args, **kwargs):
+        trial = read(*args, **kwargs)
+        if threading.current_thread().name == "worker-a":
+            a_has_read.set()
+            assert b_has_tried.wait(30)
+        return trial
+
+    monkeypatch.setattr(models.TrialModel, "find_or_raise_by_id", read_then_wait_for_b)
+    claimed = {}
+
+    def claim_as(name, storage):
+        try:
+            claimed[name] = storage.set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING)
+        except optuna.exceptions.StorageInternalError:  # the database was locked: A holds the claim
+            claimed[name] = False
+
+    a = threading.Thread(target=claim_as, args=("a", worker_a), name="worker-a")
+    a.start()
+    assert a_has_read.wait(30)
+    claim_as("b", worker_b)
+    b_has_tried.set()
+    a.join()
+    assert claimed == {"a": True, "b": False}
+
+
 # A worker process that SIGKILLs itself when it starts its second trial (after claiming it): a worker
 # dead mid-trial, at that point whatever the timing.
 KILL_IN_SECOND_TRIAL = """
