@@ -4,7 +4,8 @@ Memory follows how teleflm trains (docs/training.md; details in `memory_per_devi
 shards fp32 master weights, fp32 gradients and AdamW's two fp32 moments (16 bytes per parameter);
 tensor parallel splits every matrix by `tp`; under 1F1B pipeline stage 0 holds `pp` micro-batches of
 activations. Activations are counted from what the model's own forward saves for backward (fused
-attention, no dropout), so the estimate can be checked against a measured peak (tests/parallel).
+attention, no dropout), so the estimate can be checked against a measured peak
+(tests/plan/test_estimate_memory.py).
 """
 
 from teleflm.model.size import flops_per_token, parameter_counts
@@ -46,15 +47,19 @@ def stage_memory(
     mixed_precision: str,
     first: bool,
     last: bool,
+    micro_batches: int = 1,
 ) -> dict[str, float]:
-    """Bytes on a device of a pipeline stage (`first`: it holds the embedding and, under 1F1B, `pp`
-    micro-batches in flight; `last`: the readout and the logits).
+    """Bytes of what a device of a pipeline stage holds in a step (`first`: it holds the embedding
+    and, under 1F1B, `pp` micro-batches in flight; `last`: the readout and the logits); `peak_bytes`
+    adds up what is alive at once.
 
     FSDP2 keeps fp32 master weights, fp32 gradients and AdamW's two fp32 moments sharded over
     `tp x dp_shard` (16 bytes per parameter); under FSDP the root (embedding, readout) stays gathered
     from forward to backward, two layers are gathered at a time, and a group's unsharded gradient
-    lives until its reduce-scatter (the root's, the largest, at the start of backward). Without
-    FSDP, bf16 autocast caches a bf16 copy of every weight. The readout: without pipeline parallel the
+    lives until its reduce-scatter (the root's, the largest, at the end of backward). The trainer
+    reduce-scatters on a step's last micro-batch only, so with several micro-batches FSDP2 keeps
+    every unsharded gradient, fp32, through the step (`accumulated_gradients`). Without FSDP, bf16
+    autocast caches a bf16 copy of every weight. The readout: without pipeline parallel the
     trainer's chunked loss (teleflm.model.loss) holds one chunk of fp32 logits at a time and keeps
     the gradients of the hidden states and of the readout weight that its forward computes; a
     pipeline's last stage has the whole logits, their own copy, log-softmax's saved fp32 output and
@@ -84,22 +89,38 @@ def stage_memory(
         logits = (4 + 2 * lower) * chunk * vocab + act_bytes * tokens * h + (4 + 2 * lower) * vocab * h
     else:
         logits = (act_bytes + 12) * tokens * vocab
+    gradients = 4 * params / shard
     if layout.dp_shard > 1:
         gathered = act_bytes * (root + 2 * n["per_layer"]) / layout.tp
         # The unsharded gradient, FSDP2's fp32 reduce-scatter input and the collective's own
         # buffer (gloo copies; NCCL reduces in place, so this errs high on GPUs by 4 bytes).
         unsharded_grads = (act_bytes + 8) * (root + n["per_layer"]) / layout.tp
+        accumulated = 4 * params / layout.tp if micro_batches > 1 else 0
     else:
         gathered = 2 * params / layout.tp if mixed_precision == "bf16" else 0
         unsharded_grads = 0
+        accumulated = gradients if micro_batches > 1 else 0  # the .grad tensors themselves
     return {
         "weights": 4 * params / shard,
         "gathered_weights": gathered,
-        "gradients": 4 * params / shard,
-        "unsharded_gradients": unsharded_grads,
         "optimizer": 8 * params / shard,
         "activations": activations + logits,
+        "accumulated_gradients": accumulated,
+        "gradients": gradients,
+        "unsharded_gradients": unsharded_grads,
     }
+
+
+def peak_bytes(memory: dict[str, float]) -> float:
+    """The step's peak from `stage_memory`'s figures. Weights, gathered weights and moments live
+    throughout; the rest peaks at one of two moments: the start of the last backward, with every
+    activation and the gradients accumulated so far, or the end of backward, with the sharded
+    gradients and the root's unsharded gradient in its reduce-scatter (activations are freed layer
+    by layer as backward runs, and `zero_grad` frees the gradients before the next step)."""
+    held = memory["weights"] + memory["gathered_weights"] + memory["optimizer"]
+    start = memory["activations"] + memory["accumulated_gradients"]
+    end = memory["gradients"] + memory["unsharded_gradients"]
+    return held + max(start, end)
 
 
 def memory_per_device(
@@ -109,13 +130,23 @@ def memory_per_device(
     micro_batch_size: int,
     activation_checkpointing: bool,
     mixed_precision: str = "bf16",
+    micro_batches: int = 1,
 ) -> dict[str, float]:
-    """Bytes on the busiest device (`stage_memory`): the larger of pipeline stage 0 and the last."""
+    """Bytes on the busiest device (`stage_memory`): the pipeline stage 0 or the last, whichever
+    peaks higher; "total" is that peak (`peak_bytes`)."""
     stages = [(True, layout.pp == 1)] + ([(False, True)] if layout.pp > 1 else [])
     args = (c, layout, context_length, micro_batch_size, activation_checkpointing, mixed_precision)
-    memory = max((stage_memory(*args, *s) for s in stages), key=lambda m: sum(m.values()))
-    memory["total"] = sum(memory.values())
+    memory = max((stage_memory(*args, *s, micro_batches) for s in stages), key=peak_bytes)
+    memory["total"] = peak_bytes(memory)
     return memory
+
+
+def micro_batches_per_step(
+    global_batch_tokens: int, context_length: int, micro_batch_size: int, layout
+) -> int:
+    """Micro-batches each data-parallel rank runs per optimizer step."""
+    per_dp = micro_batch_size * context_length * layout.dp_shard * layout.dp_replicate
+    return max(global_batch_tokens // per_dp, 1)
 
 
 def growth_shards_per_device(c, world: int) -> float:
@@ -171,17 +202,21 @@ def plan(
         raise ValueError(f"{gpus} GPUs do not divide into dp_replicate x tp x pp = {rest}")
     layout = ParallelDims(dp_shard=gpus // rest, tp=p.tp, pp=p.pp, dp_replicate=p.dp_replicate)
     tokens = tokens or cfg.schedule.total_tokens
-    per_dp = mbs * T * layout.dp_shard * layout.dp_replicate
-    micro_batches = max(cfg.batch.global_batch_tokens // per_dp, 1)
-    memory = memory_per_device(c, layout, T, mbs, ac, mp)
+    batch = cfg.batch.global_batch_tokens
+    micro_batches = micro_batches_per_step(batch, T, mbs, layout)
+    memory = memory_per_device(c, layout, T, mbs, ac, mp, micro_batches)
+
+    def peak_gib(checkpointing: bool) -> float:
+        return memory_per_device(c, layout, T, mbs, checkpointing, mp, micro_batches)["total"] / GIB
+
     timing = run_time(c, tokens, T, gpus, peak, mfu)
     result = {
         "parameters": parameter_counts(c),
         "flops_per_token": flops_per_token(c, T),
         "layout": str(layout),
         "memory_gib": {k: v / GIB for k, v in memory.items()},
-        "memory_without_checkpointing_gib": memory_per_device(c, layout, T, mbs, False, mp)["total"] / GIB,
-        "memory_with_checkpointing_gib": memory_per_device(c, layout, T, mbs, True, mp)["total"] / GIB,
+        "memory_without_checkpointing_gib": peak_gib(False),
+        "memory_with_checkpointing_gib": peak_gib(True),
         "device_memory_gib": memory_gib,
         "fits": memory["total"] / GIB <= 0.9 * memory_gib,  # 10% for the allocator and NCCL buffers
         "pipeline_bubble": pipeline_bubble(layout, micro_batches),
@@ -194,7 +229,8 @@ def plan(
     fitting = []
     for candidate in candidate_layouts(c, gpus):
         for checkpointing in (False, True):
-            total = memory_per_device(c, candidate, T, mbs, checkpointing, mp)["total"] / GIB
+            steps = micro_batches_per_step(batch, T, mbs, candidate)
+            total = memory_per_device(c, candidate, T, mbs, checkpointing, mp, steps)["total"] / GIB
             if total <= 0.9 * memory_gib:
                 fitting.append((candidate.tp * candidate.pp, checkpointing, str(candidate), total))
                 break
@@ -214,7 +250,7 @@ def format_plan(r: dict, gpus: int, gpu_type: str) -> str:
         f"layout          {r['layout']} on {gpus} x {gpu_type}",
         "memory / device "
         + ", ".join(f"{k} {v:.1f}" for k, v in m.items() if k != "total")
-        + f" -> {m['total']:.1f} GiB of {r['device_memory_gib']} ({'fits' if r['fits'] else 'DOES NOT FIT'})",
+        + f" -> peak {m['total']:.1f} GiB of {r['device_memory_gib']} ({'fits' if r['fits'] else 'DOES NOT FIT'})",
         f"                without activation checkpointing {r['memory_without_checkpointing_gib']:.1f} GiB, with {r['memory_with_checkpointing_gib']:.1f} GiB",
         f"pipeline bubble {r['pipeline_bubble']:.1%}",
         f"time            {r['tokens'] / 1e9:,.0f}B tokens at {r['mfu']:.0%} MFU ({r['tflops_per_gpu']:.0f} TFLOP/s per GPU): "
