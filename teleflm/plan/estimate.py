@@ -58,7 +58,8 @@ def stage_memory(
     from forward to backward, two layers are gathered at a time, and a group's unsharded gradient
     lives until its reduce-scatter (the root's, the largest, at the end of backward). The trainer
     reduce-scatters on a step's last micro-batch only, so with several micro-batches FSDP2 keeps
-    every unsharded gradient, fp32, through the step (`accumulated_gradients`). Without FSDP, bf16
+    every unsharded gradient, fp32, through the step (`accumulated_gradients`), and under a pipeline
+    the stage's weights stay gathered from its first backward to the last. Without FSDP, bf16
     autocast caches a bf16 copy of every weight. The readout: without pipeline parallel the
     trainer's chunked loss (teleflm.model.loss) holds one chunk of fp32 logits at a time and keeps
     the gradients of the hidden states and of the readout weight that its forward computes; a
@@ -90,14 +91,20 @@ def stage_memory(
     else:
         logits = (act_bytes + 12) * tokens * vocab
     gradients = 4 * params / shard
-    if layout.dp_shard > 1:
+    if layout.dp_shard > 1 and layout.pp > 1 and micro_batches > 1:
+        # torch's pipeline schedules keep an FSDP stage unsharded from its first backward to the
+        # step's last (reshard_after_backward off until the gradients are reduced)
+        gathered = act_bytes * params / layout.tp
+    elif layout.dp_shard > 1:
         gathered = act_bytes * (root + 2 * n["per_layer"]) / layout.tp
+    else:
+        gathered = 2 * params / layout.tp if mixed_precision == "bf16" else 0
+    if layout.dp_shard > 1:
         # The unsharded gradient, FSDP2's fp32 reduce-scatter input and the collective's own
         # buffer (gloo copies; NCCL reduces in place, so this errs high on GPUs by 4 bytes).
         unsharded_grads = (act_bytes + 8) * (root + n["per_layer"]) / layout.tp
         accumulated = 4 * params / layout.tp if micro_batches > 1 else 0
     else:
-        gathered = 2 * params / layout.tp if mixed_precision == "bf16" else 0
         unsharded_grads = 0
         accumulated = gradients if micro_batches > 1 else 0  # the .grad tensors themselves
     return {

@@ -206,8 +206,11 @@ class Trainer:
             is_first, is_last = self.pp_rank == 0, self.pp_rank == self.dims.pp - 1
             args = (inputs,) if is_first else ()
             with self.autocast:
-                self.schedule.step(
-                    *args, target=targets if is_last else None, losses=losses if is_last else None
+                self.schedule.step(  # the losses are all the step needs: no micro-batch's logits kept
+                    *args,
+                    target=targets if is_last else None,
+                    losses=losses if is_last else None,
+                    return_outputs=False,
                 )
             if not is_last:
                 return torch.zeros((), device=self.device)
