@@ -1,6 +1,6 @@
 """The planner's memory estimate against the peak resident memory measured while training tiny
-configs on this CPU: one process, and FSDP on 2 gloo ranks, with one and with two micro-batches per
-step. Each measurement runs in a fresh process; the footprint of the runtime itself (torch, gloo, the
+configs on this CPU: one process, FSDP on 2 gloo ranks (with one and with two micro-batches per
+step), and a 2-stage pipeline over FSDP on 4 ranks. Each measurement runs in a fresh process; the footprint of the runtime itself (torch, gloo, the
 trainer's code) is what the same code path costs with a near-empty model, measured alongside and
 subtracted.
 
@@ -95,6 +95,7 @@ def _train_and_measure(
 def runtime_footprint():
     """Per world size, what each rank's resident memory grows by when training a near-empty model."""
     cache = {}
+    before = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the ranks this module spawns
 
     def measure(world: int, pp: int) -> list[int]:
@@ -103,7 +104,11 @@ def runtime_footprint():
             cache[world, pp] = [r["measured"] for r in ranks]
         return cache[world, pp]
 
-    return measure
+    yield measure
+    if before is None:
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
+    else:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = before
 
 
 @pytest.mark.slow
