@@ -148,14 +148,6 @@ def memory_per_device(
     return memory
 
 
-def micro_batches_per_step(
-    global_batch_tokens: int, context_length: int, micro_batch_size: int, layout
-) -> int:
-    """Micro-batches each data-parallel rank runs per optimizer step."""
-    per_dp = micro_batch_size * context_length * layout.dp_shard * layout.dp_replicate
-    return max(global_batch_tokens // per_dp, 1)
-
-
 def growth_shards_per_device(c, world: int) -> float:
     """Bytes of a rank's shards of a grown model and its two AdamW moments while growth builds them
     (fp32, plain FSDP over all `world` ranks, teleflm.train.growth)."""
@@ -209,8 +201,7 @@ def plan(
         raise ValueError(f"{gpus} GPUs do not divide into dp_replicate x tp x pp = {rest}")
     layout = ParallelDims(dp_shard=gpus // rest, tp=p.tp, pp=p.pp, dp_replicate=p.dp_replicate)
     tokens = tokens or cfg.schedule.total_tokens
-    batch = cfg.batch.global_batch_tokens
-    micro_batches = micro_batches_per_step(batch, T, mbs, layout)
+    micro_batches = max(cfg.micro_batches_per_step(layout.dp), 1)
     memory = memory_per_device(c, layout, T, mbs, ac, mp, micro_batches)
 
     def peak_gib(checkpointing: bool) -> float:
@@ -236,7 +227,7 @@ def plan(
     fitting = []
     for candidate in candidate_layouts(c, gpus):
         for checkpointing in (False, True):
-            steps = micro_batches_per_step(batch, T, mbs, candidate)
+            steps = max(cfg.micro_batches_per_step(candidate.dp), 1)
             total = memory_per_device(c, candidate, T, mbs, checkpointing, mp, steps)["total"] / GIB
             if total <= 0.9 * memory_gib:
                 fitting.append((candidate.tp * candidate.pp, checkpointing, str(candidate), total))

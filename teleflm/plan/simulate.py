@@ -20,7 +20,7 @@ import torch.distributed as dist
 from teleflm.model.size import parameter_counts
 from teleflm.parallel.mesh import ParallelDims, build_mesh, local_region, model_fqn
 from teleflm.parallel.parallelize import build_module
-from teleflm.plan.estimate import GIB, growth_shards_per_device, micro_batches_per_step, stage_memory
+from teleflm.plan.estimate import GIB, growth_shards_per_device, stage_memory
 from teleflm.train.config import dp_shard_degree
 
 
@@ -75,17 +75,16 @@ def simulate_rank(cfg, world_size: int, rank: int) -> RankReport:
         weights = sum(shard_bytes(q) for q in module.parameters())
         moments = sum(8 * local_region(q)[0].numel() for q in module.parameters())
     pp_rank = coords.get("pp", 0)
-    context, micro_batch = cfg.data.context_length, cfg.batch.micro_batch_size
     planned = stage_memory(
         c,
         dims,
-        context,
-        micro_batch,
+        cfg.data.context_length,
+        cfg.batch.micro_batch_size,
         p.activation_checkpointing,
         p.mixed_precision,
         first=pp_rank == 0,
         last=pp_rank == dims.pp - 1,
-        micro_batches=micro_batches_per_step(cfg.batch.global_batch_tokens, context, micro_batch, dims),
+        micro_batches=cfg.micro_batches_per_step(dims.dp),
     )
     simulated = {"weights": weights, "gradients": weights, "optimizer": moments}
     return RankReport(rank, coords, simulated, planned)

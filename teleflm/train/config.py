@@ -228,6 +228,10 @@ class TrainConfig:
     def sequences_per_step(self) -> int:
         return self.batch.global_batch_tokens // self.data.context_length
 
+    def micro_batches_per_step(self, dp: int) -> int:
+        """Micro-batches each of `dp` data-parallel ranks runs per optimizer step."""
+        return self.sequences_per_step() // dp // self.batch.micro_batch_size
+
     def total_steps(self) -> int:
         return math.ceil(self.schedule.total_tokens / self.batch.global_batch_tokens)
 

@@ -118,7 +118,7 @@ class Trainer:
             stream_factory(self.dp_rank, self.dims.dp) if stream_factory is not None else self._build_stream()
         )
         self.sequences_per_rank = cfg.sequences_per_step() // self.dims.dp
-        self.micro_batches = self.sequences_per_rank // cfg.batch.micro_batch_size
+        self.micro_batches = cfg.micro_batches_per_step(self.dims.dp)
         # Pre-training learns every target; fine-tuning's masks and DPO's pairs set their own count.
         self.set_step_targets(cfg.batch.global_batch_tokens)
         self.schedule = self._build_pipeline_schedule() if self.dims.pp > 1 else None
