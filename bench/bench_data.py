@@ -2,7 +2,8 @@
 
 - `teleflm data prepare` in MB/s of raw text with 1 and 2 job workers (local processes, the cores
   shared among them), tokenizing only, against `tokenizers`' `encode_batch_fast` (every core) on
-  the same documents;
+  the same documents, timed back to back in each of `--repeats` rounds (the ratio is the median of
+  the rounds' ratios: the machine's load drifts between minutes);
 - the same with exact and near-duplicate removal (`[dedup]`): dedup throughput in documents/s (its
   scan and decision stages, wall clock), and near-dedup's false positives on this real text (removed
   documents whose true 5-gram Jaccard similarity to the document that removed them is under 0.5);
@@ -24,6 +25,7 @@ import io
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -218,7 +220,7 @@ def main() -> None:
     )
     parser.add_argument("--mb", type=float, default=8.0, help="megabytes of raw text to prepare")
     parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--repeats", type=int, default=2, help="best of this many timings")
+    parser.add_argument("--repeats", type=int, default=5, help="paired timings of the tokenizing runs")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument(
         "--memory-gb",
@@ -246,29 +248,34 @@ def main() -> None:
             f"{n_bytes / 1e6:.1f} MB of raw text, {len(docs):,} documents, vocabulary {args.vocab}, {cores} cores"
         )
 
-        encode_fast = best_of(args.repeats, lambda: encoder.encode_batch_fast(docs, add_special_tokens=False))
         runs = itertools.count()
         figures = {"raw_mb": n_bytes / 1e6, "documents": len(docs), "cores": cores}
-        figures["encode_batch_fast_mb_s"] = n_bytes / encode_fast / 1e6
 
         def pipeline(config: Path, jobs: int) -> tuple[float, Path]:
-            """Best wall-clock seconds of `repeats` prepares with `jobs` workers, and that run's shards."""
-            best = None
-            for _ in range(args.repeats):
-                out = folder / f"shards{next(runs)}"
-                started = time.perf_counter()
-                with contextlib.redirect_stdout(io.StringIO()):  # prepare's per-domain lines
-                    prepare(config, out=out, progress=False, jobs=jobs)
-                seconds = time.perf_counter() - started
-                if best is None or seconds < best[0]:
-                    best = (seconds, out)
-            return best
+            """Wall-clock seconds of one prepare with `jobs` workers, and its shards."""
+            out = folder / f"shards{next(runs)}"
+            started = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):  # prepare's per-domain lines
+                prepare(config, out=out, progress=False, jobs=jobs)
+            return time.perf_counter() - started, out
 
+        # Tokenizing: each repeat times the reference and then each prepare, back to back, so that
+        # each ratio compares runs under the same load; the figures are the medians over repeats.
+        encoder.encode_batch_fast(docs[:1000], add_special_tokens=False)  # its threads start
+        reference, ratios = [], {1: [], 2: []}
+        seconds = {1: [], 2: []}
+        for _ in range(args.repeats):
+            reference.append(best_of(1, lambda: encoder.encode_batch_fast(docs, add_special_tokens=False)))
+            for jobs in (1, 2):
+                seconds[jobs].append(pipeline(plain, jobs)[0])
+                ratios[jobs].append(reference[-1] / seconds[jobs][-1])
+        figures["encode_batch_fast_mb_s"] = n_bytes / statistics.median(reference) / 1e6
         for jobs in (1, 2):
-            seconds, _ = pipeline(plain, jobs)
-            figures[f"prepare_{jobs}_workers_mb_s"] = n_bytes / seconds / 1e6
+            figures[f"prepare_{jobs}_workers_mb_s"] = n_bytes / statistics.median(seconds[jobs]) / 1e6
+            figures[f"prepare_{jobs}_workers_ratio"] = statistics.median(ratios[jobs])
+            figures[f"prepare_{jobs}_workers_ratios"] = [round(r, 3) for r in ratios[jobs]]
         for jobs in (1, 2):
-            seconds, out = pipeline(with_dedup, jobs)
+            seconds, out = min(pipeline(with_dedup, jobs) for _ in range(2))
             job = out / JOB
             scan, decide = stage_progress(job, "scan"), stage_progress(job, "dedup")
             manifest = json.loads((out / "manifest.json").read_text())
@@ -298,13 +305,19 @@ def main() -> None:
     figures["loader_share_of_step"] = loader / step
 
     fast = figures["encode_batch_fast_mb_s"]
-    print(f"tokenizers encode_batch_fast ({cores} cores)       {fast:7.2f} MB/s")
+    print(f"tokenizers encode_batch_fast ({cores} cores)       {fast:7.2f} MB/s (median of {args.repeats})")
     for jobs in (1, 2):
-        for label, key in (("tokenize", "prepare"), ("dedup + tokenize", "dedup_prepare")):
-            rate = figures[f"{key}_{jobs}_workers_mb_s"]
-            print(
-                f"data prepare, {jobs} worker(s), {label:16} {rate:7.2f} MB/s = {rate / fast:.2f}x encode_batch_fast"
-            )
+        rate, ratios = figures[f"prepare_{jobs}_workers_mb_s"], figures[f"prepare_{jobs}_workers_ratios"]
+        print(
+            f"data prepare, {jobs} worker(s), tokenize         {rate:7.2f} MB/s = "
+            f"{figures[f'prepare_{jobs}_workers_ratio']:.2f}x encode_batch_fast (median of paired ratios "
+            f"{', '.join(f'{r:.2f}' for r in ratios)})"
+        )
+    for jobs in (1, 2):
+        rate = figures[f"dedup_prepare_{jobs}_workers_mb_s"]
+        print(
+            f"data prepare, {jobs} worker(s), dedup + tokenize {rate:7.2f} MB/s = {rate / fast:.2f}x encode_batch_fast"
+        )
     print(
         f"dedup (exact + near: scan and decision)  {figures['dedup_1_workers_docs_s']:,.0f} documents/s with 1 worker, "
         f"{figures['dedup_2_workers_docs_s']:,.0f} with 2; removed {figures['dedup_removed']}"

@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
     prep.add_argument("--decontaminate-action", choices=["remove", "report"], default="remove")
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.add_argument(
-        "--workers", type=int, default=0, help="encoding processes per job worker (default: its cores)"
+        "--workers", type=int, default=0, help="encoding threads per job worker (default: its cores)"
     )
     prep.add_argument("--jobs", type=int, default=1, help="job workers: local processes or Slurm array tasks")
     prep.add_argument("--engine", choices=["local", "slurm"], default="local")
@@ -60,7 +60,7 @@ def add_parser(sub) -> None:
     worker.add_argument("--job", type=Path, required=True, help="the job folder: SHARDS/.job")
     worker.add_argument("--stage", required=True, choices=["scan", "dedup", "encode", "merge"])
     worker.add_argument("--worker", type=int, required=True, help="0 .. jobs - 1 (ignored by merge)")
-    worker.add_argument("--workers", type=int, default=0, help="encoding processes (default: one per core)")
+    worker.add_argument("--workers", type=int, default=0, help="encoding threads (default: one per core)")
     worker.set_defaults(func=run_job_worker)
 
     progress = actions.add_parser("progress", help="a prepare job's progress over all its workers")

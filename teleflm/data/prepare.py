@@ -10,7 +10,7 @@ A job is planned, run in stages, and merged:
   every kept document's exact and near-duplicate keys, sorted (teleflm.data.dedup).
 - **dedup**: each worker decides its key ranges over every part's keys: one global decision.
 - **encode**: each worker reads its parts again, drops filtered, duplicate and contaminated documents,
-  tokenizes (ChunkEncoder: every core of its machine) and writes its parts' shard files.
+  tokenizes (ChunkEncoder: a thread per core of its machine) and writes its parts' shard files.
 - **merge** (one process, reads only the small per-part records): the manifest.
 Each task writes its output, then a record of it (with a fingerprint of everything it depends on),
 atomically; a rerun skips every task whose record matches, so a failed worker is rerun alone and
@@ -25,7 +25,6 @@ import glob
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
 import shlex
 import shutil
@@ -35,7 +34,7 @@ import time
 import uuid
 import warnings
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -64,6 +63,7 @@ from teleflm.data.tokenizer import EOS_ID, raw_tokenizer, tokenizer_hash
 
 CHUNK_CHARS = 1 << 20  # characters per chunk of work: many per part, so that every core has some
 JOB = ".job"  # the job's records, in the shards folder
+PARALLELISM = "TOKENIZERS_PARALLELISM"  # the tokenizers library's switch for its own threads
 PLAN = "plan.json"
 REPORT = "dedup_examples.json"
 SNIPPET_CHARS = 600  # of each document shown in the dedup report
@@ -385,7 +385,7 @@ class Progress:
 
 def run_worker(job: str | Path, stage: str, worker: int, workers: int = 0, progress: bool = False) -> None:
     """Run worker `worker`'s tasks of one stage (what one Slurm array task or local process does):
-    each task whose record matches is skipped. `workers`: encoding processes (0: one per core)."""
+    each task whose record matches is skipped. `workers`: encoding threads (0: one per core)."""
     job = Path(job)
     plan = read_plan(job)
     if stage not in plan["stages"]:
@@ -416,10 +416,8 @@ def run_worker(job: str | Path, stage: str, worker: int, workers: int = 0, progr
             else []
         )
         encoder = raw_tokenizer(plan["tokenizer"])
-        with ChunkEncoder(encoder, Path(plan["tokenizer"]), workers) as encode:
-            for d, p in tasks:
-                _encode_part(job, plan, d, p, encode, test_set, examples, worker, meter)
-                meter.task_done()
+        with ChunkEncoder(encoder, workers) as encode:
+            _encode_parts(job, plan, tasks, encode, test_set, examples, worker, meter)
     meter.close()
 
 
@@ -628,65 +626,102 @@ class PartDocuments:
         return False
 
 
-def _encode_part(job, plan, d, p, encode, test_set, examples, worker, meter) -> None:
+class EncodedPart:
     """One part of one domain's shards: its documents less the filtered, duplicate and contaminated
-    ones, tokenized, each drawn into train or val."""
-    name = plan["domains"][d]["name"]
-    size = plan["sizes"]["encode"][plan["tasks"]["encode"].index([d, p])]
-    lo, hi = dedup.part_range(d, p)
-    wanted = [[r, k, t] for r, k, t in examples if lo <= r < hi or lo <= k < hi]
-    stats = ReadStats()
-    part = PartDocuments(job, plan, d, p, wanted, meter, stats)
-    key = _encode_fingerprint(plan, d, p, part.removal_key(), wanted)
-    if _done(job, "encode", [d, p], key):
-        meter.add(0, size)
-        return
-    started = time.time()
-    _record(job, "encode", [d, p]).unlink(missing_ok=True)
-    out = Path(plan["out"])
-    tmp = out / name / f".part-{p:05d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    writers = {split: SplitWriter(tmp, split, p, encode.dtype) for split in SPLITS}
-    contaminated = 0
-    action = plan["decontamination"]["action"] if plan["decontamination"] else None
-    for tokens, lengths, n_bytes in encode.chunks(part.chunks()):
-        heldout = part.flags.popleft()
+    ones, tokenized, each drawn into train or val. `documents` hands its chunks to the encoder; each
+    encoded chunk comes back, in order, to `add`; `finish` puts the files in place and records the part.
+    `done`: its record matches, nothing to do."""
+
+    def __init__(
+        self, job: Path, plan: dict, d: int, p: int, dtype: np.dtype, test_set, examples, worker, meter
+    ):
+        self.job, self.plan, self.d, self.p, self.dtype = job, plan, d, p, dtype
+        self.test_set, self.worker, self.meter = test_set, worker, meter
+        self.name = plan["domains"][d]["name"]
+        self.size = plan["sizes"]["encode"][plan["tasks"]["encode"].index([d, p])]
+        lo, hi = dedup.part_range(d, p)
+        wanted = [[r, k, t] for r, k, t in examples if lo <= r < hi or lo <= k < hi]
+        self.stats = ReadStats()
+        self.documents = PartDocuments(job, plan, d, p, wanted, meter, self.stats)
+        self.key = _encode_fingerprint(plan, d, p, self.documents.removal_key(), wanted)
+        self.done = _done(job, "encode", [d, p], self.key) is not None
+        self.action = plan["decontamination"]["action"] if plan["decontamination"] else None
+        self.contaminated = 0
+
+    def start(self) -> None:
+        self.started = time.time()
+        _record(self.job, "encode", [self.d, self.p]).unlink(missing_ok=True)
+        self.tmp = Path(self.plan["out"]) / self.name / f".part-{self.p:05d}.tmp"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.writers = {split: SplitWriter(self.tmp, split, self.p, self.dtype) for split in SPLITS}
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, n_bytes: np.ndarray) -> None:
+        heldout = self.documents.flags.popleft()
         keep = np.ones(len(lengths), dtype=bool)
-        if test_set is not None:
-            dirty = test_set.contaminated(tokens, np.concatenate([[0], np.cumsum(lengths)]))
-            contaminated += int(dirty.sum())
-            if action == "remove":
+        if self.test_set is not None:
+            dirty = self.test_set.contaminated(tokens, np.concatenate([[0], np.cumsum(lengths)]))
+            self.contaminated += int(dirty.sum())
+            if self.action == "remove":
                 keep &= ~dirty
         for split, chosen in (("train", keep & ~heldout), ("val", keep & heldout)):
             if chosen.all():  # the usual case for train: the arrays as they came, no copies
-                writers[split].add(tokens, lengths, n_bytes)
+                self.writers[split].add(tokens, lengths, n_bytes)
             else:
-                writers[split].add(tokens[np.repeat(chosen, lengths)], lengths[chosen], n_bytes[chosen])
-    counts = part.counts
-    meter.add(counts["documents"] % 1024, size)
-    splits = {split: w.close() for split, w in writers.items()}
-    for split in SPLITS:  # into place, file by file; the record below is what says the part is done
-        for kind in KINDS:
-            os.replace(part_file(tmp, split, p, kind), part_file(out / name, split, p, kind))
-    tmp.rmdir()
-    record = {
-        "fingerprint": key,
-        "worker": worker,
-        "run": plan["run"],
-        "documents": counts["documents"],
-        "bytes": counts["bytes"],
-        "seconds": round(time.time() - started, 3),
-        "splits": splits,
-        "filtered": _count(counts["filtered"]),
-        "deduplicated": {"exact": counts["exact"], "near": counts["near"]},
-        "contaminated_documents": contaminated,
-        "removed_documents": contaminated if action == "remove" else 0,
-        "invalid_utf8": stats.invalid_utf8,
-        "documents_per_file": stats.documents,
-        "snippets": part.snippets,
-    }
-    _write_json_atomic(_record(job, "encode", [d, p]), record)
+                self.writers[split].add(tokens[np.repeat(chosen, lengths)], lengths[chosen], n_bytes[chosen])
+
+    def finish(self) -> None:
+        counts, out = self.documents.counts, Path(self.plan["out"]) / self.name
+        self.meter.add(counts["documents"] % 1024, self.size)
+        splits = {split: w.close() for split, w in self.writers.items()}
+        for split in SPLITS:  # into place, file by file; the record below is what says the part is done
+            for kind in KINDS:
+                os.replace(part_file(self.tmp, split, self.p, kind), part_file(out, split, self.p, kind))
+        self.tmp.rmdir()
+        record = {
+            "fingerprint": self.key,
+            "worker": self.worker,
+            "run": self.plan["run"],
+            "documents": counts["documents"],
+            "bytes": counts["bytes"],
+            "seconds": round(time.time() - self.started, 3),
+            "splits": splits,
+            "filtered": _count(counts["filtered"]),
+            "deduplicated": {"exact": counts["exact"], "near": counts["near"]},
+            "contaminated_documents": self.contaminated,
+            "removed_documents": self.contaminated if self.action == "remove" else 0,
+            "invalid_utf8": self.stats.invalid_utf8,
+            "documents_per_file": self.stats.documents,
+            "snippets": self.documents.snippets,
+        }
+        _write_json_atomic(_record(self.job, "encode", [self.d, self.p]), record)
+        self.meter.task_done()
+
+
+def _encode_parts(
+    job: Path, plan: dict, tasks: list, encode: "ChunkEncoder", test_set, examples, worker, meter
+) -> None:
+    """A worker's parts, encoded as one stream of chunks: the encoders go on to the next part's
+    documents while this one's last chunks are written. Parts are opened one at a time, as the stream
+    reaches them."""
+
+    def chunks():
+        for d, p in tasks:
+            part = EncodedPart(job, plan, d, p, encode.dtype, test_set, examples, worker, meter)
+            if part.done:
+                meter.add(0, part.size)
+                meter.task_done()
+                continue
+            part.start()
+            for chunk in part.documents.chunks():
+                yield part, chunk
+            yield part, None  # the part's end, in order with its chunks
+
+    for part, encoded in encode.encoded(chunks()):
+        if encoded is None:
+            part.finish()
+        else:
+            part.add(*encoded)
 
 
 def _domain_entry(domain: dict, records: list[dict]) -> dict:
@@ -892,7 +927,7 @@ def prepare(
     machine; returns the manifest. `decontaminate`: test-set files or globs, `test_items`: test texts
     by source (lm-eval tasks: teleflm.eval.harness.task_items), whose n-grams (`ngram` tokens) mark
     training documents to "remove" or "report" (`decontaminate_action`). `jobs`: workers
-    run as separate processes (1: all here); `workers`: encoding processes per job (0: the cores,
+    run as separate processes (1: all here); `workers`: encoding threads per job (0: the cores,
     shared among the jobs)."""
     job = plan_job(
         config_path,
@@ -935,7 +970,7 @@ def worker_command(job: Path, stage: str, worker: str, workers: int) -> list[str
 
 def run_local(job: str | Path, workers: int = 0, progress: bool = True) -> None:
     """Every stage of the job on this machine: with one job worker, here; with N, N processes at
-    once (each with `workers` encoding processes, default the cores shared among them), stage after
+    once (each with `workers` encoding threads, default the cores shared among them), stage after
     stage. A failed worker stops the job after the others finish their tasks; the error says how to
     rerun it alone."""
     job = Path(job)
@@ -1019,60 +1054,50 @@ def encode_documents(encoder, docs: list[str], dtype: np.dtype) -> tuple[np.ndar
     return tokens, lengths, n_bytes
 
 
-_worker_encoder = None  # a worker process's tokenizer
-
-
-def _start_worker(tokenizer_dir: str) -> None:
-    global _worker_encoder
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-    _worker_encoder = raw_tokenizer(tokenizer_dir)
-
-
-def _encode_in_worker(docs: list[str], dtype: np.dtype):
-    return encode_documents(_worker_encoder, docs, dtype)
-
-
 class ChunkEncoder:
-    """Encodes chunks of documents, in order: a lone chunk (or every chunk, with one worker) here,
-    longer runs on a pool of worker processes (started at the first run that needs it, shared by the
-    parts of one job worker)."""
+    """Encodes a stream of chunks of documents, in order, on `workers` threads (default: one per core),
+    each running the tokenizer on one core. `tokenizers` releases the GIL while it encodes, so the
+    threads run beside each other and beside the reading of the next chunks, with nothing copied
+    between processes and nothing to start (a pool of processes took 0.3 s to start here). The
+    library's own threads are switched off while it runs: each of its calls waits for its slowest
+    document."""
 
-    def __init__(self, encoder, tokenizer_dir: Path, workers: int = 0):
-        self.encoder, self.tokenizer_dir = encoder, tokenizer_dir
+    def __init__(self, encoder, workers: int = 0):
+        self.encoder = encoder
         self.dtype = token_dtype(encoder.get_vocab_size())
         self.workers = workers or _cores()
-        self.pool = None
 
     def __enter__(self) -> "ChunkEncoder":
+        self.parallelism = os.environ.get(PARALLELISM)
+        # Read at each call: one core per call; the threads are the parallelism.
+        os.environ[PARALLELISM] = "false"
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="encode")
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
+        self.pool.shutdown(cancel_futures=True)
+        if self.parallelism is None:
+            os.environ.pop(PARALLELISM, None)
+        else:
+            os.environ[PARALLELISM] = self.parallelism
 
-    def chunks(self, chunks):
-        """(tokens, lengths, n_bytes) of each chunk of `chunks`, in order."""
-        chunks = iter(chunks)
-        first, second = next(chunks, None), next(chunks, None)
-        if second is None or self.workers == 1:
-            for chunk in itertools.chain([first, second], chunks):
-                if chunk is not None:
-                    yield encode_documents(self.encoder, chunk, self.dtype)
-            return
-        if self.pool is None:
-            self.pool = ProcessPoolExecutor(
-                self.workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_worker,
-                initargs=(str(self.tokenizer_dir),),
-            )
+    def encoded(self, items):
+        """(key, (tokens, lengths, n_bytes)) for each (key, chunk of documents) of `items`, in order;
+        a None chunk passes through as None (a marker that stays in order)."""
         pending = deque()
-        for chunk in itertools.chain([first, second], chunks):
-            pending.append(self.pool.submit(_encode_in_worker, chunk, self.dtype))
+        for key, chunk in items:
+            work = (
+                None if chunk is None else self.pool.submit(encode_documents, self.encoder, chunk, self.dtype)
+            )
+            pending.append((key, work))
             if len(pending) >= 2 * self.workers:  # bounded memory: wait for the oldest
-                yield pending.popleft().result()
+                yield _resolved(*pending.popleft())
         while pending:
-            yield pending.popleft().result()
+            yield _resolved(*pending.popleft())
+
+
+def _resolved(key, encoding):
+    return key, None if encoding is None else encoding.result()
 
 
 def _cores() -> int:

@@ -4,6 +4,7 @@ skip finished work, interruptions that never read as complete, bounded chunks, c
 import gzip
 import json
 import lzma
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -84,27 +85,35 @@ def test_heldout_split_is_by_document_and_fixed(tmp_path, tokenizer_dir, monkeyp
 
 def test_chunks_stay_bounded(tmp_path, tokenizer_dir, monkeypatch):
     """Streaming: work goes to the encoders one chunk (plus one document) at a time, at most two
-    chunks per worker process in flight."""
+    chunks per encoding thread in flight; the tokenizers library's own threads are off meanwhile, and
+    its setting is given back."""
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
     docs = [f"line {i} " * 30 for i in range(300)]
     monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 2_000)
     seen, in_flight = [], []
-    encode = prepare_module.ChunkEncoder.chunks
+    encode = prepare_module.ChunkEncoder.encoded
 
-    def spying_encode(self, chunks):
+    def spying_encode(self, items):
         def read():
-            for chunk in chunks:
-                seen.append(sum(map(len, chunk)))
-                yield chunk
+            for key, chunk in items:
+                if chunk is not None:
+                    seen.append(sum(map(len, chunk)))
+                yield key, chunk
 
-        for n, result in enumerate(encode(self, read()), start=1):
-            in_flight.append(len(seen) - n)  # chunks read but not yet written
-            yield result
+        written = 0
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+        for key, result in encode(self, read()):
+            if result is not None:
+                written += 1
+                in_flight.append(len(seen) - written)  # chunks read but not yet written
+            yield key, result
 
-    monkeypatch.setattr(prepare_module.ChunkEncoder, "chunks", spying_encode)
+    monkeypatch.setattr(prepare_module.ChunkEncoder, "encoded", spying_encode)
     toml = data_toml(tmp_path, tokenizer_dir, {"d": (docs, 1.0, 1.0)})
     manifest = prepare(toml, progress=False, workers=2)
     assert max(seen) < 2_000 + max(map(len, docs)) and sum(seen) == sum(map(len, docs))
     assert len(seen) > 10 and max(in_flight) <= 2 * 2
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
     d = manifest["domains"]["d"]["splits"]
     assert d["train"]["documents"] + d["val"]["documents"] == len(docs)
 
