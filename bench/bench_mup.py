@@ -8,7 +8,9 @@ learning rate of a 2x grid at each width (muP vs standard parametrization) and a
 Every run has the same held-out windows, tokens per step and other hyper-parameters (matrix_lr = lr,
 min_lr = lr / 10); a seed sets the init and the order of the training windows. The proxy is width
 64, 2 layers: over width the depth stays 2, over depth the width stays 64. The score is the held-out
-loss. Finished runs are kept in the JSON file, so a second call only runs what is missing.
+loss. Per seed and for the seeds' mean, the summary gives the grid's best lr at each size and its
+shift in grid steps, and a sub-grid optimum (`optimum_lr`) with its shift. Finished runs are kept in
+the JSON file, so a second call only runs what is missing.
 """
 
 import argparse
@@ -71,16 +73,44 @@ def best_index(losses: list[float]) -> int:
     return int(np.argmin([x if math.isfinite(x) else np.inf for x in losses]))
 
 
+def optimum_lr(lrs: list[float], losses: list[float]) -> float:
+    """The lr at the vertex of the parabola in log(lr) through the grid's best point and its two
+    neighbours (the best point itself at an end of the grid or beside a diverged run): between grid
+    points, so that noise in a flat basin moves it by a fraction of a step, not a whole one."""
+    i = best_index(losses)
+    if i == 0 or i == len(lrs) - 1 or not all(math.isfinite(losses[j]) for j in (i - 1, i + 1)):
+        return lrs[i]
+    x = np.log([lrs[i - 1], lrs[i], lrs[i + 1]])
+    a, b, _ = np.polyfit(x, [losses[i - 1], losses[i], losses[i + 1]], 2)
+    return float(np.exp(-b / (2 * a)))
+
+
 def summarize(runs: dict, axis: str, values: list[int], seeds: list[int], lrs: list[float]) -> dict:
-    """Per parametrization and seed: the best lr's grid index at each value, and its shift from the
-    first value to the last."""
+    """Per parametrization: for each seed and for the mean over seeds, the best lr's grid index at
+    each value and its shift from the first value to the last (+: a lower lr), the sub-grid optimum
+    (`optimum_lr`) and its shift in grid steps; for the mean, its best loss at each value."""
+    step = float(np.mean(np.abs(np.diff(np.log(lrs)))))
+
+    def curve_summary(curves: list[list[float]]) -> dict:
+        best = [best_index(c) for c in curves]
+        optimum = [optimum_lr(lrs, c) for c in curves]
+        return {
+            "best": best,
+            "shift": best[-1] - best[0],
+            "optimum": optimum,
+            "optimum_shift": math.log(optimum[0] / optimum[-1]) / step,
+        }
+
     out = {}
     for p in PARAMETRIZATIONS[axis]:
-        per_seed = {}
-        for seed in seeds:
-            best = [best_index([runs[f"{axis}/{p}/{v}/{seed}/{lr:g}"] for lr in lrs]) for v in values]
-            per_seed[seed] = {"best": best, "shift": best[-1] - best[0]}
-        out[p] = per_seed
+        losses = np.array(
+            [[[runs[f"{axis}/{p}/{v}/{s}/{lr:g}"] for lr in lrs] for v in values] for s in seeds]
+        )
+        mean = np.where(np.isfinite(losses), losses, np.inf).mean(axis=0)
+        out[p] = {
+            "seeds": {seed: curve_summary(losses[k].tolist()) for k, seed in enumerate(seeds)},
+            "mean": curve_summary(mean.tolist()) | {"best_loss": mean.min(axis=1).tolist()},
+        }
     return out
 
 
@@ -130,7 +160,7 @@ def main() -> None:
     parser.add_argument("--plots", type=Path, default=Path("runs/bench"), help="mup_<axis>.png go here")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    lrs = [float(x) for x in args.lrs.split(",")]
+    lrs = sorted((float(x) for x in args.lrs.split(",")), reverse=True)  # grid index up: lr down
     seeds = [int(s) for s in args.seeds.split(",")]
     values = {
         "width": [int(v) for v in args.widths.split(",")],
@@ -172,13 +202,25 @@ def main() -> None:
                                 args.json.write_text(json.dumps(state, indent=0))
             summary[axis] = summarize(runs, axis, values[axis], seeds, lrs)
             plot(runs, axis, values[axis], seeds, lrs, args.plots / f"mup_{axis}.png")
-            print(f"\nover {axis} {values[axis]}: best lr's grid index per {axis}, and its shift, per seed")
-            for p, per_seed in summary[axis].items():
-                for seed, s in per_seed.items():
+            print(
+                f"\nover {axis} {values[axis]}: the best lr of the grid per {axis} and its shift in grid steps "
+                "(+: lower), then the sub-grid optimum and its shift"
+            )
+            for p, found in summary[axis].items():
+                for seed, s in [*found["seeds"].items(), ("mean", found["mean"])]:
                     best = " ".join(f"{lrs[i]:.3g}" for i in s["best"])
-                    print(f"  {p:>9} seed {seed}: best lr {best}   shift {s['shift']:+d}")
-                shifts = [abs(s["shift"]) for s in per_seed.values()]
-                print(f"  {p:>9}: |shift| per seed {shifts}, max {max(shifts)}")
+                    optimum = " ".join(f"{x:.3g}" for x in s["optimum"])
+                    print(
+                        f"  {p:>9} seed {seed:>4}: grid {best}  shift {s['shift']:+d}; "
+                        f"optimum {optimum}  shift {s['optimum_shift']:+.2f}"
+                    )
+                shifts = [abs(s["shift"]) for s in found["seeds"].values()]
+                optimum_shifts = [f"{abs(s['optimum_shift']):.2f}" for s in found["seeds"].values()]
+                best_loss = " ".join(f"{x:.4f}" for x in found["mean"]["best_loss"])
+                print(
+                    f"  {p:>9}: |shift| per seed {shifts} (sub-grid {optimum_shifts}); "
+                    f"best mean loss per {axis} {best_loss}"
+                )
             print(f"plot: {args.plots / f'mup_{axis}.png'}")
     if args.json:
         state = {"runs": runs, "summary": summary, "lrs": lrs, "steps": args.steps}
