@@ -11,7 +11,7 @@ RECIPE = files("teleflm.cli") / "recipe.toml"
 def add_parser(sub) -> None:
     p = sub.add_parser("recipe", help="proxy search -> transfer -> ladder -> forecast -> target, checked")
     p.add_argument(
-        "--config", default=str(RECIPE), help="recipe TOML (default: the shipped one, ~20 min on 2 cores)"
+        "--config", default=str(RECIPE), help="recipe TOML (default: the shipped one, ~10 min on 2 cores)"
     )
     p.add_argument("--out", type=Path, help="output folder (default: the recipe's `out`)")
     p.set_defaults(func=run)
