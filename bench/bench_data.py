@@ -263,19 +263,19 @@ def main() -> None:
         # each ratio compares runs under the same load; the figures are the medians over repeats.
         encoder.encode_batch_fast(docs[:1000], add_special_tokens=False)  # its threads start
         reference, ratios = [], {1: [], 2: []}
-        seconds = {1: [], 2: []}
+        prepare_seconds = {1: [], 2: []}
         for _ in range(args.repeats):
             reference.append(best_of(1, lambda: encoder.encode_batch_fast(docs, add_special_tokens=False)))
             for jobs in (1, 2):
-                seconds[jobs].append(pipeline(plain, jobs)[0])
-                ratios[jobs].append(reference[-1] / seconds[jobs][-1])
+                prepare_seconds[jobs].append(pipeline(plain, jobs)[0])
+                ratios[jobs].append(reference[-1] / prepare_seconds[jobs][-1])
         figures["encode_batch_fast_mb_s"] = n_bytes / statistics.median(reference) / 1e6
         for jobs in (1, 2):
-            figures[f"prepare_{jobs}_workers_mb_s"] = n_bytes / statistics.median(seconds[jobs]) / 1e6
+            figures[f"prepare_{jobs}_workers_mb_s"] = n_bytes / statistics.median(prepare_seconds[jobs]) / 1e6
             figures[f"prepare_{jobs}_workers_ratio"] = statistics.median(ratios[jobs])
             figures[f"prepare_{jobs}_workers_ratios"] = [round(r, 3) for r in ratios[jobs]]
         for jobs in (1, 2):
-            seconds, out = min(pipeline(with_dedup, jobs) for _ in range(2))
+            seconds, out = min(pipeline(with_dedup, jobs) for _ in range(min(2, args.repeats)))
             job = out / JOB
             scan, decide = stage_progress(job, "scan"), stage_progress(job, "dedup")
             manifest = json.loads((out / "manifest.json").read_text())
