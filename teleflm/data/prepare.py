@@ -61,7 +61,11 @@ from teleflm.data.shards import (
 from teleflm.data.sources import DOC_SPLITS, ReadStats, read_documents, splits_by_range
 from teleflm.data.tokenizer import EOS_ID, raw_tokenizer, tokenizer_hash
 
-CHUNK_CHARS = 1 << 20  # characters per chunk of work: many per part, so that every core has some
+# Characters per chunk of work. Small: measured here (bench/bench_data.py), 2 threads over 1 MiB
+# chunks ran at 0.8x one encode_batch_fast call over all documents and over 16 KiB chunks at 1.35x (a
+# chunk's encodings stay in cache, and a part's last chunk leaves a core idle for less); 4 KiB chunks
+# cost more in prepare's own per-chunk work than they gained.
+CHUNK_CHARS = 1 << 14
 JOB = ".job"  # the job's records, in the shards folder
 PARALLELISM = "TOKENIZERS_PARALLELISM"  # the tokenizers library's switch for its own threads
 PLAN = "plan.json"
@@ -544,9 +548,9 @@ def _encode_fingerprint(plan: dict, d: int, p: int, removed: np.ndarray, wanted:
 
 class PartDocuments:
     """The documents of one part that reach the tokenizer, in chunks of about CHUNK_CHARS: those the
-    quality filters, dedup and decontamination keep, each drawn into train or val (`flags` holds each
-    chunk's held-out flags, in the order the chunks were handed out), with the counts of what was
-    read and dropped and the dedup report's snippets."""
+    quality filters, dedup and decontamination keep, each drawn into train or val (`handed_out` holds each
+    chunk's (held-out flags, UTF-8 bytes per document), in the order the chunks were handed out), with
+    the counts of what was read and dropped and the dedup report's snippets."""
 
     def __init__(self, job: Path, plan: dict, d: int, p: int, wanted: list, meter, stats: ReadStats):
         domain = plan["domains"][d]
@@ -565,7 +569,7 @@ class PartDocuments:
         self.snippet_positions = {pos for row in wanted for pos in row[:2] if self.lo <= pos < hi}
         self.snippets: dict[str, dict] = {}
         self.counts = {"documents": 0, "bytes": 0, "filtered": [], "exact": 0, "near": 0}
-        self.flags: deque = deque()
+        self.handed_out: deque = deque()
 
     def removal_key(self) -> np.ndarray:
         return np.stack([self.removed, self.removed_kind.astype(np.int64)])
@@ -578,14 +582,15 @@ class PartDocuments:
         rng = np.random.default_rng(
             [plan["seed"], int(hashlib.sha256(self.name.encode()).hexdigest()[:8], 16), self.p]
         )
-        chunk, held, chars = [], [], 0
+        chunk, held, sizes, chars = [], [], [], 0
         draws = np.empty(0)
         self.drop_at = self.removed_at = 0
         for i, (doc, path) in enumerate(_part_documents(plan, self.d, self.p, self.stats)):
             if i % 4096 == 0:  # draws in blocks: the same sequence as one at a time
                 draws = rng.random(4096)
             counts["documents"] += 1
-            counts["bytes"] += len(doc.encode())
+            size = len(doc.encode())
+            counts["bytes"] += size
             if counts["documents"] % 1024 == 0:
                 self.meter.add(1024, 0)
             pos = int(self.lo) + i
@@ -595,13 +600,14 @@ class PartDocuments:
                 continue
             chunk.append(doc)
             held.append(draws[i % 4096] < plan["heldout_fraction"])
+            sizes.append(size)
             chars += len(doc)
             if chars >= CHUNK_CHARS:
-                self.flags.append(np.array(held, dtype=bool))
+                self.handed_out.append((np.array(held, dtype=bool), np.array(sizes, dtype=np.int64)))
                 yield chunk
-                chunk, held, chars = [], [], 0
+                chunk, held, sizes, chars = [], [], [], 0
         if chunk:
-            self.flags.append(np.array(held, dtype=bool))
+            self.handed_out.append((np.array(held, dtype=bool), np.array(sizes, dtype=np.int64)))
             yield chunk
 
     def dropped_here(self, i: int, doc: str) -> bool:
@@ -656,8 +662,8 @@ class EncodedPart:
         self.tmp.mkdir(parents=True)
         self.writers = {split: SplitWriter(self.tmp, split, self.p, self.dtype) for split in SPLITS}
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray, n_bytes: np.ndarray) -> None:
-        heldout = self.documents.flags.popleft()
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        heldout, n_bytes = self.documents.handed_out.popleft()
         keep = np.ones(len(lengths), dtype=bool)
         if self.test_set is not None:
             dirty = self.test_set.contaminated(tokens, np.concatenate([[0], np.cumsum(lengths)]))
@@ -1045,13 +1051,12 @@ def stage_progress(job: Path, stage: str) -> dict:
     }
 
 
-def encode_documents(encoder, docs: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(token ids end to end in `dtype`, token count per document, UTF-8 bytes per document)."""
+def encode_documents(encoder, docs: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids end to end in `dtype`, token count per document)."""
     ids = [e.ids for e in encoder.encode_batch_fast(docs, add_special_tokens=False)]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
-    n_bytes = np.fromiter((len(text.encode()) for text in docs), dtype=np.int64, count=len(docs))
-    return tokens, lengths, n_bytes
+    return tokens, lengths
 
 
 class ChunkEncoder:
@@ -1082,7 +1087,7 @@ class ChunkEncoder:
             os.environ[PARALLELISM] = self.parallelism
 
     def encoded(self, items):
-        """(key, (tokens, lengths, n_bytes)) for each (key, chunk of documents) of `items`, in order;
+        """(key, (tokens, lengths)) for each (key, chunk of documents) of `items`, in order;
         a None chunk passes through as None (a marker that stays in order)."""
         pending = deque()
         for key, chunk in items:
