@@ -277,7 +277,9 @@ def main() -> None:
         prepare_seconds = {1: [], 2: []}
         for _ in range(args.repeats):
             for size in REFERENCE_BATCHES:
-                batch_seconds[size].append(best_of(1, lambda: encode_in_batches(encoder, docs, size)))
+                batch_seconds[size].append(
+                    best_of(1, lambda size=size: encode_in_batches(encoder, docs, size))
+                )
             reference = min(times[-1] for times in batch_seconds.values())
             for jobs in (1, 2):
                 prepare_seconds[jobs].append(pipeline(plain, jobs)[0])
@@ -327,7 +329,9 @@ def main() -> None:
     for size in REFERENCE_BATCHES:
         rate = figures[f"encode_batch_fast_{size or 'all'}_mb_s"]
         batch = f"batches of {size}" if size else "one call"
-        print(f"tokenizers encode_batch_fast ({cores} cores), {batch:15s} {rate:7.2f} MB/s (median of {args.repeats})")
+        print(
+            f"tokenizers encode_batch_fast ({cores} cores), {batch:15s} {rate:7.2f} MB/s (median of {args.repeats})"
+        )
     for jobs in (1, 2):
         rate, ratios = figures[f"prepare_{jobs}_workers_mb_s"], figures[f"prepare_{jobs}_workers_ratios"]
         print(
