@@ -61,10 +61,10 @@ from teleflm.data.shards import (
 from teleflm.data.sources import DOC_SPLITS, ReadStats, read_documents, splits_by_range
 from teleflm.data.tokenizer import EOS_ID, raw_tokenizer, tokenizer_hash
 
-# Characters per chunk of work. Small: measured here (bench/bench_data.py), 2 threads over 1 MiB
-# chunks ran at 0.8x one encode_batch_fast call over all documents and over 16 KiB chunks at 1.35x (a
-# chunk's encodings stay in cache, and a part's last chunk leaves a core idle for less); 4 KiB chunks
-# cost more in prepare's own per-chunk work than they gained.
+# Characters per chunk of work. Small: on 2 cores, two encoding threads over 1 MiB chunks ran at 0.8x
+# one encode_batch_fast call over all the documents, and over 16 KiB chunks at 1.35x (a chunk's
+# encodings stay in cache, and a part's last chunk leaves a core idle for less); in prepare, 4 KiB
+# chunks cost more in its own per-chunk work than they gained (docs/data.md, Speed).
 CHUNK_CHARS = 1 << 14
 JOB = ".job"  # the job's records, in the shards folder
 PARALLELISM = "TOKENIZERS_PARALLELISM"  # the tokenizers library's switch for its own threads
