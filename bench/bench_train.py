@@ -99,8 +99,9 @@ def ours(size: str, dtype: str, compile: bool) -> float:
     return statistics.median(rates[len(rates) // 2 :])
 
 
-def reference(size: str, dtype: str, compile: bool) -> float:
-    """Median tokens/s of LlamaForCausalLM + torch.optim.AdamW + clip, the loop a user would write."""
+def reference(size: str, dtype: str, compile: bool, fused: bool = False) -> float:
+    """Median tokens/s of LlamaForCausalLM + torch.optim.AdamW + clip, the loop a user would write;
+    `fused`: with AdamW's fused kernel, as teleflm's trainer uses it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape, context, batch, steps = SIZES[size]
@@ -112,7 +113,7 @@ def reference(size: str, dtype: str, compile: bool) -> float:
     if compile:
         for layer in model.model.layers:
             layer.compile()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     data = torch.from_numpy(batches(size)).to(device)
     rates = []
@@ -141,6 +142,12 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=2, help="alternate the two this many times; the best round counts"
     )
+    parser.add_argument(
+        "--llama-optimizer",
+        choices=["default", "fused"],
+        default="default",
+        help="the reference's AdamW: torch's default or fused (teleflm's), to see what the optimizer gains",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.steps:
@@ -163,6 +170,7 @@ def main() -> None:
     if not native_bf16:
         print("bf16: skipped, this CPU emulates bf16 matmuls far below its fp32 rate (peaks above)")
         dtypes.remove("bf16")
+    print(f"AdamW: teleflm fused, LlamaForCausalLM {args.llama_optimizer}")
     rows = []
     print(
         f"{'size':>5} {'params':>7} {'tokens':>9} {'dtype':5} {'mode':8} {'teleflm tok/s':>14} {'llama tok/s':>12} {'ratio':>6} {'MFU':>6}"
@@ -179,7 +187,7 @@ def main() -> None:
                     torch._dynamo.reset()  # each run compiles afresh, within dynamo's recompile limit
                     a = max(a, ours(size, dtype, compile))
                     torch._dynamo.reset()
-                    b = max(b, reference(size, dtype, compile))
+                    b = max(b, reference(size, dtype, compile, args.llama_optimizer == "fused"))
                 mfu = fpt * a / peak[dtype]
                 rows.append(
                     dict(

@@ -26,7 +26,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn, args, queue, init: bool) -> None:
+def _worker(rank: int, world_size: int, port: int, fn, args, queue, init: bool, environment: dict) -> None:
+    os.environ.clear()
+    os.environ.update(environment)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -47,15 +49,27 @@ def _worker(rank: int, world_size: int, port: int, fn, args, queue, init: bool) 
             dist.destroy_process_group()
 
 
-def run_ranks(world_size: int, fn, *args, timeout: float = 300, init: bool = True) -> list:
+def run_ranks(
+    world_size: int, fn, *args, timeout: float = 300, init: bool = True, fresh: bool = False
+) -> list:
     """Call `fn(*args)` on every rank of a fresh gloo process group (with `init=False`, in torchrun's
     environment before any group: `fn` makes it); return the ranks' results in rank order, or raise
-    with the failing rank's traceback."""
-    ctx = mp.get_context("spawn")
+    with the failing rank's traceback.
+
+    Ranks are forked from a server that has imported torch, transformers and the trainer once (a
+    spawned rank spends about 4 s importing them); each gets this process's environment as it is
+    now. `fresh`: each rank a new interpreter instead, for what is fixed at process start (malloc's
+    settings) or measured from it (resident memory)."""
+    if fresh:
+        ctx = mp.get_context("spawn")
+    else:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["teleflm.testing", "teleflm.train.trainer"])
     queue = ctx.Queue()
     port = _free_port()
+    environment = dict(os.environ)
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, init))
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, init, environment))
         for r in range(world_size)
     ]
     for p in procs:

@@ -100,7 +100,7 @@ def runtime_footprint():
 
     def measure(world: int, pp: int) -> list[int]:
         if (world, pp) not in cache:
-            ranks = run_ranks(world, _train_and_measure, SMALL, 16, 1, False, world, pp, pp)
+            ranks = run_ranks(world, _train_and_measure, SMALL, 16, 1, False, world, pp, pp, fresh=True)
             cache[world, pp] = [r["measured"] for r in ranks]
         return cache[world, pp]
 
@@ -138,7 +138,7 @@ def test_memory_estimate_within_10_percent_of_measured_peak(
 ):
     runtime = runtime_footprint(world, pp)
     args = (MEDIUM, 256, micro_batch, checkpointing, world, micro_batches, pp)
-    ranks = run_ranks(world, _train_and_measure, *args)
+    ranks = run_ranks(world, _train_and_measure, *args, fresh=True)
     figures = [
         (round((r["measured"] - b) / 2**20), round(r["estimate"] / 2**20))
         for b, r in zip(runtime, ranks, strict=True)
