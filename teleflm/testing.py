@@ -26,9 +26,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn, args, queue, init: bool, environment: dict) -> None:
+def _worker(rank: int, world_size: int, port: int, fn, args, queue, init: bool, caller: tuple) -> None:
+    environment, folder = caller
     os.environ.clear()
     os.environ.update(environment)
+    os.chdir(folder)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -57,9 +59,9 @@ def run_ranks(
     with the failing rank's traceback.
 
     Ranks are forked from a server that has imported torch, transformers and the trainer once (a
-    spawned rank spends about 4 s importing them); each gets this process's environment as it is
-    now. `fresh`: each rank a new interpreter instead, for what is fixed at process start (malloc's
-    settings) or measured from it (resident memory)."""
+    spawned rank spends about 4 s importing them); each gets this process's environment and working
+    folder as they are now. `fresh`: each rank a new interpreter instead, for what is fixed at
+    process start (malloc's settings) or measured from it (resident memory)."""
     if fresh:
         ctx = mp.get_context("spawn")
     else:
@@ -67,9 +69,9 @@ def run_ranks(
         ctx.set_forkserver_preload(["teleflm.testing", "teleflm.train.trainer"])
     queue = ctx.Queue()
     port = _free_port()
-    environment = dict(os.environ)
+    caller = (dict(os.environ), os.getcwd())
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, init, environment))
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, init, caller))
         for r in range(world_size)
     ]
     for p in procs:
