@@ -58,8 +58,8 @@ def grad_norm(params: list[torch.nn.Parameter], pp_group) -> torch.Tensor:
 
 def make_optimizer(module: torch.nn.Module, model_config, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the muP parameter groups of `module` (this rank's part of the model). Fused: one
-    kernel over all tensors instead of a loop of small ops per tensor, 1.2x a whole bf16 step at 10M
-    and 100M parameters on a 2-core CPU (`python -m bench.bench_train --llama-optimizer fused`)."""
+    kernel over all tensors instead of a loop of small ops per tensor; a whole compiled bf16 step at
+    10M and 100M parameters ran 1.17x and 1.19x faster with it on a 2-core CPU (docs/benchmarks.md)."""
     return torch.optim.AdamW(
         mup.param_groups(module, model_config, cfg.mup),
         betas=(cfg.optim.beta1, cfg.optim.beta2),
