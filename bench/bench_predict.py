@@ -2,7 +2,7 @@
 and tokens on a slice of the King James Bible, fit L(N) = a*N^b + c to all but the two largest and
 predict those (error and whether each lies inside its interval), and forecast width 512.
 
-    .venv/bin/python -m bench.bench_predict [--steps 300] [--lr 3e-3] [--widths 32,48,64,96,128,192] \
+    .venv/bin/python -m bench.bench_predict [--steps 600] [--lr 3e-3] [--widths 32,48,64,96,128,192] \
         [--seeds 3] [--out runs/bench/predict]
 
 The ladder is `teleflm predict`'s own (teleflm.scaling.ladder): each seed moves the init and the
@@ -26,7 +26,7 @@ from teleflm.tune.runs import at_width, parameter_count, training_flops
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--widths", default="32,48,64,96,128,192")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--lr", type=float, default=3e-3)
