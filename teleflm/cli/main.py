@@ -5,6 +5,8 @@ import argparse
 import importlib
 import sys
 
+from teleflm.train.stability import SpikeStop
+
 # Subcommand modules, in the order `teleflm --help` lists them.
 SUBCOMMANDS = [
     "teleflm.cli.demo",
@@ -46,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         # User errors: a clear one-line message, no traceback.
         print(f"teleflm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except SpikeStop as e:  # the run stopped itself; its checkpoints and logs are kept
+        print(f"teleflm {args.command}: stopped: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

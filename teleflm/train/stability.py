@@ -25,6 +25,10 @@ from statistics import median
 LEVEL_STEPS = 5
 
 
+class SpikeStop(RuntimeError):
+    """The stability guard stopped the run (action "stop", or more events than `max_events`)."""
+
+
 def robust_noise(values: deque[float]) -> float:
     """Standard deviation of one value's noise, from the differences of consecutive values."""
     diffs = [b - a for a, b in zip(list(values)[:-1], list(values)[1:], strict=True)]

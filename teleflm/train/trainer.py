@@ -32,11 +32,7 @@ from teleflm.train.config import TrainConfig, dp_shard_degree, validate
 from teleflm.train.model import TeleFLMForTraining
 from teleflm.train.monitor import Monitor
 from teleflm.train.schedule import lr_factor
-from teleflm.train.stability import SpikeGuard
-
-
-class SpikeStop(RuntimeError):
-    """The stability guard stopped the run (action "stop", or too many events)."""
+from teleflm.train.stability import SpikeGuard, SpikeStop
 
 
 def grad_norm(params: list[torch.nn.Parameter], pp_group) -> torch.Tensor:
@@ -579,9 +575,17 @@ class Trainer:
         self.events += 1
         self.guard.reject(loss, norm)
         monitor.event(self.step, kind, loss=loss, grad_norm=norm, action=action, **self.guard.summary())
-        if action == "stop" or self.events > self.cfg.stability.max_events:
+        limit = self.cfg.stability.max_events
+        if action == "stop" or self.events > limit:
+            why = (
+                'stability.action is "stop"'
+                if action == "stop"
+                else f"more than stability.max_events = {limit}"
+            )
             raise SpikeStop(
-                f"stability guard: {kind} at step {self.step} (loss {loss:.4g}, grad norm {norm:.4g})"
+                f"stability guard: {kind} at step {self.step} (loss {loss:.4g}, grad norm {norm:.4g}), "
+                f"event {self.events}, {why}; the events and the limits they were judged by are in "
+                f"{self.out / 'events.jsonl'}, and [stability] sets the guard"
             )
         if action == "rollback":
             # Weights and optimizer go back; the data stream stays past the offending batch.

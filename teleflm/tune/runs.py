@@ -188,7 +188,8 @@ def scored_run(raw: dict, out: Path, data: RunData, keep_checkpoints: bool = Fal
     "objective" (held-out NLL, or val.bpb on shards), "status" ("ok" or "diverged"), "step"}."""
     from teleflm.data.synthetic import ArrayStream
     from teleflm.train.config import config_from
-    from teleflm.train.trainer import SpikeStop, Trainer
+    from teleflm.train.stability import SpikeStop
+    from teleflm.train.trainer import Trainer
 
     out = Path(out)
     if out.exists():  # a run killed half-way is started over, so every score comes from a full run

@@ -14,8 +14,8 @@ from teleflm.testing import (
     pattern_sequences,
     tiny_train_config,
 )
-from teleflm.train.stability import SpikeGuard
-from teleflm.train.trainer import SpikeStop, Trainer
+from teleflm.train.stability import SpikeGuard, SpikeStop
+from teleflm.train.trainer import Trainer
 
 BAD_STEP = 25  # 0-based index of the step whose batch is poisoned
 
@@ -179,3 +179,19 @@ def test_a_lasting_jump_is_a_new_level_not_a_run_of_bad_batches():
     guard.reject(3.0, 1.0)
     guard.accept(0.88, 1.0)
     assert guard.rejected == [] and guard.verdict(3.1, 1.0) == "loss_spike"
+
+
+def test_the_command_says_why_a_run_stopped_and_exits_1(tmp_path, monkeypatch, capsys):
+    """A run the guard stops ends `teleflm` with one line naming the limit and the events file, not a
+    traceback."""
+    import teleflm.cli.pretrain
+    from teleflm.cli.main import main
+
+    def stopped(args):
+        train(tmp_path, "stop")
+
+    monkeypatch.setattr(teleflm.cli.pretrain, "run", stopped)
+    assert main(["pretrain", "--config", "unused.toml"]) == 1
+    message = capsys.readouterr().err
+    assert message.startswith("teleflm pretrain: stopped: stability guard: ") and "spike at step" in message
+    assert 'stability.action is "stop"' in message and str(tmp_path / "events.jsonl") in message
