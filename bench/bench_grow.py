@@ -10,7 +10,7 @@ growing to the final shape (hidden 128, 4 layers) at half the budget:
   2405.15319) with a one-step ramp, so no fade-in;
 - scratch: the final shape throughout.
 
-    .venv/bin/python -m bench.bench_grow [--steps 240] [--seeds 0,1,2] [--json out.json] [--plot F.png]
+    .venv/bin/python -m bench.bench_grow [--steps 240] [--seeds 0,1,2] [--grow-step N] [--json out.json] [--plot F.png]
 
 Every seed shuffles the training windows its own way and sets the init. Held-out loss is measured
 every 1/24 of the run (mid-ramp checkpoints with their masks installed). Reports, per seed, the
@@ -175,13 +175,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=240)
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument(
+        "--grow-step", type=int, help="the step at which the growing runs grow (default: half)"
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path, default=Path("runs/bench/grow.png"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     train, held_out = demo_tokens()
     seeds = [int(x) for x in args.seeds.split(",")]
-    at_tokens = CONTEXT * SEQUENCES * args.steps // 2
+    at_tokens = CONTEXT * SEQUENCES * (args.grow_step or args.steps // 2)
     ramp = max(args.steps // RAMP_SHARE, 1)
     runs = {
         "msg": (SMALL, [{"at_tokens": at_tokens, "ramp_steps": ramp, "model": FINAL}]),
