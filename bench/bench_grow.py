@@ -1,6 +1,7 @@
 """Progressive growth vs training the final size from scratch, for the same token budget, on the demo
-data (the embedded KJV sample, byte-level BPE of 512), over several seeds. Five runs per seed, each
-growing to the final shape (hidden 128, 4 layers) at half the budget:
+data (the embedded KJV sample, byte-level BPE of 512), over several seeds. Five runs per seed, all
+ending at the final shape (hidden 128, 4 layers), the growing ones grown at half the budget (or at
+`--grow-step`):
 
 - msg: a small model (hidden 64, 2 layers) grown width x2 and depth x2 by masked structural growth
   (masks ramp over 1/12 of the steps);
