@@ -167,8 +167,8 @@ class LoggingSection:
 
 @dataclass
 class StabilitySection:
-    window: int = 100  # steps the verdict compares against (the recent applied steps)
-    sigma: float = 6.0  # a spike exceeds the window's mean by this many of its standard deviations ...
+    window: int = 100  # recent steps the verdict compares against
+    sigma: float = 6.0  # a spike exceeds the recent level by this many deviations of the run's noise ...
     min_loss_jump: float = 0.5  # ... and a loss by at least this many nats
     min_grad_ratio: float = 100.0  # ... and a gradient norm by at least this factor
     warmup_steps: int = 20  # no spike verdicts before the window holds this many steps
