@@ -3,7 +3,7 @@
 Stages, each skipped when its output is already there (a re-run continues where it stopped):
 sample corpus -> tokenizer -> shards with a held-out split -> muP training for the time left (the
 machine's step rate, evaluation and checkpoint times measured on a few warm-up steps first; bf16 where
-this machine runs it natively) -> bits per byte per domain beside xz -9 and gzip -9 -> generations ->
+this machine runs it natively; compiled where that measures faster) -> bits per byte per domain beside xz -9 and gzip -9 -> generations ->
 Hugging Face export -> report.md with figures and plots.
 """
 
@@ -27,6 +27,9 @@ TAIL_SECONDS = 25
 BUDGET_SHARE = 0.95  # aim below the budget: the step rate wanders with the machine's load
 MIN_STEPS = 10
 EVALUATIONS = 3  # during training (also checkpoints), besides the final one
+# Compiling is measured only with this much time left: a first compile took about 40 s on 2 cores (it
+# is cached for later runs), for steps about 1.1-1.4x faster, so a shorter demo would lose by it.
+COMPILE_MIN_SECONDS = 240
 DISK_NEEDED = 400 * 2**20  # corpus, shards, checkpoints (3 x 3 x ~14 MB), export: well under this
 
 
@@ -122,6 +125,29 @@ def sample_shards(out: Path) -> tuple[Path, Path]:
     return shards, tokenizer
 
 
+def choose_compile(
+    cfg, out: Path, eager: dict[str, float], finish_by: float
+) -> tuple[bool, dict[str, float]]:
+    """Whether to train compiled, and the times to plan by: compiled layers are calibrated beside the
+    eager ones when time allows, and win when they fit more steps in what is left after measuring."""
+    if finish_by - time.time() < COMPILE_MIN_SECONDS:
+        return False, eager
+    compiled_cfg = copy.deepcopy(cfg)
+    compiled_cfg.parallel.compile = True
+    try:
+        compiled = calibrate(compiled_cfg, out)
+    except Exception as error:  # no C++ compiler, an inductor failure: eager still trains
+        print(f"compiled layers failed ({type(error).__name__}: {str(error)[:200]}); training eagerly")
+        return False, eager
+    left = finish_by - time.time()
+    faster = steps_for(left, compiled) > steps_for(left, eager)
+    print(
+        f"compiled: {compiled['step']:.2f} s per step against {eager['step']:.2f} eager: "
+        f"{'compiled' if faster else 'eager'}"
+    )
+    return faster, compiled if faster else eager
+
+
 def training_config(out: Path, shards: Path, tokenizer: Path, state: dict, finish_by: float):
     """The demo's TrainConfig. On the first call (an empty `state`) it picks the precision, measures
     the machine on a few warm-up steps and sizes the schedule to end by `finish_by` (a time.time()), recording all of it
@@ -134,16 +160,18 @@ def training_config(out: Path, shards: Path, tokenizer: Path, state: dict, finis
         state["mixed_precision"] = "bf16" if bf16_is_fast() else "fp32"
         cfg = load_config(DEMO_CONFIG, [*overrides, f"parallel.mixed_precision='{state['mixed_precision']}'"])
         times = calibrate(cfg, out / "calibration")
+        state["compile"], times = choose_compile(cfg, out / "calibration", times, finish_by)
         seconds_left = finish_by - time.time()
         state["total_tokens"] = steps_for(seconds_left, times) * cfg.batch.global_batch_tokens
         state["calibration"] = times
         print(
-            f"measured: {times['step']:.2f} s per step ({state['mixed_precision']}), "
-            f"{times['evaluation']:.1f} s per evaluation, {times['checkpoint']:.1f} s per checkpoint; "
-            f"{seconds_left:.0f} s left"
+            f"measured: {times['step']:.2f} s per step ({state['mixed_precision']}"
+            f"{', compiled' if state['compile'] else ''}), {times['evaluation']:.1f} s per evaluation, "
+            f"{times['checkpoint']:.1f} s per checkpoint; {seconds_left:.0f} s left"
         )
     overrides += [
         f"parallel.mixed_precision='{state['mixed_precision']}'",
+        f"parallel.compile={str(state.get('compile', False)).lower()}",
         f"schedule.total_tokens={state['total_tokens']}",
     ]
     cfg = load_config(DEMO_CONFIG, overrides)
@@ -153,6 +181,7 @@ def training_config(out: Path, shards: Path, tokenizer: Path, state: dict, finis
     print(
         f"{cfg.total_steps()} steps of {cfg.batch.global_batch_tokens} tokens, "
         f"{cfg.model_config().num_hidden_layers} layers, {cfg.parallel.mixed_precision}"
+        f"{', compiled' if cfg.parallel.compile else ''}"
     )
     return cfg
 
@@ -285,7 +314,7 @@ def write_report(
 
 A muP Tele-FLM of {n_params / 1e6:.1f}M parameters ({mc.num_hidden_layers} layers, width {mc.hidden_size},
 logit scale {mc.output_mult}/{mc.mup_scale_factor}) trained for {result["step"]} steps, {result["tokens"]:,} tokens,
-on the embedded sample (English KJV, Chinese poems, Python code) in {cfg.parallel.mixed_precision}; the whole demo took
+on the embedded sample (English KJV, Chinese poems, Python code) in {cfg.parallel.mixed_precision}{", compiled" if cfg.parallel.compile else ""}; the whole demo took
 {seconds / 60:.1f} minutes of its {budget / 60:.1f}.
 
 Final training loss: {result["loss"]:.4f} nats/token.

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections import namedtuple
 
 import pytest
@@ -103,3 +104,35 @@ def test_too_small_disk_is_refused(tmp_path, capsys, monkeypatch):
     assert main(["demo", "--out", str(tmp_path / "d")]) == 2
     assert "1 MiB free on its disk, the demo needs about" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(
+    "compiled_step, left, raises, chosen",
+    [
+        (0.3, 600, False, True),  # faster: compiled
+        (0.6, 600, False, False),  # slower: eager
+        (0.3, 600, True, False),  # compiling failed: eager, and why is printed
+        (0.3, 100, False, False),  # too little time left to measure it: not tried
+    ],
+)
+def test_the_demo_compiles_only_where_it_measures_faster(
+    monkeypatch, capsys, tmp_path, compiled_step, left, raises, chosen
+):
+    from types import SimpleNamespace
+
+    import teleflm.cli.demo as demo_cli
+
+    def calibrate(cfg, out):
+        assert cfg.parallel.compile  # the eager times are the caller's
+        if raises:
+            raise RuntimeError("InductorError: no C++ compiler")
+        return {"step": compiled_step, "evaluation": 1.0, "checkpoint": 0.2}
+
+    monkeypatch.setattr(demo_cli, "calibrate", calibrate)
+    eager = {"step": 0.5, "evaluation": 1.0, "checkpoint": 0.2}
+    cfg = SimpleNamespace(parallel=SimpleNamespace(compile=False))  # all that the choice touches
+    compile_it, times = demo_cli.choose_compile(cfg, tmp_path, eager, finish_by=time.time() + left)
+    assert compile_it is chosen and times["step"] == (compiled_step if chosen else 0.5)
+    assert not cfg.parallel.compile  # the caller's config is left as it was
+    printed = capsys.readouterr().out
+    assert ("no C++ compiler" in printed and "training eagerly" in printed) == raises
