@@ -1,5 +1,5 @@
 """Progressive growth vs training the final size from scratch, for the same token budget, on the demo
-data (the embedded KJV sample, byte-level BPE of 512), over several seeds. Five runs per seed, all
+data (the embedded KJV sample, byte-level BPE of 512), over several seeds. Six runs per seed, all
 ending at the final shape (hidden 128, 4 layers), the growing ones grown at half the budget (or at
 `--grow-step`):
 
@@ -9,9 +9,11 @@ ending at the final shape (hidden 128, 4 layers), the growing ones grown at half
   from hidden 128 with 2 layers (new layers copy their neighbours, masked), to see which part costs;
 - stack: hidden 128 with 2 layers, stacked to 4 (layers 0, 1, 0, 1: G_stack's operator, arXiv
   2405.15319) with a one-step ramp, so no fade-in;
+- stack_x4: hidden 128 with 1 layer, stacked 4x (G_stack's growth factor of 4);
 - scratch: the final shape throughout.
 
-    .venv/bin/python -m bench.bench_grow [--steps 240] [--seeds 0,1,2] [--grow-step N] [--json out.json] [--plot F.png]
+    .venv/bin/python -m bench.bench_grow [--steps 240] [--seeds 0,1,2] [--grow-step N] [--runs stack,scratch]
+        [--json out.json] [--plot F.png]
 
 Every seed shuffles the training windows its own way and sets the init. Held-out loss is measured
 every 1/24 of the run (mid-ramp checkpoints with their masks installed). Reports, per seed, the
@@ -41,6 +43,7 @@ VOCAB, CONTEXT, SEQUENCES = 512, 64, 16
 SMALL = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2)
 FINAL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4)
 STACK_SMALL = {**FINAL, "num_hidden_layers": 2}
+STACK_ONE = {**FINAL, "num_hidden_layers": 1}
 DEEP_SMALL = {**SMALL, "num_hidden_layers": 4}
 HELD_OUT = 32
 # Masks ramp over 1/12 of the run (20 steps of the default 240); held-out loss every 1/24.
@@ -66,7 +69,9 @@ def demo_tokens() -> tuple[np.ndarray, np.ndarray]:
     return sequences[:-HELD_OUT], sequences[-HELD_OUT:]
 
 
-def config(out: Path, steps: int, shape: dict, growth: list[dict], seed: int = 0) -> TrainConfig:
+def config(
+    out: Path, steps: int, shape: dict, growth: list[dict], seed: int = 0, lr: float = 1e-2
+) -> TrainConfig:
     raw = {
         "out": str(out),
         "seed": seed,
@@ -81,7 +86,7 @@ def config(out: Path, steps: int, shape: dict, growth: list[dict], seed: int = 0
         "data": {"context_length": CONTEXT},
         "batch": {"global_batch_tokens": CONTEXT * SEQUENCES, "micro_batch_size": SEQUENCES},
         "schedule": {"total_tokens": CONTEXT * SEQUENCES * steps, "warmup_steps": 10},
-        "mup": {"lr": 1e-2, "matrix_lr": 1e-2, "min_lr": 1e-3, "std": 0.02, "matrix_std": 0.02},
+        "mup": {"lr": lr, "matrix_lr": lr, "min_lr": lr / 10, "std": 0.02, "matrix_std": 0.02},
         "parallel": {"mixed_precision": "fp32"},
         "checkpoint": {
             "interval_steps": max(steps // INTERVALS, 1),
@@ -148,7 +153,14 @@ def plot(curves: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    colors = {"msg": "C0", "msg_width": "C1", "msg_depth": "C4", "stack": "C2", "scratch": "C3"}
+    colors = {
+        "msg": "C0",
+        "msg_width": "C1",
+        "msg_depth": "C4",
+        "stack": "C2",
+        "stack_x4": "C5",
+        "scratch": "C3",
+    }
     for (name, seed), curve in curves.items():
         ax.plot(
             [p["flops"] for p in curve],
@@ -179,6 +191,10 @@ def main() -> None:
     parser.add_argument(
         "--grow-step", type=int, help="the step at which the growing runs grow (default: half)"
     )
+    parser.add_argument(
+        "--lr", type=float, default=1e-2, help="every run's (matrix_lr = lr, min_lr = lr / 10)"
+    )
+    parser.add_argument("--runs", help="a comma-separated subset of the runs (scratch is always run)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path, default=Path("runs/bench/grow.png"))
     args = parser.parse_args()
@@ -203,8 +219,26 @@ def main() -> None:
                 }
             ],
         ),
+        "stack_x4": (
+            STACK_ONE,
+            [
+                {
+                    "at_tokens": at_tokens,
+                    "ramp_steps": 1,
+                    "model": FINAL,
+                    "layers_at": [1, 2, 3],
+                    "layer_init": "stack",
+                }
+            ],
+        ),
         "scratch": (FINAL, []),
     }
+    if args.runs:
+        chosen = {*args.runs.split(","), "scratch"}
+        unknown = sorted(chosen - set(runs))
+        if unknown:
+            parser.error(f"--runs: unknown {unknown}; the runs are {sorted(runs)}")
+        runs = {name: run for name, run in runs.items() if name in chosen}
     curves, seconds = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
@@ -214,7 +248,7 @@ def main() -> None:
             for name, (shape, stages) in runs.items():
                 out = Path(tmp) / f"{name}-{seed}"
                 t0 = time.perf_counter()
-                cfg = config(out, args.steps, shape, stages, seed)
+                cfg = config(out, args.steps, shape, stages, seed, args.lr)
                 run_stages(cfg, lambda r, n, data=order: ArrayStream(data, r, n))
                 seconds[name, seed] = time.perf_counter() - t0
                 curves[name, seed] = held_out_curve(out, held_out)
@@ -223,7 +257,13 @@ def main() -> None:
                     f"({seconds[name, seed]:.0f} s)",
                     flush=True,
                 )
-    result = {"steps": args.steps, "tokens": CONTEXT * SEQUENCES * args.steps, "seeds": seeds, "per_seed": {}}
+    result = {
+        "lr": args.lr,
+        "steps": args.steps,
+        "tokens": CONTEXT * SEQUENCES * args.steps,
+        "seeds": seeds,
+        "per_seed": {},
+    }
     ratios = {name: [] for name in runs if name != "scratch"}
     for seed in seeds:
         target = curves["scratch", seed][-1]["held_out_loss"]
