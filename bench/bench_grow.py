@@ -158,7 +158,7 @@ def plot(curves: dict, path: Path) -> None:
         "msg_width": "C1",
         "msg_depth": "C4",
         "stack": "C2",
-        "stack_x4": "C5",
+        "stack_x4": "C9",
         "scratch": "C3",
     }
     for (name, seed), curve in curves.items():
