@@ -3,8 +3,8 @@
 Stages, each skipped when its output is already there (a re-run continues where it stopped):
 sample corpus -> tokenizer -> shards with a held-out split -> muP training for the time left (the
 machine's step rate, evaluation and checkpoint times measured on a few warm-up steps first; bf16 where
-this machine runs it natively; compiled where that measures faster) -> bits per byte per domain beside xz -9 and gzip -9 -> generations ->
-Hugging Face export -> report.md with figures and plots.
+this machine runs it natively; compiled where that measures faster) -> bits per byte per domain
+beside xz -9 and gzip -9 -> generations -> Hugging Face export -> report.md with figures and plots.
 """
 
 import copy
@@ -299,6 +299,7 @@ def write_report(
     shutil.copy(out / "run" / "loss.png", out / "loss.png")
 
     mc = cfg.model_config()
+    precision = cfg.parallel.mixed_precision + (", compiled" if cfg.parallel.compile else "")
     rows = "\n".join(
         f"| {d} | {f['model']:.3f} | {f['xz -9']:.3f} | {f['gzip -9']:.3f} | {f['bytes']:,} |"
         for d, f in figures.items()
@@ -314,7 +315,7 @@ def write_report(
 
 A muP Tele-FLM of {n_params / 1e6:.1f}M parameters ({mc.num_hidden_layers} layers, width {mc.hidden_size},
 logit scale {mc.output_mult}/{mc.mup_scale_factor}) trained for {result["step"]} steps, {result["tokens"]:,} tokens,
-on the embedded sample (English KJV, Chinese poems, Python code) in {cfg.parallel.mixed_precision}{", compiled" if cfg.parallel.compile else ""}; the whole demo took
+on the embedded sample (English KJV, Chinese poems, Python code) in {precision}; the whole demo took
 {seconds / 60:.1f} minutes of its {budget / 60:.1f}.
 
 Final training loss: {result["loss"]:.4f} nats/token.

@@ -4,9 +4,9 @@ steps?
 A loss is a spike when it exceeds the recent level (the median of the last `LEVEL_STEPS` applied
 losses) by `sigma` times the run's step-to-step noise and by at least `min_loss_jump` nats. The noise
 is read twice, and the larger reading counts:
-- from the bulk: the differences of consecutive losses among the last `window` applied steps (a robust standard deviation: 1.4826 x their
-  median absolute deviation, over sqrt 2), so a loss that falls fast early in a run does not read as
-  spread, and an earlier spike does not widen it;
+- from the bulk: the differences of consecutive losses among the last `window` applied steps (a
+  robust standard deviation: 1.4826 x their median absolute deviation, over sqrt 2), so a loss that
+  falls fast early in a run does not read as spread, and an earlier spike does not widen it;
 - from the tail: the second-highest rise over the level (above the median rise) among the last
   `window` steps judged, applied or rejected, as the deviation of Gaussian noise whose second-highest
   rise of as many would reach it. Both readings agree on Gaussian noise. Where a small batch mixes
