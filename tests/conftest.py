@@ -14,3 +14,9 @@ def sample_text(name: str) -> str:
 
     documents = {"kjv": sample.kjv_chapters, "poems": sample.poems, "code": sample.stdlib_sources}[name]
     return "\n\n".join(documents())
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests first: under `-n` (scripts/test.sh) each worker starts on one, so the run does
+    not end with one worker on a multi-minute test and the other idle. The order is otherwise kept."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
