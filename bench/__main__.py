@@ -58,7 +58,7 @@ SMOKE_ARGS = {
         "--out",
         "runs/bench/smoke/predict",
     ],
-    "bench_grow": ["--steps", "4", "--seeds", "0,1"],
+    "bench_grow": ["--steps", "4", "--seeds", "0,1", "--runs", "msg,stack", "--lrs", "1e-2,2e-2"],
     "bench_distributed": ["--steps", "2", "--layouts", "1,fsdp2"],
 }
 

@@ -13,13 +13,15 @@ ending at the final shape (hidden 128, 4 layers), the growing ones grown at half
 - scratch: the final shape throughout.
 
     .venv/bin/python -m bench.bench_grow [--steps 240] [--seeds 0,1,2] [--grow-step N] [--runs stack,scratch]
-        [--json out.json] [--plot F.png]
+        [--lrs 5e-3,1e-2] [--json out.json] [--plot F.png]
 
 Every seed shuffles the training windows its own way and sets the init. Held-out loss is measured
 every 1/24 of the run (mid-ramp checkpoints with their masks installed). Reports, per seed, the
 training FLOPs (6N + attention per token, at each stage's shape) each run needs to reach the scratch
 run's final held-out loss (linear between checkpoints), their ratio to scratch's, and the mean ratio
-with a 90% t-interval over the seeds.
+with a 90% t-interval over the seeds. With several `--lrs` every run trains at each, and the target is
+scratch's loss at its best lr (lowest mean final loss): each run is tuned over the same grid, and
+none is compared against a scratch run held at a rate that suits the grown one.
 """
 
 import argparse
@@ -184,6 +186,20 @@ def plot(curves: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def growth_runs(at_tokens: int, ramp: int) -> dict[str, tuple[dict, list[dict]]]:
+    """name -> (the starting shape, its growth stages); every run ends at FINAL."""
+    masked = {"at_tokens": at_tokens, "ramp_steps": ramp, "model": FINAL}
+    stacked = {"at_tokens": at_tokens, "ramp_steps": 1, "model": FINAL, "layer_init": "stack"}
+    return {
+        "msg": (SMALL, [masked]),
+        "msg_width": (DEEP_SMALL, [masked]),
+        "msg_depth": (STACK_SMALL, [masked]),
+        "stack": (STACK_SMALL, [{**stacked, "layers_at": [2, 3]}]),
+        "stack_x4": (STACK_ONE, [{**stacked, "layers_at": [1, 2, 3]}]),
+        "scratch": (FINAL, []),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=240)
@@ -192,7 +208,10 @@ def main() -> None:
         "--grow-step", type=int, help="the step at which the growing runs grow (default: half)"
     )
     parser.add_argument(
-        "--lr", type=float, default=1e-2, help="every run's (matrix_lr = lr, min_lr = lr / 10)"
+        "--lrs",
+        default="1e-2",
+        help="comma-separated learning rates (matrix_lr = lr, min_lr = lr / 10): every run trains at "
+        "each, and each run at its best (lowest mean final loss) is compared with scratch at its best",
     )
     parser.add_argument("--runs", help="a comma-separated subset of the runs (scratch is always run)")
     parser.add_argument("--json", type=Path)
@@ -201,116 +220,76 @@ def main() -> None:
     torch.set_num_threads(1)
     train, held_out = demo_tokens()
     seeds = [int(x) for x in args.seeds.split(",")]
-    at_tokens = CONTEXT * SEQUENCES * (args.grow_step or args.steps // 2)
-    ramp = max(args.steps // RAMP_SHARE, 1)
-    runs = {
-        "msg": (SMALL, [{"at_tokens": at_tokens, "ramp_steps": ramp, "model": FINAL}]),
-        "msg_width": (DEEP_SMALL, [{"at_tokens": at_tokens, "ramp_steps": ramp, "model": FINAL}]),
-        "msg_depth": (STACK_SMALL, [{"at_tokens": at_tokens, "ramp_steps": ramp, "model": FINAL}]),
-        "stack": (
-            STACK_SMALL,
-            [
-                {
-                    "at_tokens": at_tokens,
-                    "ramp_steps": 1,
-                    "model": FINAL,
-                    "layers_at": [2, 3],
-                    "layer_init": "stack",
-                }
-            ],
-        ),
-        "stack_x4": (
-            STACK_ONE,
-            [
-                {
-                    "at_tokens": at_tokens,
-                    "ramp_steps": 1,
-                    "model": FINAL,
-                    "layers_at": [1, 2, 3],
-                    "layer_init": "stack",
-                }
-            ],
-        ),
-        "scratch": (FINAL, []),
-    }
+    lrs = [float(x) for x in args.lrs.split(",")]
+    runs = growth_runs(
+        CONTEXT * SEQUENCES * (args.grow_step or args.steps // 2), max(args.steps // RAMP_SHARE, 1)
+    )
     if args.runs:
         chosen = {*args.runs.split(","), "scratch"}
         unknown = sorted(chosen - set(runs))
         if unknown:
             parser.error(f"--runs: unknown {unknown}; the runs are {sorted(runs)}")
         runs = {name: run for name, run in runs.items() if name in chosen}
-    curves, seconds = {}, {}
+    curves = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             # Every seed shuffles the windows: the book read in order (Genesis to Revelation) is a
             # drifting distribution that no pretraining mixture has.
             order = train[np.random.default_rng(seed).permutation(len(train))]
-            for name, (shape, stages) in runs.items():
-                out = Path(tmp) / f"{name}-{seed}"
-                t0 = time.perf_counter()
-                cfg = config(out, args.steps, shape, stages, seed, args.lr)
-                run_stages(cfg, lambda r, n, data=order: ArrayStream(data, r, n))
-                seconds[name, seed] = time.perf_counter() - t0
-                curves[name, seed] = held_out_curve(out, held_out)
-                print(
-                    f"seed {seed} {name:8s} final held-out loss {curves[name, seed][-1]['held_out_loss']:.4f} "
-                    f"({seconds[name, seed]:.0f} s)",
-                    flush=True,
-                )
-    result = {
-        "lr": args.lr,
-        "steps": args.steps,
-        "tokens": CONTEXT * SEQUENCES * args.steps,
-        "seeds": seeds,
-        "per_seed": {},
-    }
-    ratios = {name: [] for name in runs if name != "scratch"}
-    for seed in seeds:
-        target = curves["scratch", seed][-1]["held_out_loss"]
-        scratch = flops_to_reach(curves["scratch", seed], target)
-        row = {"target_held_out_loss": target}
-        for name in runs:
-            reach = flops_to_reach(curves[name, seed], target)
-            row[name] = {
-                "final_held_out_loss": curves[name, seed][-1]["held_out_loss"],
-                "total_flops": curves[name, seed][-1]["flops"],
-                "flops_to_target": reach,
-                "ratio": reach / scratch if reach is not None else None,
-            }
-            if name in ratios and reach is not None:
-                ratios[name].append(row[name]["ratio"])
-        result["per_seed"][seed] = row
-        print(
-            f"seed {seed}: scratch final {target:.4f}; FLOPs to reach it, over scratch's: "
-            + ", ".join(
-                f"{n} {row[n]['ratio']:.3f}" if row[n]["ratio"] else f"{n} not reached" for n in ratios
-            )
-        )
-    for name, values in ratios.items():
-        # A seed whose run never reached the scratch loss has no ratio (it is not a smaller one): the
-        # interval is over the seeds that reached it, and how many did is part of the figure.
-        reached = f"reached in {len(values)} of {len(seeds)} seeds"
-        if len(values) < 2:
-            result[f"{name}_ratio"] = {"reached": len(values), "per_seed": values}
-            print(f"{name}: FLOPs to the scratch loss / scratch's: {reached}; no interval")
-            continue
-        mean, low, high = t_interval(values)
-        result[f"{name}_ratio"] = {
-            "mean": mean,
-            "low": low,
-            "high": high,
-            "reached": len(values),
-            "per_seed": values,
-        }
-        print(
-            f"{name}: FLOPs to the scratch loss / scratch's: {reached}: mean {mean:.3f}, 90% t-interval "
-            f"[{low:.3f}, {high:.3f}] (per seed {' '.join(f'{v:.3f}' for v in values)})"
-        )
-    plot(curves, args.plot)
-    print(f"plot: {args.plot}")
+            for lr in lrs:
+                for name, (shape, stages) in runs.items():
+                    out = Path(tmp) / f"{name}-{lr:g}-{seed}"
+                    t0 = time.perf_counter()
+                    cfg = config(out, args.steps, shape, stages, seed, lr)
+                    run_stages(cfg, lambda r, n, data=order: ArrayStream(data, r, n))
+                    curves[name, lr, seed] = held_out_curve(out, held_out)
+                    print(
+                        f"seed {seed} lr {lr:g} {name:8s} final held-out loss "
+                        f"{curves[name, lr, seed][-1]['held_out_loss']:.4f} ({time.perf_counter() - t0:.0f} s)",
+                        flush=True,
+                    )
+    result = compare(curves, runs, lrs, seeds)
+    result.update(lrs=lrs, steps=args.steps, tokens=CONTEXT * SEQUENCES * args.steps, seeds=seeds)
+    best = result["best_lr"]
+    plot({(n, s): c for (n, lr, s), c in curves.items() if lr == best[n]}, args.plot)
+    print(f"plot (each run at its best lr): {args.plot}")
     if args.json:
-        result["curves"] = {f"{n}/{s}": c for (n, s), c in curves.items()}
+        result["curves"] = {f"{n}/{lr:g}/{s}": c for (n, lr, s), c in curves.items()}
         args.json.write_text(json.dumps(result, indent=1))
+
+
+def compare(curves: dict, runs: dict, lrs: list[float], seeds: list[int]) -> dict:
+    """Per run and lr, the FLOPs to reach scratch's final held-out loss at scratch's best lr, over
+    scratch's FLOPs, per seed and as a t-interval; printed, and returned as data."""
+    best = {
+        name: min(lrs, key=lambda lr: np.mean([curves[name, lr, s][-1]["held_out_loss"] for s in seeds]))
+        for name in runs
+    }
+    print("best lr (lowest mean final held-out loss): " + ", ".join(f"{n} {lr:g}" for n, lr in best.items()))
+    result = {"best_lr": best, "ratios": {}}
+    for name in runs:
+        if name == "scratch":
+            continue
+        result["ratios"][name] = {}
+        for lr in lrs:
+            values = []
+            for seed in seeds:
+                scratch = curves["scratch", best["scratch"], seed]
+                target = scratch[-1]["held_out_loss"]
+                reach = flops_to_reach(curves[name, lr, seed], target)
+                # A seed whose run never reached the scratch loss has no ratio (it is not a smaller
+                # one): the interval is over the seeds that reached it, and how many did is part of it.
+                if reach is not None:
+                    values.append(reach / flops_to_reach(scratch, target))
+            row = {"reached": len(values), "per_seed": values}
+            line = f"{name} at lr {lr:g}{' (its best)' if lr == best[name] else ''}: FLOPs to scratch's loss at lr {best['scratch']:g} / scratch's: reached in {len(values)} of {len(seeds)} seeds"
+            if len(values) >= 2:
+                mean, low, high = t_interval(values)
+                row.update(mean=mean, low=low, high=high)
+                line += f": mean {mean:.3f}, 90% t-interval [{low:.3f}, {high:.3f}]"
+            print(line + f" (per seed {' '.join(f'{v:.3f}' for v in values)})")
+            result["ratios"][name][f"{lr:g}"] = row
+    return result
 
 
 if __name__ == "__main__":
