@@ -148,7 +148,8 @@ def t_interval(values: list[float], level: float = 0.9) -> tuple[float, float, f
     return mean, mean - half, mean + half
 
 
-def plot(curves: dict, path: Path) -> None:
+def plot(curves: dict, lrs: dict[str, float], path: Path) -> None:
+    """curves: (name, seed) -> held-out curve, each run at its lr in `lrs`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,7 +172,7 @@ def plot(curves: dict, path: Path) -> None:
             color=colors[name],
             lw=1,
             alpha=0.8,
-            label=name if seed == min(s for _, s in curves) else None,
+            label=f"{name}, lr {lrs[name]:g}" if seed == min(s for _, s in curves) else None,
         )
     finals = [c[-1]["held_out_loss"] for (n, _), c in curves.items() if n == "scratch"]
     ax.axhline(np.mean(finals), color="C3", ls=":", lw=1, label="scratch final (seed mean)")
@@ -179,7 +180,7 @@ def plot(curves: dict, path: Path) -> None:
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_ylim(min(finals) - 0.15, min(finals) + 1.2)
     ax.legend(fontsize=8)
-    ax.set_title("growth vs scratch, one line per seed", fontsize=9)
+    ax.set_title("growth vs scratch, each at its best lr; one line per seed", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -251,7 +252,7 @@ def main() -> None:
     result = compare(curves, runs, lrs, seeds)
     result.update(lrs=lrs, steps=args.steps, tokens=CONTEXT * SEQUENCES * args.steps, seeds=seeds)
     best = result["best_lr"]
-    plot({(n, s): c for (n, lr, s), c in curves.items() if lr == best[n]}, args.plot)
+    plot({(n, s): c for (n, lr, s), c in curves.items() if lr == best[n]}, best, args.plot)
     print(f"plot (each run at its best lr): {args.plot}")
     if args.json:
         result["curves"] = {f"{n}/{lr:g}/{s}": c for (n, lr, s), c in curves.items()}
