@@ -17,6 +17,8 @@ def sample_text(name: str) -> str:
 
 
 def pytest_collection_modifyitems(items):
-    """The slow tests first: under `-n` (scripts/test.sh) each worker starts on one, so the run does
-    not end with one worker on a multi-minute test and the other idle. The order is otherwise kept."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The files that hold slow tests first, each file's tests together and in order: under
+    scripts/test.sh's `-n --dist loadfile` a file runs on one worker (its module fixtures are built
+    once), and the run does not end with one worker on a multi-minute file and the others idle."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
