@@ -283,7 +283,10 @@ def compare(curves: dict, runs: dict, lrs: list[float], seeds: list[int]) -> dic
                 if reach is not None:
                     values.append(reach / flops_to_reach(scratch, target))
             row = {"reached": len(values), "per_seed": values}
-            line = f"{name} at lr {lr:g}{' (its best)' if lr == best[name] else ''}: FLOPs to scratch's loss at lr {best['scratch']:g} / scratch's: reached in {len(values)} of {len(seeds)} seeds"
+            line = (
+                f"{name} at lr {lr:g}{' (its best)' if lr == best[name] else ''}: FLOPs to scratch's "
+                f"loss at lr {best['scratch']:g} / scratch's: reached in {len(values)} of {len(seeds)} seeds"
+            )
             if len(values) >= 2:
                 mean, low, high = t_interval(values)
                 row.update(mean=mean, low=low, high=high)
