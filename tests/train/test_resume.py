@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,8 +22,8 @@ RUN = Path(__file__).with_name("run_tiny.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def command(out: Path, ranks: int, sections: dict) -> list[str]:
-    args = [str(RUN), str(out), json.dumps(sections)]
+def command(out: Path, ranks: int, sections: dict, kill_after_step: int | None = None) -> list[str]:
+    args = [str(RUN), str(out), json.dumps(sections), *([str(kill_after_step)] if kill_after_step else [])]
     if ranks == 1:
         return [sys.executable, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *args]
@@ -35,23 +34,14 @@ def run(out: Path, ranks: int = 1, **sections) -> None:
 
 
 def run_and_kill_after_checkpoint(out: Path, ranks: int = 1, **sections) -> None:
-    """Start the run, SIGKILL the whole process group once the step-5 checkpoint is complete."""
-    proc = subprocess.Popen(
-        command(out, ranks, sections),
-        env=ENV,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    """Run until every process SIGKILLs itself right after logging step 7, two steps past the step-5
+    checkpoint and three before the run's end: the kill lands there whatever the timing."""
+    killed = subprocess.run(
+        command(out, ranks, sections, kill_after_step=7), env=ENV, capture_output=True, timeout=600
     )
-    marker = out / "checkpoints" / "step-00000005" / "trainer.json"
-    deadline = time.time() + 300
-    while not marker.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before its checkpoint: {proc.stderr.read().decode()[-3000:]}")
-        assert time.time() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    assert killed.returncode != 0, "the run was not killed"
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 8)), killed.stderr.decode()[-3000:]
 
 
 def test_sigkill_resume_is_exact_in_one_process(tmp_path):
@@ -160,34 +150,12 @@ def test_checkpoint_of_another_shape_is_a_config_error_not_a_fallback(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000005", "step-00000010"]
 
 
-# run_tiny.py in a process that SIGKILLs itself right after logging step 7, two steps past its step-5
-# checkpoint: the kill lands at that point, whatever the timing.
-KILL_AFTER_STEP_7 = """
-import os, runpy, signal, sys
-from teleflm.train.monitor import Monitor
-
-log = Monitor.log
-
-def log_then_die(self, step, record):
-    log(self, step, record)
-    if step == 7:
-        self.tb.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-Monitor.log = log_then_die
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
 def test_resumed_run_keeps_one_history(tmp_path):
     """Steps 6 and 7 of the killed attempt are redone: metrics.jsonl and TensorBoard show them once."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    killed = subprocess.run(
-        [sys.executable, "-c", KILL_AFTER_STEP_7, str(RUN), str(out), "{}"], env=ENV, timeout=600
-    )
+    killed = subprocess.run(command(out, 1, {}, kill_after_step=7), env=ENV, timeout=600)
     assert killed.returncode == -signal.SIGKILL
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [
         *range(1, 8)
