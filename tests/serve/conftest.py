@@ -104,3 +104,23 @@ def async_client(server):
     from openai import AsyncOpenAI
 
     return AsyncOpenAI(base_url=server.url, api_key="unused", max_retries=0)
+
+
+@pytest.fixture
+def held_engine(server, monkeypatch):
+    """The server's engine held before each step after its first until a running request is cancelled
+    (or 30 s pass): a request cannot finish before the API notices its client gone, whatever the
+    timing. Returns an Event set once the first step has run."""
+    engine = server.engine
+    step, started = engine.step, threading.Event()
+
+    def held_step():
+        if started.is_set():
+            deadline = time.monotonic() + 30
+            while not any(r.cancelled for r in engine.running) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        step()
+        started.set()
+
+    monkeypatch.setattr(engine, "step", held_step)
+    return started

@@ -220,7 +220,9 @@ def test_bad_input_gets_a_clear_4xx(server, path, body, status, words):
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
-def test_client_leaving_mid_stream_frees_its_slot(server):
+def test_client_leaving_mid_stream_frees_its_slot(server, held_engine):
+    """The client leaves after its first streamed chunk; the engine is held (`held_engine`), so the
+    request cannot finish before the API notices, whatever the timing."""
     engine = server.engine
     cancelled = engine.stats.cancelled
     body = {"model": MODEL_NAME, "prompt": "x", "max_tokens": CONTEXT - 2, "temperature": 0, "stream": True}
