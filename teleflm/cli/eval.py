@@ -33,6 +33,12 @@ def add_parser(sub) -> None:
         action=argparse.BooleanOptionalAction,
         help="attend within documents only (default: as a checkpoint's run trained, else off)",
     )
+    bpb.add_argument(
+        "--stride",
+        type=int,
+        help="tokens between overlapping windows, each token scored once with more context "
+        "(default: a checkpoint's eval_stride, else the context length: windows end to end)",
+    )
     bpb.add_argument("--batch-size", type=int, default=8)
     bpb.add_argument("--json", type=Path, help="also write the results here")
     bpb.set_defaults(func=run_bpb)
@@ -59,7 +65,7 @@ def add_parser(sub) -> None:
 
 def eval_defaults(model_path, model) -> dict:
     """What a run's own evaluation scored (a checkpoint records it), else context = the model's max
-    positions (at most 1024), 64 windows, no document mask."""
+    positions (at most 1024), 64 windows, no document mask, windows end to end."""
     from teleflm.train.checkpoint import TRAINER_STATE
 
     state = Path(model_path) / TRAINER_STATE
@@ -68,12 +74,20 @@ def eval_defaults(model_path, model) -> dict:
         "context_length": min(model.config.max_position_embeddings, 1024),
         "max_windows": 64,
         "document_mask": False,
+        "stride": 0,
     }
     return recorded or fallback
 
 
 def bpb_by_domain(
-    model_path, data, split="val", context_length=0, max_windows=0, batch_size=8, document_mask=None
+    model_path,
+    data,
+    split="val",
+    context_length=0,
+    max_windows=0,
+    batch_size=8,
+    document_mask=None,
+    stride=None,
 ) -> tuple[dict, float]:
     """(per-domain BPB results, byte-weighted BPB over all domains), printed as they come with the
     documents and bytes scored: the first documents of each domain's split that fill the windows."""
@@ -92,6 +106,7 @@ def bpb_by_domain(
     context = context_length or defaults["context_length"]
     windows = max_windows or defaults["max_windows"]
     masked = defaults["document_mask"] if document_mask is None else document_mask
+    stride = defaults.get("stride", 0) if stride is None else stride
     real_vocab = len(load_tokenizer(tokenizer_dir))
 
     def loss(x, targets, doc_ids):
@@ -99,7 +114,10 @@ def bpb_by_domain(
         logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits
         return token_loss_sum(logits, targets, real_vocab)
 
-    print(f"{split} split: the first documents of each domain filling {windows} windows of {context} tokens")
+    overlap = f", each {stride} after the last" if stride and stride < context else ""
+    print(
+        f"{split} split: the first documents of each domain filling {windows} windows of {context} tokens{overlap}"
+    )
     results, bits, n_bytes = {}, 0.0, 0
     for domain in shards.domains:
         r = bits_per_byte(
@@ -110,6 +128,7 @@ def bpb_by_domain(
             batch_size=batch_size,
             device=model.device,
             document_mask=masked,
+            stride=stride,
         )
         results[domain] = r
         if r["bytes"]:
@@ -133,6 +152,7 @@ def run_bpb(args) -> int:
         args.max_windows,
         args.batch_size,
         args.document_mask,
+        args.stride,
     )
     if args.json:
         args.json.write_text(json.dumps({"domains": results, "bpb": overall}, indent=1))

@@ -1,7 +1,8 @@
 """Bits per byte on held-out documents: `sum NLL (nats) / (ln 2 * UTF-8 bytes)` (docs/training.md).
 
 Documents are laid end to end, each preceded by `</s>`, and cut into windows of `context_length`
-predictions; every document token is predicted (the `</s>` separators are inputs, never targets), and
+predictions, end to end or overlapping by a stride (each token then scored once, with more context);
+every document token is predicted (the `</s>` separators are inputs, never targets), and
 padded vocabulary ids get no probability mass. With `document_mask` a token attends only to its own
 document, as in training with `data.document_mask`. Work is split over data-parallel ranks and summed;
 under pipeline parallel only the last stage has a loss, and the sums reach every stage.
@@ -30,12 +31,21 @@ def logits_loss(logits_fn: Callable[[torch.Tensor], torch.Tensor], real_vocab_si
     return lambda inputs, targets, doc_ids: token_loss_sum(logits_fn(inputs), targets, real_vocab_size)
 
 
-def eval_windows(documents: Iterable[tuple[np.ndarray, int]], context_length: int, max_windows: int):
+def eval_windows(
+    documents: Iterable[tuple[np.ndarray, int]], context_length: int, max_windows: int, stride: int = 0
+):
     """(inputs+targets windows [n, T+1], target mask [n, T], utf-8 bytes of the documents covered,
     number of documents covered): the first documents of the split, in order.
 
-    Documents are taken whole until `max_windows` windows are full; the last partial window is kept.
-    No documents (an empty held-out split): no windows."""
+    Documents are taken whole until they fill `max_windows` windows of T predictions; the last partial
+    window is kept. `stride` (0: T) is how far each window starts after the one before: below T the
+    windows overlap and each after the first scores only its last `stride` predictions, so every
+    target is still scored once, now after at least T - stride tokens of context where the stream has
+    them (a sliding-window evaluation; at T, a window's first token has none). No documents (an
+    empty held-out split): no windows."""
+    stride = stride or context_length
+    if not 0 < stride <= context_length:
+        raise ValueError(f"eval stride {stride} must be between 1 and the context length {context_length}")
     tokens, mask, n_bytes, n_docs = [], [], 0, 0
     budget = max_windows * context_length + 1
     for doc, doc_bytes in documents:
@@ -49,13 +59,17 @@ def eval_windows(documents: Iterable[tuple[np.ndarray, int]], context_length: in
         n_docs += 1
     stream = np.asarray(tokens, dtype=np.int64)
     targets = np.asarray(mask[1:], dtype=bool)
-    n = math.ceil((len(stream) - 1) / context_length) if n_docs else 0
+    predictions = len(targets)
+    n = 1 + max(0, math.ceil((predictions - context_length) / stride)) if n_docs else 0
     windows = np.full((n, context_length + 1), EOS, dtype=np.int64)
     window_mask = np.zeros((n, context_length), dtype=bool)
     for i in range(n):
-        piece = stream[i * context_length : (i + 1) * context_length + 1]
+        start = i * stride
+        piece = stream[start : start + context_length + 1]
         windows[i, : len(piece)] = piece
-        window_mask[i, : len(piece) - 1] = targets[i * context_length : i * context_length + len(piece) - 1]
+        first = 0 if i == 0 else context_length - stride  # the targets before it were scored already
+        end = len(piece) - 1
+        window_mask[i, first:end] = targets[start + first : start + end]
     return windows, window_mask, n_bytes, n_docs
 
 
@@ -71,12 +85,15 @@ def bits_per_byte(
     dp_size: int = 1,
     groups: tuple = (),
     document_mask: bool = False,
+    stride: int = 0,
 ) -> dict:
     """Held-out bits per byte of one domain. `loss_fn` (LossFn) gives the summed NLL of a batch; its
     doc_ids are each input token's document within its row with `document_mask`, else None. With
     dp_size > 1 every rank of the group must call this with the same documents; each evaluates its
-    share, and the sums are all-reduced over each of `groups` in turn (data-parallel, then pipeline)."""
-    windows, mask, n_bytes, n_docs = eval_windows(documents, context_length, max_windows)
+    share, and the sums are all-reduced over each of `groups` in turn (data-parallel, then pipeline).
+    `stride` below `context_length` overlaps the windows (eval_windows): the same targets, each with
+    more context, for context_length / stride times the work."""
+    windows, mask, n_bytes, n_docs = eval_windows(documents, context_length, max_windows, stride)
     mine = np.arange(dp_rank, len(windows), dp_size)
     # Same number of forward passes on every rank (FSDP gathers in lockstep): pad with empty batches.
     n_batches = math.ceil(math.ceil(len(windows) / dp_size) / batch_size)

@@ -154,6 +154,9 @@ class LoggingSection:
     log_interval: int = 1  # steps between metric records
     eval_interval: int = 0  # steps between held-out BPB evaluations; 0: only at the end
     eval_sequences: int = 64  # held-out sequences per domain per evaluation
+    # tokens between evaluation windows; 0: the context length (end to end). Shorter overlaps them,
+    # and each token is scored after at least context - stride tokens (context / stride times the work)
+    eval_stride: int = 0
     peak_flops_per_device: float = 0.0  # for MFU; 0: not reported
     progress_bar: bool = True  # tqdm bar with rate and ETA on rank 0
 
@@ -161,6 +164,7 @@ class LoggingSection:
         log_interval=AT_LEAST_ONE,
         eval_interval=NON_NEGATIVE,
         eval_sequences=AT_LEAST_ONE,
+        eval_stride=NON_NEGATIVE,
         peak_flops_per_device=NON_NEGATIVE,
     )
 
@@ -285,6 +289,10 @@ def validate(cfg: TrainConfig, where: str = "config", world_size: int | None = N
         )
     if d.document_mask and p.pp > 1:
         raise ConfigError(f"{where}: data.document_mask is not supported with pipeline parallel (pp > 1)")
+    if cfg.logging.eval_stride > d.context_length:
+        raise ConfigError(
+            f"{where}: logging.eval_stride ({cfg.logging.eval_stride}) exceeds data.context_length ({d.context_length})"
+        )
     if cfg.schedule.total_tokens <= 0:
         raise ConfigError(f"{where}: schedule.total_tokens must be positive")
     if cfg.mup.min_lr > cfg.mup.lr:

@@ -402,6 +402,7 @@ class Trainer:
             "context_length": d.context_length,
             "max_windows": self.cfg.logging.eval_sequences,
             "document_mask": d.document_mask,
+            "stride": self.cfg.logging.eval_stride,
         }
 
     def eval_loss(
@@ -454,6 +455,7 @@ class Trainer:
                     dp_size=self.dims.dp,
                     groups=groups,
                     document_mask=e["document_mask"],
+                    stride=e["stride"],
                 )
                 results[f"val.{domain}.documents"] = r["documents"]
                 results[f"val.{domain}.bytes"] = r["bytes"]

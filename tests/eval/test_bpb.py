@@ -24,6 +24,33 @@ def test_windows_predict_each_document_token_once():
     assert n_bytes == sum(b for _, b in docs) and n_docs == len(docs)
 
 
+@pytest.mark.parametrize("stride", [16, 9, 4, 1])
+def test_overlapping_windows_score_each_target_once_after_the_stated_context(stride):
+    docs = documents()
+    windows, mask, n_bytes, n_docs = eval_windows(docs, context_length=16, max_windows=100, stride=stride)
+    targets = windows[:, 1:][mask]
+    assert targets.tolist() == [int(t) for doc, _ in docs for t in doc]  # each once, in order
+    stream = np.concatenate([np.r_[EOS, doc] for doc, _ in docs])
+    for i, window in enumerate(windows):
+        piece = stream[i * stride : i * stride + 17]
+        assert window[: len(piece)].tolist() == piece.tolist()
+        if i:  # after the first window, only predictions with at least 16 - stride tokens before them
+            assert not mask[i, : 16 - stride].any()
+    assert n_bytes == sum(b for _, b in docs) and n_docs == len(docs)
+
+
+def test_stride_leaves_a_context_free_model_unchanged_and_must_fit_the_context():
+    table = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    scores = [
+        bits_per_byte(logits_loss(lambda x: table[x], 60), documents(), 8, stride=s, batch_size=3)
+        for s in (0, 3)
+    ]
+    assert scores[0]["tokens"] == scores[1]["tokens"]
+    assert scores[1]["bpb"] == pytest.approx(scores[0]["bpb"], rel=1e-6)
+    with pytest.raises(ValueError, match="eval stride 9 must be between 1 and the context length 8"):
+        eval_windows(documents(), context_length=8, max_windows=4, stride=9)
+
+
 def test_window_budget_takes_whole_documents():
     docs = documents(50)
     windows, mask, n_bytes, n_docs = eval_windows(docs, context_length=16, max_windows=3)

@@ -109,6 +109,11 @@ def test_overrides_apply(tmp_path):
         (["parallel.dp_shard=2", "parallel.tp=2"], 2, r"does not equal the world size 2"),
         (["data.shards='nowhere/shards'"], None, r"data\.shards nowhere/shards does not exist"),
         (["data.context_length=128"], None, r"must be in 1\.\.max_position_embeddings"),
+        (
+            ["logging.eval_stride=33"],
+            None,
+            r"logging\.eval_stride \(33\) exceeds data\.context_length \(32\)",
+        ),
     ],
 )
 def test_bad_configs_are_refused(tmp_path, overrides, world, message):

@@ -148,6 +148,23 @@ def test_evaluation_masks_documents_as_training_does(prepared, tmp_path, capsys)
     assert result["val.bpb"] != pytest.approx(plain, rel=1e-3)
 
 
+def test_evaluation_overlaps_windows_as_the_run_set_it(prepared, tmp_path):
+    wide = ["mup.std=0.5", "mup.matrix_std=0.5", "logging.eval_sequences=8"]  # context-dependent logits
+    result = final_eval(write_config(tmp_path, prepared), "logging.eval_stride=16", *wide)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000010"
+    args = ["eval", "bpb", "--model", str(checkpoint), "--data", str(prepared / "shards"), "--json"]
+    assert main([*args, str(tmp_path / "sliding.json")]) == 0  # the run's stride, recorded in the checkpoint
+    assert main([*args, str(tmp_path / "end_to_end.json"), "--stride", "64"]) == 0
+    sliding, end_to_end = (
+        json.loads((tmp_path / f).read_text()) for f in ("sliding.json", "end_to_end.json")
+    )
+    assert result["val.bpb"] == pytest.approx(sliding["bpb"], rel=1e-5)
+    assert result["val.bpb"] != pytest.approx(end_to_end["bpb"], rel=1e-3)
+    for domain in ("en", "zh"):  # the same documents, each token once
+        assert sliding["domains"][domain]["tokens"] == end_to_end["domains"][domain]["tokens"] > 0
+        assert sliding["domains"][domain]["bytes"] == result[f"val.{domain}.bytes"]
+
+
 @pytest.fixture(scope="module")
 def no_held_out(prepared):
     """The same text prepared without a held-out split."""
