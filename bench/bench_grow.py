@@ -1,5 +1,5 @@
 """Progressive growth vs training the final size from scratch, for the same token budget, on the demo
-data (the embedded KJV sample, byte-level BPE of 512), over several seeds. Six runs per seed, all
+data (the embedded KJV sample, byte-level BPE of 512), over several seeds. Seven runs per seed, all
 ending at the final shape (hidden 128, 4 layers), the growing ones grown at half the budget (or at
 `--grow-step`):
 
@@ -10,6 +10,7 @@ ending at the final shape (hidden 128, 4 layers), the growing ones grown at half
 - stack: hidden 128 with 2 layers, stacked to 4 (layers 0, 1, 0, 1: G_stack's operator, arXiv
   2405.15319) with a one-step ramp, so no fade-in;
 - stack_x4: hidden 128 with 1 layer, stacked 4x (G_stack's growth factor of 4);
+- msg_depth_x4: the same 4x in depth by MSG (the new layers copies of the one, masked, ramped in);
 - scratch: the final shape throughout.
 
     .venv/bin/python -m bench.bench_grow [--steps 240] [--seeds 0,1,2] [--grow-step N] [--runs stack,scratch]
@@ -162,6 +163,7 @@ def plot(curves: dict, lrs: dict[str, float], path: Path) -> None:
         "msg_depth": "C4",
         "stack": "C2",
         "stack_x4": "C9",
+        "msg_depth_x4": "C5",
         "scratch": "C3",
     }
     for (name, seed), curve in curves.items():
@@ -197,6 +199,7 @@ def growth_runs(at_tokens: int, ramp: int) -> dict[str, tuple[dict, list[dict]]]
         "msg_depth": (STACK_SMALL, [masked]),
         "stack": (STACK_SMALL, [{**stacked, "layers_at": [2, 3]}]),
         "stack_x4": (STACK_ONE, [{**stacked, "layers_at": [1, 2, 3]}]),
+        "msg_depth_x4": (STACK_ONE, [masked]),
         "scratch": (FINAL, []),
     }
 

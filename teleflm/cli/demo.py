@@ -311,6 +311,13 @@ def write_report(
         if not cache_mismatch
         else f"**Decoding with the KV cache differed from decoding without it on {cache_mismatch}.**"
     )
+    context, stride = cfg.data.context_length, cfg.logging.eval_stride or cfg.data.context_length
+    scoring = (
+        f"The model read them in windows of {context} tokens, each {stride} after the last, so every token "
+        f"was scored once after at least {context - stride} tokens of context (xz and gzip see all before it)."
+        if stride < context
+        else f"The model read them in windows of {context} tokens laid end to end."
+    )
     text = f"""# teleflm demo report
 
 A muP Tele-FLM of {n_params / 1e6:.1f}M parameters ({mc.num_hidden_layers} layers, width {mc.hidden_size},
@@ -322,7 +329,7 @@ Final training loss: {result["loss"]:.4f} nats/token.
 
 ## Bits per byte on held-out documents
 
-Lower is better. xz and gzip compress exactly the documents the model was scored on.
+Lower is better. xz and gzip compress exactly the documents the model was scored on. {scoring}
 
 | domain | model | xz -9 | gzip -9 | bytes |
 |---|---|---|---|---|

@@ -60,7 +60,7 @@ def eval_windows(
     stream = np.asarray(tokens, dtype=np.int64)
     targets = np.asarray(mask[1:], dtype=bool)
     predictions = len(targets)
-    n = 1 + max(0, math.ceil((predictions - context_length) / stride)) if n_docs else 0
+    n = 1 + max(0, math.ceil((predictions - context_length) / stride)) if predictions else 0
     windows = np.full((n, context_length + 1), EOS, dtype=np.int64)
     window_mask = np.zeros((n, context_length), dtype=bool)
     for i in range(n):
