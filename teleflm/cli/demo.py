@@ -28,7 +28,8 @@ BUDGET_SHARE = 0.95  # aim below the budget: the step rate wanders with the mach
 MIN_STEPS = 10
 EVALUATIONS = 3  # during training (also checkpoints), besides the final one
 # Compiling is measured only with this much time left: a first compile took about 40 s on 2 cores (it
-# is cached for later runs), for steps about 1.1-1.4x faster, so a shorter demo would lose by it.
+# is cached for later runs), for steps up to 1.4x faster (1.02x at width 128 on 2026-12-04), so a
+# shorter demo would lose by it.
 COMPILE_MIN_SECONDS = 240
 DISK_NEEDED = 400 * 2**20  # corpus, shards, checkpoints (3 x 3 x ~14 MB), export: well under this
 
