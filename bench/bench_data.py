@@ -3,8 +3,9 @@
 - `teleflm data prepare` in MB/s of raw text with 1 and 2 job workers (local processes, the cores
   shared among them), tokenizing only, against `tokenizers`' `encode_batch_fast` (every core) on
   the same documents in memory, at its best of one call for all and batches of 1,024 and 256
-  documents, timed back to back in each of `--repeats` rounds (the ratio is the median of the
-  rounds' ratios: the machine's load drifts between minutes);
+  documents, and against that one call with its ids read into an array (prepare's
+  `encode_documents`: the bare call leaves them in Rust), timed back to back in each of `--repeats`
+  rounds (the ratio is the median of the rounds' ratios: the machine's load drifts between minutes);
 - the same with exact and near-duplicate removal (`[dedup]`): dedup throughput in documents/s (its
   scan and decision stages, wall clock), and near-dedup's false positives on this real text (removed
   documents whose true 5-gram Jaccard similarity to the document that removed them is under 0.5);
@@ -38,8 +39,16 @@ from pathlib import Path
 from teleflm.data import sample
 from teleflm.data.dedup import shingle_jaccard
 from teleflm.data.mixture import DomainWeight, MixtureStream
-from teleflm.data.prepare import JOB, load_data_config, prepare, removals, resolve_inputs, stage_progress
-from teleflm.data.shards import open_shards
+from teleflm.data.prepare import (
+    JOB,
+    encode_documents,
+    load_data_config,
+    prepare,
+    removals,
+    resolve_inputs,
+    stage_progress,
+)
+from teleflm.data.shards import open_shards, token_dtype
 from teleflm.data.sources import read_documents
 from teleflm.data.synthetic import write_synthetic_corpus
 from teleflm.data.tokenizer import raw_tokenizer, train_tokenizer
@@ -106,7 +115,7 @@ def best_of(repeats: int, fn) -> float:
 
 
 def tiny_step_seconds(vocab: int, steps: int = 5) -> float:
-    """One fp32 training step (forward, backward, AdamW) of the demo-sized model on a batch of 8 x 256."""
+    """One fp32 training step (forward, backward, AdamW) of a tiny model (width 256, 4 layers) on 8 x 256."""
     import torch
 
     from teleflm.model import TeleFLMConfig, TeleFLMForCausalLM
@@ -272,21 +281,31 @@ def main() -> None:
         # each ratio compares runs under the same load; the figures are the medians over repeats.
         # The reference is the library on every core at its best batch size in that round.
         encoder.encode_batch_fast(docs[:1000], add_special_tokens=False)  # its threads start
+        # Beside it, one call with its ids read out into an array (prepare's `encode_documents`): the
+        # least any use of the tokens pays, since the bare call leaves them in Rust.
         batch_seconds = {size: [] for size in REFERENCE_BATCHES}
-        ratios, ratios_one_call = {1: [], 2: []}, {1: [], 2: []}
+        with_ids_seconds = []
+        ratios, ratios_one_call, ratios_with_ids = {1: [], 2: []}, {1: [], 2: []}, {1: [], 2: []}
         prepare_seconds = {1: [], 2: []}
+        dtype = token_dtype(encoder.get_vocab_size())
         for _ in range(args.repeats):
             for size in REFERENCE_BATCHES:
                 batch_seconds[size].append(
                     best_of(1, lambda size=size: encode_in_batches(encoder, docs, size))
                 )
+            with_ids_seconds.append(best_of(1, lambda: encode_documents(encoder, docs, dtype)))
             reference = min(times[-1] for times in batch_seconds.values())
             for jobs in (1, 2):
                 prepare_seconds[jobs].append(pipeline(plain, jobs)[0])
                 ratios[jobs].append(reference / prepare_seconds[jobs][-1])
                 ratios_one_call[jobs].append(batch_seconds[0][-1] / prepare_seconds[jobs][-1])
+                ratios_with_ids[jobs].append(with_ids_seconds[-1] / prepare_seconds[jobs][-1])
         for size, times in batch_seconds.items():
             figures[f"encode_batch_fast_{size or 'all'}_mb_s"] = n_bytes / statistics.median(times) / 1e6
+        figures["encode_with_ids_mb_s"] = n_bytes / statistics.median(with_ids_seconds) / 1e6
+        figures["ids_share_of_one_call"] = statistics.median(
+            (w - b) / b for w, b in zip(with_ids_seconds, batch_seconds[0], strict=True)
+        )
         figures["encode_batch_fast_mb_s"] = max(
             figures[f"encode_batch_fast_{size or 'all'}_mb_s"] for size in REFERENCE_BATCHES
         )
@@ -295,6 +314,7 @@ def main() -> None:
             figures[f"prepare_{jobs}_workers_ratio"] = statistics.median(ratios[jobs])
             figures[f"prepare_{jobs}_workers_ratios"] = [round(r, 3) for r in ratios[jobs]]
             figures[f"prepare_{jobs}_workers_ratio_one_call"] = statistics.median(ratios_one_call[jobs])
+            figures[f"prepare_{jobs}_workers_ratio_with_ids"] = statistics.median(ratios_with_ids[jobs])
         for jobs in (1, 2):
             seconds, out = min(pipeline(with_dedup, jobs) for _ in range(min(2, args.repeats)))
             job = out / JOB
@@ -332,13 +352,19 @@ def main() -> None:
         print(
             f"tokenizers encode_batch_fast ({cores} cores), {batch:15s} {rate:7.2f} MB/s (median of {args.repeats})"
         )
+    print(
+        f"tokenizers encode_batch_fast ({cores} cores), one call, ids read into an array "
+        f"{figures['encode_with_ids_mb_s']:7.2f} MB/s (reading them out: +{figures['ids_share_of_one_call']:.0%} "
+        "of the call's time)"
+    )
     for jobs in (1, 2):
         rate, ratios = figures[f"prepare_{jobs}_workers_mb_s"], figures[f"prepare_{jobs}_workers_ratios"]
         print(
             f"data prepare, {jobs} worker(s), tokenize         {rate:7.2f} MB/s = "
             f"{figures[f'prepare_{jobs}_workers_ratio']:.2f}x encode_batch_fast at its best batch size (median "
             f"of paired ratios {', '.join(f'{r:.2f}' for r in ratios)}); "
-            f"{figures[f'prepare_{jobs}_workers_ratio_one_call']:.2f}x one call over all documents"
+            f"{figures[f'prepare_{jobs}_workers_ratio_one_call']:.2f}x one call over all documents, "
+            f"{figures[f'prepare_{jobs}_workers_ratio_with_ids']:.2f}x that call with its ids read out"
         )
     for jobs in (1, 2):
         rate = figures[f"dedup_prepare_{jobs}_workers_mb_s"]
